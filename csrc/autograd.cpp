@@ -1,0 +1,133 @@
+// Autograd for the public ops, in C++ so LibTorch callers get it too. The
+// norm is detached (DoRA paper section 4.3): gradients flow to x, lora_A,
+// lora_B, magnitude and bias; the base weight is frozen.
+#include "eager.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace dora_ext {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+at::Tensor grad_or_undefined(const at::Tensor& t, bool needed) {
+  return needed ? t : at::Tensor();
+}
+
+class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, double)>("dora_ext::dora_linear_forward");
+    auto [out, z, h, norm] = op.call(x, weight, bias, lora_A, lora_B, magnitude, scale);
+    ctx->save_for_backward({x, weight, lora_A, lora_B, magnitude, norm, z, h});
+    ctx->saved_data["scale"] = scale;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    // Inputs: 0 x, 1 weight, 2 bias, 3 lora_A, 4 lora_B, 5 magnitude, 6 scale.
+    const std::array<bool, 5> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(3), ctx->needs_input_grad(4),
+                                      ctx->needs_input_grad(5), ctx->needs_input_grad(2)};
+    static auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, std::array<bool, 5>)>(
+        "dora_ext::dora_linear_backward");
+    auto [gx, gA, gB, gm, gbias] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+                                           saved[6], saved[7], scale, mask);
+    return {grad_or_undefined(gx, mask[0]), at::Tensor(), grad_or_undefined(gbias, mask[4]),
+            grad_or_undefined(gA, mask[1]), grad_or_undefined(gB, mask[2]), grad_or_undefined(gm, mask[3]),
+            at::Tensor()};
+  }
+};
+
+class ComposeDeltaFunction : public torch::autograd::Function<ComposeDeltaFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& base, const at::Tensor& lora,
+                            const at::Tensor& magnitude, const at::Tensor& norm, double scale) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        double)>("dora_ext::compose_delta");
+    at::Tensor out = op.call(base, lora, magnitude, norm, scale);
+    ctx->save_for_backward({base, lora, magnitude, norm});
+    ctx->saved_data["scale"] = scale;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
+    static auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+        std::array<bool, 3>)>("dora_ext::compose_delta_backward");
+    auto [gbase, glora, gm] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], scale, mask);
+    // The norm is detached by design: no gradient for it.
+    return {grad_or_undefined(gbase, mask[0]), grad_or_undefined(glora, mask[1]), grad_or_undefined(gm, mask[2]),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    if (t->defined() && t->requires_grad()) return true;
+  }
+  return false;
+}
+
+at::Tensor dora_linear_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
+                                double scale) {
+  const at::Tensor no_bias;
+  const at::Tensor& b = bias.has_value() ? *bias : no_bias;
+  const bool grad = at::GradMode::is_enabled() && any_requires_grad({&x, &b, &lora_A, &lora_B, &magnitude});
+  TORCH_CHECK(!(at::GradMode::is_enabled() && weight.requires_grad()),
+              "dora_linear: weight requires grad, but the DoRA base weight is frozen and gets no gradient; "
+              "call weight.requires_grad_(False) (train lora_A, lora_B and magnitude instead)");
+  if (!grad) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                        const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>(
+        "dora_ext::dora_linear");
+    return op.call(x, weight, bias, lora_A, lora_B, magnitude, scale);
+  }
+  return DoraLinearFunction::apply(x, weight, bias, lora_A, lora_B, magnitude, scale);
+}
+
+at::Tensor compose_delta_autograd(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
+                                  const at::Tensor& norm, double scale) {
+  return ComposeDeltaFunction::apply(base, lora, magnitude, norm, scale);
+}
+
+at::Tensor row_norm_autograd(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                             double scale) {
+  // Detached by design: the result never requires grad.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>(
+      "dora_ext::row_norm");
+  return op.call(weight, lora_A, lora_B, scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dora_ext, Autograd, m) {
+  m.impl("dora_linear", &dora_linear_autograd);
+  m.impl("compose_delta", &compose_delta_autograd);
+  m.impl("row_norm", &row_norm_autograd);
+}
+
+}  // namespace dora_ext

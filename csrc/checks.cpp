@@ -1,0 +1,101 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+namespace dora_ext {
+namespace {
+
+void check_float(const char* op, const char* name, const at::Tensor& t) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble, op, ": ", name,
+              " must be float16, bfloat16, float32 or float64, got ", dt);
+}
+
+void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                       const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device(), "; all tensors must be on one device");
+}
+
+void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                      const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+              ref_name, " has dtype ", ref.scalar_type(),
+              "; they must match (only the magnitude may differ, e.g. float32 with bfloat16 activations)");
+}
+
+void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim, const char* shape) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D ", shape, ", got shape ", t.sizes());
+}
+
+}  // namespace
+
+at::ScalarType accumulate_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Tensor& lora_A,
+                         const at::Tensor& lora_B) {
+  check_dim(op, "weight", weight, 2, "[d_out, d_in]");
+  check_dim(op, "lora_A", lora_A, 2, "[r, d_in]");
+  check_dim(op, "lora_B", lora_B, 2, "[d_out, r]");
+  check_float(op, "weight", weight);
+  check_same_dtype(op, "lora_A", lora_A, weight, "weight");
+  check_same_dtype(op, "lora_B", lora_B, weight, "weight");
+  check_same_device(op, "lora_A", lora_A, weight, "weight");
+  check_same_device(op, "lora_B", lora_B, weight, "weight");
+  const int64_t d_out = weight.size(0), d_in = weight.size(1), r = lora_A.size(0);
+  TORCH_CHECK(r >= 1, op, ": lora_A has rank 0 (shape ", lora_A.sizes(), "); DoRA needs r >= 1");
+  TORCH_CHECK(lora_A.size(1) == d_in, op, ": lora_A must be [r, d_in] = [", r, ", ", d_in, "] (weight is ",
+              weight.sizes(), "), got ", lora_A.sizes());
+  TORCH_CHECK(lora_B.size(0) == d_out && lora_B.size(1) == r, op, ": lora_B must be [d_out, r] = [", d_out, ", ",
+              r, "] (weight is ", weight.sizes(), ", lora_A is ", lora_A.sizes(), "), got ", lora_B.sizes());
+}
+
+void check_dora_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, const at::Tensor& magnitude) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension [..., d_in], got a 0-D tensor");
+  check_float(op, "x", x);
+  check_row_norm_args(op, weight, lora_A, lora_B);
+  check_same_dtype(op, "weight", weight, x, "x");
+  check_same_device(op, "weight", weight, x, "x");
+  TORCH_CHECK(x.size(-1) == weight.size(1), op, ": x has last dimension ", x.size(-1), " but weight is ",
+              weight.sizes(), " (expects d_in = ", weight.size(1), ")");
+  check_dim(op, "magnitude", magnitude, 1, "[d_out]");
+  check_float(op, "magnitude", magnitude);
+  check_same_device(op, "magnitude", magnitude, x, "x");
+  TORCH_CHECK(magnitude.size(0) == weight.size(0), op, ": magnitude must be [d_out] = [", weight.size(0),
+              "], got ", magnitude.sizes());
+  if (bias.has_value() && bias->defined()) {
+    check_dim(op, "bias", *bias, 1, "[d_out]");
+    check_same_dtype(op, "bias", *bias, x, "x");
+    check_same_device(op, "bias", *bias, x, "x");
+    TORCH_CHECK(bias->size(0) == weight.size(0), op, ": bias must be [d_out] = [", weight.size(0), "], got ",
+                bias->sizes());
+  }
+}
+
+void check_compose_delta_args(const char* op, const at::Tensor& base, const at::Tensor& lora,
+                              const at::Tensor& magnitude, const at::Tensor& norm) {
+  TORCH_CHECK(base.dim() >= 1, op, ": base must have at least 1 dimension [..., d_out], got a 0-D tensor");
+  check_float(op, "base", base);
+  check_same_dtype(op, "lora", lora, base, "base");
+  check_same_device(op, "lora", lora, base, "base");
+  TORCH_CHECK(lora.sizes() == base.sizes(), op, ": lora must have the shape of base ", base.sizes(), ", got ",
+              lora.sizes());
+  const int64_t d_out = base.size(-1);
+  check_dim(op, "magnitude", magnitude, 1, "[d_out]");
+  check_float(op, "magnitude", magnitude);
+  check_same_device(op, "magnitude", magnitude, base, "base");
+  TORCH_CHECK(magnitude.size(0) == d_out, op, ": magnitude must be [d_out] = [", d_out, "], got ",
+              magnitude.sizes());
+  check_dim(op, "norm", norm, 1, "[d_out]");
+  check_same_device(op, "norm", norm, base, "base");
+  TORCH_CHECK(norm.scalar_type() == accumulate_type(base.scalar_type()), op, ": norm must be ",
+              accumulate_type(base.scalar_type()), " (as row_norm returns for ", base.scalar_type(),
+              " inputs), got ", norm.scalar_type());
+  TORCH_CHECK(norm.size(0) == d_out, op, ": norm must be [d_out] = [", d_out, "], got ", norm.sizes());
+}
+
+}  // namespace dora_ext

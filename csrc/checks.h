@@ -1,0 +1,23 @@
+#pragma once
+// Argument validation shared by every op and every backend: each failure is a
+// c10::Error naming the op, the argument and the expected vs actual value.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace dora_ext {
+
+void check_dora_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, const at::Tensor& magnitude);
+
+void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Tensor& lora_A,
+                         const at::Tensor& lora_B);
+
+void check_compose_delta_args(const char* op, const at::Tensor& base, const at::Tensor& lora,
+                              const at::Tensor& magnitude, const at::Tensor& norm);
+
+// The dtype the norm and the magnitude scale are computed in: float64 for
+// float64 inputs, float32 otherwise.
+at::ScalarType accumulate_type(at::ScalarType dtype);
+
+}  // namespace dora_ext

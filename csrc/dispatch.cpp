@@ -1,0 +1,81 @@
+#include "dispatch.h"
+
+#include "crossover.h"
+#include "launcher.h"
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace dora_ext {
+namespace {
+
+enum class Override { Auto, Eager, Fused };
+
+Override tier_override() {
+  const char* env = std::getenv("DORA_EXT_TIER");  // read per call: tests and tools flip it at run time
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return Override::Auto;
+  if (std::strcmp(env, "eager") == 0) return Override::Eager;
+  if (std::strcmp(env, "fused") == 0) return Override::Fused;
+  TORCH_CHECK(false, "DORA_EXT_TIER must be 'auto', 'eager' or 'fused', got '", env, "'");
+}
+
+const Crossover& crossover_for(int arch) {
+  for (const Crossover& c : kCrossovers) {
+    if (c.arch == arch) return c;
+  }
+  return kDefaultCrossover;
+}
+
+thread_local TierDecision last_decision{Tier::Eager, "no DoRA op has run on this thread"};
+
+}  // namespace
+
+const char* tier_name(Tier tier) {
+  switch (tier) {
+    case Tier::Eager:
+      return "eager";
+    case Tier::FusedInference:
+      return "fused_inference";
+    case Tier::FusedTraining:
+      return "fused_training";
+  }
+  return "unknown";
+}
+
+TierDecision choose_tier(const at::Tensor& x, int64_t d_out, bool training) {
+  const Override forced = tier_override();
+  const Tier fused = training ? Tier::FusedTraining : Tier::FusedInference;
+  auto cannot_fuse = [&](std::string why) -> TierDecision {
+    TORCH_CHECK(forced != Override::Fused, "DORA_EXT_TIER=fused, but the fused path cannot run: ", why);
+    return {Tier::Eager, std::move(why)};
+  };
+  if (!x.is_cuda()) return cannot_fuse(std::string("device ") + x.device().str() + " has no fused kernels");
+  const auto dtype = x.scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16 && dtype != at::kFloat) {
+    return cannot_fuse(std::string("dtype ") + c10::toString(dtype) + " has no fused kernels");
+  }
+  std::string why;
+  if (!fused_kernels_available(x.device().index(), &why)) return cannot_fuse(why);
+  if (forced == Override::Eager) return {Tier::Eager, "forced by DORA_EXT_TIER=eager"};
+  if (forced == Override::Fused) return {fused, "forced by DORA_EXT_TIER=fused"};
+  const Crossover& c = crossover_for(device_arch(x.device().index()));
+  const int64_t tokens = x.dim() == 0 ? 1 : x.numel() / std::max<int64_t>(x.size(-1), 1);
+  if (d_out < c.min_d_out || tokens * d_out < c.min_elements) {
+    return {Tier::Eager, "below the crossover (d_out " + std::to_string(d_out) + " < " +
+                             std::to_string(c.min_d_out) + " or tokens*d_out " + std::to_string(tokens * d_out) +
+                             " < " + std::to_string(c.min_elements) + "; " + c.source + ")"};
+  }
+  return {fused, std::string("fused kernels for this device (") + c.source + ")"};
+}
+
+void record_tier(const TierDecision& decision) {
+  last_decision = decision;
+}
+
+const TierDecision& last_tier() {
+  return last_decision;
+}
+
+}  // namespace dora_ext

@@ -1,0 +1,35 @@
+#pragma once
+// Public C++ API of dora_ext: the DoRA ops callable directly from LibTorch
+// programs. Each function goes through the PyTorch dispatcher, so it gets the
+// same device dispatch, fused kernels and autograd as torch.ops.dora_ext.*.
+//
+// DoRA: y = m * (W + s B A) / ||W + s B A||_row applied to x, plus bias.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+#include <utility>
+
+namespace dora_ext {
+
+// Row norms ||W_i + scale * (B A)_i|| as fp32 [d_out] (float64 for float64
+// inputs), computed from the factored form without a [d_out, d_in] product.
+at::Tensor row_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
+
+// y = (m / n) * (x W^T + scale (x A^T) B^T) + bias, n = row_norm(W, A, B, scale)
+// detached. x is [..., d_in]; y is [..., d_out] in x's dtype.
+at::Tensor dora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
+                       double scale);
+
+// The DoRA delta for callers that already have base = x W^T (no bias) and
+// lora = (x A^T) B^T: (g - 1) * base + g * scale * lora, g = magnitude / norm.
+at::Tensor compose_delta(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
+                         const at::Tensor& norm, double scale);
+
+// The tier dora_linear would use for these inputs ("fused_training",
+// "fused_inference" or "eager") and why.
+std::pair<std::string, std::string> select_tier(const at::Tensor& x, const at::Tensor& weight,
+                                                const at::Tensor& lora_A, bool training);
+
+}  // namespace dora_ext

@@ -1,0 +1,207 @@
+#include "eager.h"
+
+#include "checks.h"
+#include "dispatch.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace dora_ext {
+namespace {
+
+// Rows of a low-precision CPU weight upcast at a time: bounds the transient
+// fp32 copy to kCpuChunkRows x d_in instead of d_out x d_in.
+constexpr int64_t kCpuChunkRows = 1024;
+
+bool is_low_precision(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+// (a b^T) with products accumulated and returned in `acc`, never materialising
+// an upcast copy of `a`: cuBLAS takes 16-bit inputs with fp32 output; CPU
+// upcasts a row chunk at a time. Also returns the row sums of squares of `a`
+// when `row_sq` is given (the same pass over the weight).
+at::Tensor matmul_nt_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc, at::Tensor* row_sq) {
+  if (a.scalar_type() == acc) {
+    if (row_sq) *row_sq = at::linalg_vector_norm(a, 2, {1}, false, acc).square_();
+    return at::mm(a, b.t());
+  }
+  if (a.is_cuda()) {
+    if (row_sq) *row_sq = at::linalg_vector_norm(a, 2, {1}, false, acc).square_();
+    return at::mm(a, b.t(), acc);
+  }
+  const at::Tensor b_acc = b.to(acc);
+  at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options().dtype(acc));
+  if (row_sq) *row_sq = at::empty({a.size(0)}, a.options().dtype(acc));
+  for (int64_t start = 0; start < a.size(0); start += kCpuChunkRows) {
+    const int64_t len = std::min(kCpuChunkRows, a.size(0) - start);
+    const at::Tensor chunk = a.narrow(0, start, len).to(acc);
+    at::Tensor out_rows = out.narrow(0, start, len);
+    at::mm_out(out_rows, chunk, b_acc.t());
+    if (row_sq) {
+      at::Tensor sq_rows = row_sq->narrow(0, start, len);
+      at::sum_out(sq_rows, chunk.square(), {1});
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+at::Tensor no_grad_placeholder(const at::Tensor& like) {
+  return at::empty({0}, like.options());
+}
+
+at::Tensor as_rows(const at::Tensor& t) {
+  at::Tensor rows = t.reshape({-1, t.size(-1)});
+  return rows.stride(1) == 1 || rows.size(1) <= 1 ? rows : rows.contiguous();
+}
+
+std::vector<int64_t> output_shape(const at::Tensor& x, int64_t d_out) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = d_out;
+  return shape;
+}
+
+at::Tensor row_norm_eager(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                          double scale) {
+  check_row_norm_args("row_norm", weight, lora_A, lora_B);
+  const at::ScalarType acc = accumulate_type(weight.scalar_type());
+  at::Tensor w_sq;
+  const at::Tensor u = matmul_nt_acc(weight, lora_A, acc, &w_sq);  // W A^T  [d_out, r]
+  const at::Tensor gram = matmul_nt_acc(lora_A, lora_A, acc, nullptr);   // A A^T  [r, r]
+  const at::Tensor b = lora_B.to(acc);
+  const at::Tensor cross = (b * u).sum(1);
+  const at::Tensor quad = (at::mm(b, gram) * b).sum(1);
+  at::Tensor sq = w_sq.add_(cross, 2.0 * scale).add_(quad, scale * scale);
+  return sq.clamp_min_(kNormEpsilon * kNormEpsilon).sqrt_();
+}
+
+at::Tensor magnitude_scale(const at::Tensor& magnitude, const at::Tensor& norm) {
+  return magnitude.to(norm.scalar_type()) / norm;
+}
+
+std::pair<at::Tensor, at::Tensor> lora_and_base(const at::Tensor& x2d, const at::Tensor& weight,
+                                                const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  at::Tensor h = at::mm(x2d, lora_A.t());
+  at::Tensor z = at::mm(x2d, weight.t());
+  z.addmm_(h, lora_B.t(), /*beta=*/1, /*alpha=*/scale);
+  return {h, z};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemms(const at::Tensor& gz, const at::Tensor& x2d,
+                                                                const at::Tensor& weight, const at::Tensor& lora_A,
+                                                                const at::Tensor& lora_B, const at::Tensor& h,
+                                                                double scale, bool need_x, bool need_A,
+                                                                bool need_B) {
+  at::Tensor grad_x, grad_A, grad_B;
+  if (need_x || need_A) {
+    const at::Tensor gz_b = at::mm(gz, lora_B);  // [T, r]
+    if (need_x) grad_x = at::mm(gz, weight).addmm_(gz_b, lora_A, /*beta=*/1, /*alpha=*/scale);
+    if (need_A) grad_A = at::mm(gz_b.t(), x2d).mul_(scale);
+  }
+  if (need_B) grad_B = at::mm(gz.t(), h).mul_(scale);
+  return {grad_x, grad_A, grad_B};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_eager(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+  check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
+  const at::Tensor norm = row_norm_eager(weight, lora_A, lora_B, scale);
+  auto [h, z] = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale);
+  at::Tensor out = z * magnitude_scale(magnitude, norm);  // promotes to the accumulate dtype
+  if (bias.has_value() && bias->defined()) out.add_(*bias);
+  out = out.to(x.scalar_type()).view(output_shape(x, weight.size(0)));
+  return {out, z, h, norm};
+}
+
+at::Tensor dora_linear_eager(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
+                             double scale) {
+  return std::get<0>(dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_eager(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z,
+    const at::Tensor& h, double scale, std::array<bool, 5> mask) {
+  const at::Tensor gy = as_rows(grad_out);
+  const at::Tensor g = magnitude_scale(magnitude, norm);
+  const at::Tensor gz = (gy * g).to(x.scalar_type());
+  const at::Tensor x2d = as_rows(x);
+  auto [grad_x, grad_A, grad_B] = backward_gemms(gz, x2d, weight, lora_A, lora_B, h, scale, mask[0], mask[1], mask[2]);
+  at::Tensor grad_m, grad_bias;
+  if (mask[3]) {
+    const at::ScalarType acc = norm.scalar_type();
+    grad_m = ((gy.to(acc) * z.to(acc)).sum(0) / norm).to(magnitude.scalar_type());
+  }
+  if (mask[4]) grad_bias = gy.sum(0, false, accumulate_type(gy.scalar_type())).to(gy.scalar_type());
+  return {mask[0] ? grad_x.view(x.sizes()) : no_grad_placeholder(x),
+          mask[1] ? grad_A : no_grad_placeholder(x),
+          mask[2] ? grad_B : no_grad_placeholder(x),
+          mask[3] ? grad_m : no_grad_placeholder(magnitude),
+          mask[4] ? grad_bias : no_grad_placeholder(x)};
+}
+
+at::Tensor compose_delta_eager(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
+                               const at::Tensor& norm, double scale) {
+  check_compose_delta_args("compose_delta", base, lora, magnitude, norm);
+  const at::Tensor g = magnitude_scale(magnitude, norm);
+  // (g - 1) * base + g * s * lora: never g * (base + s * lora) - base, which
+  // cancels when g is close to 1.
+  return ((g - 1) * base + (g * scale) * lora).to(base.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_eager(
+    const at::Tensor& grad_out, const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
+    const at::Tensor& norm, double scale, std::array<bool, 3> mask) {
+  const at::Tensor g = magnitude_scale(magnitude, norm);
+  at::Tensor grad_base, grad_lora, grad_m;
+  if (mask[0]) grad_base = (grad_out * (g - 1)).to(base.scalar_type());
+  if (mask[1]) grad_lora = (grad_out * (g * scale)).to(lora.scalar_type());
+  if (mask[2]) {
+    const at::ScalarType acc = norm.scalar_type();
+    const at::Tensor z = base.to(acc) + lora.to(acc) * scale;
+    grad_m = ((as_rows(grad_out).to(acc) * as_rows(z)).sum(0) / norm).to(magnitude.scalar_type());
+  }
+  return {mask[0] ? grad_base : no_grad_placeholder(base), mask[1] ? grad_lora : no_grad_placeholder(base),
+          mask[2] ? grad_m : no_grad_placeholder(magnitude)};
+}
+
+namespace {
+
+// CPU kernels: the eager path, with the decision recorded like on CUDA (and
+// DORA_EXT_TIER=fused refused with a clear error).
+at::Tensor dora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
+                           double scale) {
+  record_tier(choose_tier(x, weight.size(0), /*training=*/false));
+  return dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+  record_tier(choose_tier(x, weight.size(0), /*training=*/true));
+  return dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
+}
+
+at::Tensor compose_delta_cpu(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
+                             const at::Tensor& norm, double scale) {
+  record_tier(choose_tier(base, base.size(-1), /*training=*/false));
+  return compose_delta_eager(base, lora, magnitude, norm, scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dora_ext, CPU, m) {
+  m.impl("row_norm", &row_norm_eager);
+  m.impl("dora_linear", &dora_linear_cpu);
+  m.impl("dora_linear_forward", &dora_linear_forward_cpu);
+  m.impl("dora_linear_backward", &dora_linear_backward_eager);
+  m.impl("compose_delta", &compose_delta_cpu);
+  m.impl("compose_delta_backward", &compose_delta_backward_eager);
+}
+
+}  // namespace dora_ext

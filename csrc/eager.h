@@ -1,0 +1,64 @@
+#pragma once
+// The eager path: DoRA in ATen ops, for CPU and CUDA. It is the reference the
+// fused kernels are tested against, the fallback where they cannot run, and
+// the source of the GEMM stages the fused path shares.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <array>
+#include <tuple>
+
+namespace dora_ext {
+
+// ||W_i + s (B A)_i|| from the factored form ||W_i||^2 + 2s<B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T,
+// accumulated in fp32 (float64 for float64), clamped at kNormEpsilon^2 before the root.
+at::Tensor row_norm_eager(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                          double scale);
+
+// Smallest norm used: a zero row (W_i = 0, B_i = 0) gets n = kNormEpsilon, so
+// g = m / n stays finite and y_i = bias_i, never NaN.
+constexpr double kNormEpsilon = 1e-6;
+
+// g = m / n in the accumulate dtype.
+at::Tensor magnitude_scale(const at::Tensor& magnitude, const at::Tensor& norm);
+
+// The GEMM stage of the forward on 2-D x [T, d_in]: h = x A^T [T, r] and
+// z = x W^T + s h B^T [T, d_out], both in x's dtype.
+std::pair<at::Tensor, at::Tensor> lora_and_base(const at::Tensor& x2d, const at::Tensor& weight,
+                                                const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
+
+// The GEMM stage of the backward from gz = gy * g [T, d_out]: grad_x [T, d_in],
+// grad_A [r, d_in], grad_B [d_out, r] (each undefined when its mask entry is false).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemms(const at::Tensor& gz, const at::Tensor& x2d,
+                                                                const at::Tensor& weight, const at::Tensor& lora_A,
+                                                                const at::Tensor& lora_B, const at::Tensor& h,
+                                                                double scale, bool need_x, bool need_A,
+                                                                bool need_B);
+
+// [..., d_in] -> [T, d_in] with unit column stride (a view where possible).
+at::Tensor as_rows(const at::Tensor& t);
+
+// Output shape [..., d_out] for input [..., d_in].
+std::vector<int64_t> output_shape(const at::Tensor& x, int64_t d_out);
+
+// Op implementations on the eager path (the CPU kernels, and the CUDA kernels' fallback).
+at::Tensor dora_linear_eager(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
+                             double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_eager(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_eager(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z,
+    const at::Tensor& h, double scale, std::array<bool, 5> output_mask);
+at::Tensor compose_delta_eager(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
+                               const at::Tensor& norm, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_eager(
+    const at::Tensor& grad_out, const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
+    const at::Tensor& norm, double scale, std::array<bool, 3> output_mask);
+
+// A masked-out gradient: an empty tensor the autograd layer turns into "no gradient".
+at::Tensor no_grad_placeholder(const at::Tensor& like);
+
+}  // namespace dora_ext

@@ -1,0 +1,191 @@
+// CUDA kernels of the dora_ext ops: each call asks the dispatcher for a tier,
+// then runs the fused path (cuBLAS GEMMs through ATen + one AOT-compiled
+// Triton pass for everything elementwise) or falls back to the eager path.
+#include "checks.h"
+#include "dispatch.h"
+#include "eager.h"
+#include "launcher.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+namespace dora_ext {
+namespace {
+
+const char* dtype_key(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf:
+      return "fp16";
+    case at::kBFloat16:
+      return "bf16";
+    case at::kFloat:
+      return "fp32";
+    default:
+      TORCH_CHECK(false, "dora_ext: no fused kernels for dtype ", dtype);
+  }
+}
+
+bool aligned16(const at::Tensor& t) {
+  return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// "a16" when every pointer is 16-byte aligned and every row stride and the
+// column count are multiples of 16 elements (the kernel then uses vector
+// loads); "any" otherwise.
+const char* alignment_key(std::initializer_list<const at::Tensor*> tensors, std::initializer_list<int64_t> counts) {
+  for (const at::Tensor* t : tensors) {
+    if (!aligned16(*t)) return "any";
+  }
+  for (int64_t c : counts) {
+    if (c % 16 != 0) return "any";
+  }
+  return "a16";
+}
+
+const KernelImage& kernel_for(const char* kernel, const std::string& variant, c10::DeviceIndex device) {
+  const KernelImage* image = find_kernel(kernel, variant, device);
+  TORCH_CHECK(image != nullptr, "dora_ext: no compiled ", kernel, ":", variant, " for sm_", device_arch(device),
+              " although the arch has fused kernels; rebuild with this arch in DORA_EXT_CUDA_ARCHS");
+  return *image;
+}
+
+int64_t cdiv(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// out = g * z + bias over [rows, cols]; out may be z.
+void launch_scale(const at::Tensor& z, const at::Tensor& g, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& out) {
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const int64_t rows = z.size(0), cols = z.size(1);
+  const std::string variant = std::string(dtype_key(z.scalar_type())) + (b.defined() ? "_bias_" : "_nobias_") +
+                              alignment_key({&z, &g, &b, &out}, {cols, z.stride(0), out.stride(0)});
+  const c10::DeviceIndex device = z.device().index();
+  const KernelImage& k = kernel_for("dora_scale_kernel", variant, device);
+  launch(k, device, cdiv(rows, k.tile_rows), cdiv(cols, k.tile_cols),
+         {z, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), out, rows, cols, z.stride(0), out.stride(0)});
+}
+
+// gz = gy * g and the fp32 magnitude gradient colsum(gy * z) / norm in one pass.
+std::pair<at::Tensor, at::Tensor> launch_grad_prologue(const at::Tensor& gy, const at::Tensor& z,
+                                                       const at::Tensor& g, const at::Tensor& norm) {
+  const int64_t rows = gy.size(0), cols = gy.size(1);
+  at::Tensor gz = at::empty({rows, cols}, gy.options());
+  const c10::DeviceIndex device = gy.device().index();
+  const std::string variant = std::string(dtype_key(gy.scalar_type())) + "_" +
+                              alignment_key({&gy, &z, &g, &gz}, {cols, gy.stride(0), z.stride(0), gz.stride(0)});
+  const KernelImage& k = kernel_for("dora_grad_prologue_kernel", variant, device);
+  const int64_t col_tiles = cdiv(cols, k.tile_cols);
+  // Enough row programs to fill the GPU a few times over; each loops over its
+  // share of the rows, so the partial-sum buffer stays [programs, cols].
+  const int64_t sms = device_info(device).multiprocessors;
+  const int64_t row_programs = std::max<int64_t>(1, std::min(cdiv(rows, k.tile_rows), cdiv(4 * sms, col_tiles)));
+  at::Tensor partial = at::empty({row_programs, cols}, gy.options().dtype(at::kFloat));
+  launch(k, device, row_programs, col_tiles, {gy, z, g, gz, partial, rows, cols, gy.stride(0), z.stride(0), gz.stride(0)});
+  return {gz, partial.sum(0).div_(norm)};
+}
+
+at::Tensor row_norm_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  c10::cuda::CUDAGuard guard(weight.device());
+  return row_norm_eager(weight, lora_A, lora_B, scale);  // cuBLAS GEMMs with fp32 outputs
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+  check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
+  c10::cuda::CUDAGuard guard(x.device());
+  TierDecision decision = choose_tier(x, weight.size(0), /*training=*/true);
+  record_tier(decision);
+  if (decision.tier == Tier::Eager) return dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
+  at::Tensor norm = row_norm_eager(weight, lora_A, lora_B, scale);
+  const at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
+  auto [h, z] = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale);
+  at::Tensor out = at::empty_like(z);
+  launch_scale(z, g, bias, out);
+  return {out.view(output_shape(x, weight.size(0))), z, h, norm};
+}
+
+at::Tensor dora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
+                            double scale) {
+  check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
+  c10::cuda::CUDAGuard guard(x.device());
+  TierDecision decision = choose_tier(x, weight.size(0), /*training=*/false);
+  record_tier(decision);
+  if (decision.tier == Tier::Eager) return dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
+  const at::Tensor norm = row_norm_eager(weight, lora_A, lora_B, scale);
+  const at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
+  at::Tensor z = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale).second;
+  launch_scale(z, g, bias, z);  // in place: nothing else needs z
+  return z.view(output_shape(x, weight.size(0)));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z,
+    const at::Tensor& h, double scale, std::array<bool, 5> mask) {
+  c10::cuda::CUDAGuard guard(x.device());
+  TierDecision decision = choose_tier(grad_out, weight.size(0), /*training=*/true);
+  record_tier(decision);
+  if (decision.tier == Tier::Eager) {
+    return dora_linear_backward_eager(grad_out, x, weight, lora_A, lora_B, magnitude, norm, z, h, scale, mask);
+  }
+  const at::Tensor gy = as_rows(grad_out);
+  const at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
+  auto [gz, grad_m] = launch_grad_prologue(gy, as_rows(z), g, norm);
+  auto [grad_x, grad_A, grad_B] =
+      backward_gemms(gz, as_rows(x), weight, lora_A, lora_B, h, scale, mask[0], mask[1], mask[2]);
+  at::Tensor grad_bias;
+  if (mask[4]) grad_bias = gy.sum(0, false, at::kFloat).to(gy.scalar_type());
+  return {mask[0] ? grad_x.view(x.sizes()) : no_grad_placeholder(x), mask[1] ? grad_A : no_grad_placeholder(x),
+          mask[2] ? grad_B : no_grad_placeholder(x),
+          mask[3] ? grad_m.to(magnitude.scalar_type()) : no_grad_placeholder(magnitude),
+          mask[4] ? grad_bias : no_grad_placeholder(x)};
+}
+
+at::Tensor compose_delta_cuda(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
+                              const at::Tensor& norm, double scale) {
+  check_compose_delta_args("compose_delta", base, lora, magnitude, norm);
+  c10::cuda::CUDAGuard guard(base.device());
+  const int64_t d_out = base.size(-1);
+  TierDecision decision = choose_tier(base, d_out, /*training=*/false);
+  record_tier(decision);
+  if (decision.tier == Tier::Eager) return compose_delta_eager(base, lora, magnitude, norm, scale);
+  const at::Tensor base2d = as_rows(base), lora2d = as_rows(lora);
+  const at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
+  at::Tensor out = at::empty({base2d.size(0), d_out}, base.options());
+  const int64_t rows = out.size(0);
+  const c10::DeviceIndex device = base.device().index();
+  const std::string variant =
+      std::string(dtype_key(base.scalar_type())) + "_" +
+      alignment_key({&base2d, &lora2d, &g, &out}, {d_out, base2d.stride(0), lora2d.stride(0), out.stride(0)});
+  const KernelImage& k = kernel_for("dora_delta_kernel", variant, device);
+  launch(k, device, cdiv(rows, k.tile_rows), cdiv(d_out, k.tile_cols),
+         {base2d, lora2d, g, out, rows, d_out, base2d.stride(0), lora2d.stride(0), out.stride(0),
+          static_cast<float>(scale)});
+  return out.view(base.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
+    const at::Tensor& norm, double scale, std::array<bool, 3> mask) {
+  c10::cuda::CUDAGuard guard(base.device());
+  return compose_delta_backward_eager(grad_out, base, lora, magnitude, norm, scale, mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dora_ext, CUDA, m) {
+  m.impl("row_norm", &row_norm_cuda);
+  m.impl("dora_linear", &dora_linear_cuda);
+  m.impl("dora_linear_forward", &dora_linear_forward_cuda);
+  m.impl("dora_linear_backward", &dora_linear_backward_cuda);
+  m.impl("compose_delta", &compose_delta_cuda);
+  m.impl("compose_delta_backward", &compose_delta_backward_cuda);
+}
+
+}  // namespace dora_ext

@@ -1,0 +1,114 @@
+// Schemas of every dora_ext op (defined once, here) and the public C++ API,
+// which calls them through the dispatcher.
+#include "dora_ext.h"
+
+#include "dispatch.h"
+#include "kernel_registry.h"
+#include "launcher.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <sstream>
+
+namespace dora_ext {
+namespace {
+
+#ifdef DORA_EXT_WITH_CUDA
+constexpr const char* kCudaBuild = "true";
+#else
+constexpr const char* kCudaBuild = "false";
+#endif
+
+std::tuple<std::string, std::string> select_tier_op(const at::Tensor& x, const at::Tensor& weight,
+                                                    const at::Tensor& lora_A, bool training) {
+  TORCH_CHECK(weight.dim() == 2, "select_tier: weight must be 2-D [d_out, d_in], got shape ", weight.sizes());
+  (void)lora_A;  // part of the signature so the decision can depend on the rank
+  TierDecision d = choose_tier(x, weight.size(0), training);
+  return {tier_name(d.tier), d.reason};
+}
+
+std::tuple<std::string, std::string> last_tier_op() {
+  const TierDecision& d = last_tier();
+  return {tier_name(d.tier), d.reason};
+}
+
+std::tuple<bool, std::string> fused_available_op(int64_t device) {
+  std::string why;
+  bool ok = fused_kernels_available(static_cast<c10::DeviceIndex>(device), &why);
+  return {ok, why};
+}
+
+std::string build_info_op() {
+  std::ostringstream out;
+  out << "{\"torch_version\": \"" << TORCH_VERSION << "\", \"triton_version\": \"" << aot_triton_version()
+      << "\", \"cuda_build\": " << kCudaBuild
+      << ", \"archs\": [";
+  const auto archs = compiled_archs();
+  for (size_t i = 0; i < archs.size(); ++i) out << (i ? ", " : "") << archs[i];
+  out << "], \"kernels\": " << kernel_images().size() << "}";
+  return out.str();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dora_ext, m) {
+  // Public ops.
+  m.def("row_norm(Tensor weight, Tensor lora_A, Tensor lora_B, float scale) -> Tensor");
+  m.def(
+      "dora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor magnitude, "
+      "float scale) -> Tensor");
+  m.def("compose_delta(Tensor base, Tensor lora, Tensor magnitude, Tensor norm, float scale) -> Tensor");
+  // Training forward and backward behind dora_linear's and compose_delta's autograd.
+  m.def(
+      "dora_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor magnitude, float scale) -> (Tensor out, Tensor z, Tensor h, Tensor norm)");
+  m.def(
+      "dora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "Tensor magnitude, Tensor norm, Tensor z, Tensor h, float scale, bool[5] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_lora_A, Tensor grad_lora_B, Tensor grad_magnitude, Tensor grad_bias)");
+  m.def(
+      "compose_delta_backward(Tensor grad_out, Tensor base, Tensor lora, Tensor magnitude, Tensor norm, "
+      "float scale, bool[3] output_mask) -> (Tensor grad_base, Tensor grad_lora, Tensor grad_magnitude)");
+  // Introspection.
+  m.def("select_tier(Tensor x, Tensor weight, Tensor lora_A, bool training) -> (str tier, str reason)",
+        &select_tier_op);
+  m.def("last_tier() -> (str tier, str reason)", &last_tier_op);
+  m.def("fused_available(int device) -> (bool available, str reason)", &fused_available_op);
+  m.def("build_info() -> str", &build_info_op);
+}
+
+at::Tensor row_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dora_ext::row_norm", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(weight, lora_A, lora_B, scale);
+}
+
+at::Tensor dora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
+                       double scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dora_ext::dora_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(x, weight, bias, lora_A, lora_B, magnitude, scale);
+}
+
+at::Tensor compose_delta(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
+                         const at::Tensor& norm, double scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dora_ext::compose_delta", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, double)>();
+  return op.call(base, lora, magnitude, norm, scale);
+}
+
+std::pair<std::string, std::string> select_tier(const at::Tensor& x, const at::Tensor& weight,
+                                                const at::Tensor& lora_A, bool training) {
+  auto [tier, reason] = select_tier_op(x, weight, lora_A, training);
+  return {tier, reason};
+}
+
+}  // namespace dora_ext

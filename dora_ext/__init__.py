@@ -1,0 +1,17 @@
+"""dora_ext: fast, exact DoRA (weight-decomposed low-rank adaptation) for PyTorch.
+
+    y = m * (W + s B A) / ||W + s B A||_row  applied to x, plus bias
+
+The row norm is computed in factored form (no [d_out, d_in] product) with fp32
+accumulation; CUDA runs ahead-of-time compiled Triton kernels chosen by a C++
+dispatcher; every op has C++ autograd and works under torch.compile.
+"""
+from ._library import load_library
+
+load_library()
+
+from .info import info  # noqa: E402
+from .ops import compose_delta, dora_linear, last_tier, row_norm, select_tier  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["compose_delta", "dora_linear", "info", "last_tier", "row_norm", "select_tier", "__version__"]

@@ -1,0 +1,132 @@
+"""Typed Python wrappers of torch.ops.dora_ext and their fake (meta) kernels.
+
+The ops are defined, implemented and differentiated in C++ (csrc/); this
+module only gives them Python signatures and registers the shape functions
+that torch.compile and torch.export trace with.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._library import load_library
+
+load_library()
+_ops = torch.ops.dora_ext
+
+
+def row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """Row norms ``||W_i + scale * (B A)_i||`` as fp32 ``[d_out]`` (float64 for float64 inputs).
+
+    Computed from the factored form ``||W_i||^2 + 2s<B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T``:
+    no ``[d_out, d_in]`` intermediate. The result never requires grad (DoRA detaches the norm).
+    """
+    return _ops.row_norm.default(weight, lora_A, lora_B, scale)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """DoRA linear layer: ``(m / n) * (x W^T + scale (x A^T) B^T) + bias``.
+
+    Args:
+        x: activations ``[..., d_in]``.
+        weight: frozen base weight ``[d_out, d_in]``, same dtype as x.
+        bias: optional ``[d_out]``, same dtype as x.
+        lora_A: ``[r, d_in]``; lora_B: ``[d_out, r]``, same dtype as x.
+        magnitude: ``[d_out]``, any float dtype (fp32 under mixed precision).
+        scale: LoRA scaling ``s`` (alpha / r).
+
+    Returns ``[..., d_out]`` in x's dtype. Gradients flow to x, lora_A, lora_B,
+    magnitude and bias; the norm ``n`` is detached and the weight is frozen.
+    """
+    return _ops.dora_linear.default(x, weight, bias, lora_A, lora_B, magnitude, scale)
+
+
+def compose_delta(
+    base: torch.Tensor, lora: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The DoRA delta for callers that already computed ``base = x W^T`` (no bias) and ``lora = (x A^T) B^T``.
+
+    Returns ``(g - 1) * base + g * scale * lora`` with ``g = magnitude / norm`` in fp32: the
+    form that does not cancel when g is close to 1. ``norm`` comes from :func:`row_norm`.
+    """
+    return _ops.compose_delta.default(base, lora, magnitude, norm, scale)
+
+
+def select_tier(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, training: bool) -> tuple[str, str]:
+    """The tier dora_linear would run for these inputs and why: ``("fused_training" |
+    "fused_inference" | "eager", reason)``. ``DORA_EXT_TIER=auto|eager|fused`` overrides it."""
+    return _ops.select_tier.default(x, weight, lora_A, training)
+
+
+def last_tier() -> tuple[str, str]:
+    """The tier and reason of the last DoRA op run by the C++ dispatcher on this thread."""
+    return _ops.last_tier.default()
+
+
+# ---------------------------------------------------------------------------
+# Fake kernels: output shapes, dtypes and devices only, for tracing.
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tokens(x: torch.Tensor) -> int:
+    return math.prod(x.shape[:-1])
+
+
+@torch.library.register_fake("dora_ext::row_norm")
+def _row_norm_fake(weight, lora_A, lora_B, scale):
+    return weight.new_empty((weight.shape[0],), dtype=_acc_dtype(weight.dtype))
+
+
+@torch.library.register_fake("dora_ext::dora_linear")
+def _dora_linear_fake(x, weight, bias, lora_A, lora_B, magnitude, scale):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("dora_ext::dora_linear_forward")
+def _dora_linear_forward_fake(x, weight, bias, lora_A, lora_B, magnitude, scale):
+    d_out, tokens = weight.shape[0], _tokens(x)
+    return (
+        x.new_empty((*x.shape[:-1], d_out)),
+        x.new_empty((tokens, d_out)),
+        x.new_empty((tokens, lora_A.shape[0])),
+        x.new_empty((d_out,), dtype=_acc_dtype(x.dtype)),
+    )
+
+
+@torch.library.register_fake("dora_ext::dora_linear_backward")
+def _dora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, magnitude, norm, z, h, scale, output_mask):
+    empty = x.new_empty((0,))
+    return (
+        x.new_empty(x.shape) if output_mask[0] else empty,
+        x.new_empty(lora_A.shape) if output_mask[1] else empty,
+        x.new_empty(lora_B.shape) if output_mask[2] else empty,
+        magnitude.new_empty(magnitude.shape) if output_mask[3] else magnitude.new_empty((0,)),
+        x.new_empty((weight.shape[0],)) if output_mask[4] else empty,
+    )
+
+
+@torch.library.register_fake("dora_ext::compose_delta")
+def _compose_delta_fake(base, lora, magnitude, norm, scale):
+    return base.new_empty(base.shape)
+
+
+@torch.library.register_fake("dora_ext::compose_delta_backward")
+def _compose_delta_backward_fake(grad_out, base, lora, magnitude, norm, scale, output_mask):
+    empty = base.new_empty((0,))
+    return (
+        base.new_empty(base.shape) if output_mask[0] else empty,
+        lora.new_empty(lora.shape) if output_mask[1] else empty,
+        magnitude.new_empty(magnitude.shape) if output_mask[2] else magnitude.new_empty((0,)),
+    )

@@ -1,0 +1,85 @@
+"""Elementwise DoRA kernels: output compose, stable delta, and the gradient prologue.
+
+All arithmetic is fp32 whatever the storage dtype; row offsets are 64-bit so that
+tensors past 2**31 elements index correctly. Tiles are [BLOCK_M rows, BLOCK_N cols]
+of a row-major [n_rows, n_cols] view with unit column stride and the given row
+strides. The magnitude scale ``g = m / ||W + sBA||`` arrives in fp32 and never
+leaves fp32 (DESIGN.md section 2: keep g and g - 1 in fp32 inside kernels).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return rows, cols, mask
+
+
+@triton.jit
+def dora_scale_kernel(
+    z_ptr, g_ptr, bias_ptr, out_ptr,
+    n_rows, n_cols, stride_z, stride_out,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out = g * z + bias, with z = x W^T + s (x A^T) B^T already computed.
+
+    ``out`` may alias ``z`` (inference computes in place): each element is read
+    before it is written by the same program.
+    """
+    rows, cols, mask = _tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
+    col_mask = cols < n_cols
+    g = tl.load(g_ptr + cols, mask=col_mask, other=0.0)
+    z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = z * g[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        out += bias[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dora_delta_kernel(
+    base_ptr, lora_ptr, g_ptr, out_ptr,
+    n_rows, n_cols, stride_base, stride_lora, stride_out, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out = (g - 1) * base + g * scale * lora, the cancellation-free DoRA delta."""
+    rows, cols, mask = _tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
+    g = tl.load(g_ptr + cols, mask=cols < n_cols, other=1.0)
+    base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    lora = tl.load(lora_ptr + rows[:, None] * stride_lora + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = (g - 1.0)[None, :] * base + (g * scale)[None, :] * lora
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dora_grad_prologue_kernel(
+    gy_ptr, z_ptr, g_ptr, gz_ptr, partial_ptr,
+    n_rows, n_cols, stride_gy, stride_z, stride_gz,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """gz = gy * g, and per-program fp32 partial column sums of gy * z.
+
+    Program (i, j) walks row tiles i, i + P, i + 2P, ... (P = grid size along
+    rows) of column tile j and writes one fp32 row of partial sums to
+    ``partial[i, cols]``; the caller sums the P rows and divides by the norm to
+    get the magnitude gradient. No fp32 [rows, cols] temporary is ever written.
+    """
+    pid_m = tl.program_id(0)
+    num_pid_m = tl.num_programs(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    g = tl.load(g_ptr + cols, mask=col_mask, other=0.0)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(pid_m * BLOCK_M, n_rows, num_pid_m * BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask = (rows[:, None] < n_rows) & col_mask[None, :]
+        gy = tl.load(gy_ptr + rows[:, None] * stride_gy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(gy * z, axis=0)
+        gz = gy * g[None, :]
+        tl.store(gz_ptr + rows[:, None] * stride_gz + cols[None, :], gz.to(gz_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_ptr + pid_m.to(tl.int64) * n_cols + cols, acc, mask=col_mask)
