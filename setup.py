@@ -67,7 +67,10 @@ class BuildWithAOT(BuildExtension):
             shutil.copyfile(aot_dir / "manifest.json", Path(self.get_ext_fullpath(ext.name)).parent / "aot_manifest.json")
 
 
-cxx_flags = ["-O2", "-std=c++20", "-fvisibility=hidden"]
+# torch >= 2.14 headers require C++20; older torch builds its extensions as C++17
+# (mixing standards with an older torch's headers has crashed in libstdc++ here).
+TORCH_MAJOR_MINOR = tuple(int(v) for v in torch.__version__.split(".")[:2])
+cxx_flags = ["-O2", "-std=c++20" if TORCH_MAJOR_MINOR >= (2, 14) else "-std=c++17"]
 if WITH_CUDA:
     cxx_flags.append("-DDORA_EXT_WITH_CUDA")
     extension = CUDAExtension

@@ -34,15 +34,18 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
     auto [out, z, h, norm] = op.call(x, weight, bias, lora_A, lora_B, magnitude, scale);
     ctx->save_for_backward({x, weight, lora_A, lora_B, magnitude, norm, z, h});
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const double scale = ctx->saved_data["scale"].toDouble();
-    // Inputs: 0 x, 1 weight, 2 bias, 3 lora_A, 4 lora_B, 5 magnitude, 6 scale.
-    const std::array<bool, 5> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(3), ctx->needs_input_grad(4),
-                                      ctx->needs_input_grad(5), ctx->needs_input_grad(2)};
+    // needs_input_grad counts tensor inputs only: x, weight, [bias], lora_A, lora_B, magnitude.
+    const size_t b = ctx->saved_data["has_bias"].toBool() ? 1 : 0;
+    const std::array<bool, 5> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(2 + b),
+                                      ctx->needs_input_grad(3 + b), ctx->needs_input_grad(4 + b),
+                                      b == 1 && ctx->needs_input_grad(2)};
     static auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, std::array<bool, 5>)>(

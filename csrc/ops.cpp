@@ -10,7 +10,6 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
-#include <sstream>
 
 namespace dora_ext {
 namespace {
@@ -41,14 +40,11 @@ std::tuple<bool, std::string> fused_available_op(int64_t device) {
 }
 
 std::string build_info_op() {
-  std::ostringstream out;
-  out << "{\"torch_version\": \"" << TORCH_VERSION << "\", \"triton_version\": \"" << aot_triton_version()
-      << "\", \"cuda_build\": " << kCudaBuild
-      << ", \"archs\": [";
-  const auto archs = compiled_archs();
-  for (size_t i = 0; i < archs.size(); ++i) out << (i ? ", " : "") << archs[i];
-  out << "], \"kernels\": " << kernel_images().size() << "}";
-  return out.str();
+  std::string archs;
+  for (int64_t arch : compiled_archs()) archs += (archs.empty() ? "" : ", ") + std::to_string(arch);
+  return std::string("{\"torch_version\": \"") + TORCH_VERSION + "\", \"triton_version\": \"" +
+         aot_triton_version() + "\", \"cuda_build\": " + kCudaBuild + ", \"archs\": [" + archs +
+         "], \"kernels\": " + std::to_string(kernel_images().size()) + "}";
 }
 
 }  // namespace

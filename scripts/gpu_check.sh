@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One command on a GPU machine: build dora_ext against the installed torch,
+# run the whole test suite (CUDA tests included) and the layer benchmark.
+#   bash scripts/gpu_check.sh [results-dir]        (default: gpu_results)
+# Environment: DORA_EXT_CUDA_ARCHS (arch list for the build), BENCH_ARGS
+# (extra arguments for scripts/bench.py), SKIP_BENCH=1 to only build and test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RESULTS="${1:-gpu_results}"
+mkdir -p "$RESULTS"
+export PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$RESULTS/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$RESULTS/gpu.txt"
+
+start=$(date +%s)
+python3 -m pip install --no-build-isolation --no-deps -v . > "$RESULTS/build.log" 2>&1 || { tail -50 "$RESULTS/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s" | tee -a "$RESULTS/gpu.txt"
+grep "aot_build:" "$RESULTS/build.log" | tee -a "$RESULTS/gpu.txt"
+
+# Run from tests/ so the installed package, not the source tree, is imported.
+tests_rc=0
+(cd tests && python3 -m pytest -q -rs -p no:cacheprovider --rootdir=. . 2>&1) | tee "$RESULTS/tests.log" || tests_rc=$?
+
+if [ "${SKIP_BENCH:-0}" != "1" ]; then
+  # shellcheck disable=SC2086
+  python3 scripts/bench.py --out "$RESULTS" ${BENCH_ARGS:-} 2>&1 | tee "$RESULTS/bench.log"
+fi
+exit "$tests_rc"

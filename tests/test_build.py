@@ -1,0 +1,85 @@
+"""The build: AOT cubins for every requested arch, and a library that imports without a GPU."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dora_ext
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # after site-packages: the installed dora_ext wins
+
+from scripts.aot_build import compile_one, parse_archs  # noqa: E402
+from triton_src.specs import SPECS  # noqa: E402
+
+MANIFEST = Path(dora_ext.__file__).parent / "aot_manifest.json"
+
+
+def test_library_reports_the_archs_of_its_manifest():
+    info = dora_ext.info()
+    manifest = json.loads(MANIFEST.read_text())
+    assert info["archs"] == manifest["archs"]
+    assert info["kernels"] == len(manifest["kernels"])
+    if info["cuda_build"]:
+        assert info["archs"], "a CUDA build with no cubins"
+        assert info["triton_version"] == manifest["triton_version"]
+
+
+def test_every_spec_was_compiled_for_every_arch():
+    manifest = json.loads(MANIFEST.read_text())
+    built = {(k["kernel"], k["variant"], k["arch"]) for k in manifest["kernels"]}
+    expected = {(s.kernel, s.variant, a) for s in SPECS for a in manifest["archs"]}
+    assert built == expected
+    requested = os.environ.get("DORA_EXT_CUDA_ARCHS")
+    if requested is not None and info_cuda_build():
+        assert manifest["archs"] == parse_archs(requested)
+
+
+def info_cuda_build() -> bool:
+    return bool(dora_ext.info()["cuda_build"])
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("80;90", [80, 90]), ("8.0 9.0", [80, 90]), ("sm_90a", [90]), ("9.0+PTX,8.6", [86, 90]), ("none", []),
+])
+def test_arch_list_parsing(text, expected):
+    assert parse_archs(text) == expected
+
+
+def test_bad_arch_is_refused():
+    with pytest.raises(SystemExit, match="cannot parse arch"):
+        parse_archs("ampere")
+
+
+def test_aot_compiles_without_a_gpu_or_driver(tmp_path, monkeypatch):
+    """One spec for sm_90 through the offline driver: a cubin, the entry point and its argument kinds."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    spec = next(s for s in SPECS if s.kernel == "dora_delta_kernel" and s.variant == "bf16_a16")
+    image = compile_one(spec, 90)
+    assert image["cubin"][:4] == b"\x7fELF"
+    assert image["params"] == "pppplllllf"
+    assert image["trailing_null_params"] in (0, 1, 2)
+    assert image["num_warps"] == spec.num_warps
+
+
+def test_import_and_eager_path_without_a_gpu():
+    """With no visible GPU (and, in CI, no driver) the library imports and runs the eager path."""
+    script = (
+        "import torch, dora_ext\n"
+        "x = torch.randn(3, 8); W = torch.randn(5, 8); A = torch.randn(2, 8); B = torch.randn(5, 2)\n"
+        "y = dora_ext.dora_linear(x, W, None, A, B, torch.rand(5), 1.0)\n"
+        "assert y.shape == (3, 5) and dora_ext.last_tier()[0] == 'eager'\n"
+        "print(dora_ext.info()['devices'])\n"
+    )
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    assert torch.ops.dora_ext.dora_linear.default is not None

@@ -1,0 +1,233 @@
+"""CUDA tests: the AOT-compiled fused kernels against float64 and against eager.
+
+Skipped cleanly without a GPU; on a GPU machine run them with scripts/gpu_check.sh.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import dora_ext
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+FWD_TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-5}
+
+
+def _inputs(d_in, d_out, r, batch, dtype, bias=True, mag_dtype=None, g_near_one=False, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std)
+    W = rnd(d_out, d_in, std=d_in ** -0.5)
+    A = rnd(r, d_in, std=d_in ** -0.5)
+    B = rnd(d_out, r, std=0.1)
+    s = 0.5
+    n = (W + s * B @ A).norm(dim=1)
+    noise = 1e-4 if g_near_one else 0.3
+    m = n * (1 + noise * rnd(d_out))
+    x = rnd(*batch, d_in)
+    b = rnd(d_out) if bias else None
+    to = lambda t, dt=dtype: None if t is None else t.to("cuda", dt)  # noqa: E731
+    return dict(x=to(x), W=to(W), b=to(b), A=to(A), B=to(B), m=to(m, mag_dtype or dtype), s=s)
+
+
+def _ref(x, W, b, A, B, m, s):
+    """float64 dense reference on the CPU, norm detached."""
+    x, W, A, B, m = (t.detach().double().cpu() for t in (x, W, A, B, m))
+    Wp = W + s * B @ A
+    n = Wp.norm(dim=1)
+    y = (x @ Wp.T) * (m / n)
+    if b is not None:
+        y = y + b.detach().double().cpu()
+    return y
+
+
+def _plain_torch(x, W, b, A, B, m, s):
+    """The same math in plain PyTorch at the input precision (the 2x rule's baseline)."""
+    Wp = W + s * (B @ A)
+    n = torch.linalg.vector_norm(Wp, dim=1)
+    y = (x @ W.T + s * (x @ A.T) @ B.T) * (m.to(x.dtype) / n.to(x.dtype))
+    return y if b is None else y + b
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def _poison_allocator():
+    """Fill the caching allocator's free blocks with NaN so unwritten outputs show."""
+    junk = torch.full((64 << 20,), float("nan"), device="cuda", dtype=torch.float32)
+    del junk
+
+
+@pytest.fixture(autouse=True)
+def _auto_tier(monkeypatch):
+    monkeypatch.delenv("DORA_EXT_TIER", raising=False)
+
+
+def test_info_reports_this_device():
+    info = dora_ext.info()
+    dev = info["devices"][0]
+    major, minor = torch.cuda.get_device_capability(0)
+    assert dev["capability"] == f"sm_{major}{minor}"
+    assert "fused_inference" in dev["tiers"], dev["reason"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 96, 16, (128,)), (37, 23, 1, (3, 5)), (256, 512, 64, (2, 100))])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_forward_matches_reference(dtype, shape, bias):
+    d_in, d_out, r, batch = shape
+    t = _inputs(d_in, d_out, r, batch, dtype, bias=bias)
+    _poison_allocator()
+    with torch.no_grad():
+        y = dora_ext.dora_linear(t["x"], t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])
+    assert dora_ext.last_tier()[0] == "fused_inference", dora_ext.last_tier()
+    assert y.dtype == dtype and y.shape == (*batch, d_out)
+    assert torch.isfinite(y).all()
+    ref = _ref(t["x"], t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])
+    err = rel_err(y, ref)
+    assert err < FWD_TOL[dtype]
+    if dtype != torch.float32:  # flash-attention's rule: at most 2x the plain-PyTorch error
+        plain = rel_err(_plain_torch(t["x"], t["W"], t["b"], t["A"], t["B"], t["m"], t["s"]), ref)
+        assert err <= 2 * plain + 1e-6, (err, plain)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_matches_forced_eager(dtype, monkeypatch):
+    t = _inputs(128, 256, 8, (4, 33), dtype)
+    args = (t["x"], t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])
+    with torch.no_grad():
+        fused = dora_ext.dora_linear(*args)
+        monkeypatch.setenv("DORA_EXT_TIER", "eager")
+        eager = dora_ext.dora_linear(*args)
+        assert dora_ext.last_tier() == ("eager", "forced by DORA_EXT_TIER=eager")
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel_err(fused, eager) < tol
+
+
+def test_fp32_magnitude_keeps_activation_dtype():
+    t = _inputs(64, 64, 4, (10,), torch.bfloat16, mag_dtype=torch.float32)
+    y = dora_ext.dora_linear(t["x"], t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])
+    assert y.dtype == torch.bfloat16
+
+
+def test_non_contiguous_and_3d_inputs():
+    t = _inputs(48, 80, 5, (6, 7), torch.bfloat16)
+    x = t["x"].transpose(0, 1)  # [7, 6, 48], not contiguous
+    y = dora_ext.dora_linear(x, t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])
+    ref = _ref(x, t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])
+    assert rel_err(y, ref) < 1e-2
+    xs = torch.randn(20, 96, device="cuda", dtype=torch.bfloat16)[:, ::2]  # column stride 2
+    y2 = dora_ext.dora_linear(xs, t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])
+    assert rel_err(y2, _ref(xs, t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])) < 1e-2
+
+
+def test_empty_batch():
+    t = _inputs(32, 48, 4, (0,), torch.float16)
+    y = dora_ext.dora_linear(t["x"], t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])
+    assert y.shape == (0, 48)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 96, 16, (128,)), (37, 23, 1, (3, 5))])
+def test_fused_gradients_match_reference(dtype, shape):
+    d_in, d_out, r, batch = shape
+    t = _inputs(d_in, d_out, r, batch, dtype, mag_dtype=torch.float32)
+    leaves = {k: t[k].clone().requires_grad_(True) for k in ("x", "A", "B", "m", "b")}
+    _poison_allocator()
+    y = dora_ext.dora_linear(leaves["x"], t["W"], leaves["b"], leaves["A"], leaves["B"], leaves["m"], t["s"])
+    assert dora_ext.last_tier()[0] == "fused_training"
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    assert dora_ext.last_tier()[0] == "fused_training"  # the backward ran fused too
+    ref_leaves = {k: v.detach().double().cpu().requires_grad_(True) for k, v in leaves.items()}
+    Wp = t["W"].double().cpu() + t["s"] * ref_leaves["B"] @ ref_leaves["A"]
+    n = Wp.norm(dim=1).detach()
+    ref = (ref_leaves["x"] @ Wp.T) * (ref_leaves["m"] / n) + ref_leaves["b"]
+    ref.backward(gy.double().cpu())
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for k in leaves:
+        assert leaves[k].grad.dtype == leaves[k].dtype
+        assert torch.isfinite(leaves[k].grad).all(), k
+        assert rel_err(leaves[k].grad, ref_leaves[k].grad) < tol, k
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compose_delta_fused_is_stable_near_g_equal_one(dtype):
+    t = _inputs(64, 200, 8, (50,), dtype, g_near_one=True)
+    norm = dora_ext.row_norm(t["W"], t["A"], t["B"], t["s"])
+    base = t["x"] @ t["W"].T
+    lora = (t["x"] @ t["A"].T) @ t["B"].T
+    _poison_allocator()
+    delta = dora_ext.compose_delta(base, lora, t["m"], norm, t["s"])
+    assert dora_ext.last_tier()[0] == "fused_inference"
+    g = t["m"].double().cpu() / norm.double().cpu()
+    ref = (g - 1) * base.double().cpu() + g * t["s"] * lora.double().cpu()
+    # The delta is ~1e-4 of base here: the cancelling form would lose it entirely in 16 bits.
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(delta, ref) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_row_norm_cuda_accuracy_and_memory(dtype):
+    d_out, d_in, r = 2048, 4096, 64
+    t = _inputs(d_in, d_out, r, (1,), dtype)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    n = dora_ext.row_norm(t["W"], t["A"], t["B"], t["s"])
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    ref = (t["W"].double().cpu() + t["s"] * t["B"].double().cpu() @ t["A"].double().cpu()).norm(dim=1)
+    assert n.dtype == torch.float32
+    assert rel_err(n, ref) < (1e-4 if dtype != torch.float32 else 1e-6)
+    # O(d_out * r + r^2) transient memory, far below one [d_out, d_in] product.
+    bound = 4 * (4 * d_out * r + 2 * r * r + 8 * d_out) + (2 << 20)
+    assert extra < bound, (extra, bound)
+
+
+def test_forced_fused_tier_and_eager_reason(monkeypatch):
+    t = _inputs(32, 32, 2, (4,), torch.float64)
+    assert dora_ext.select_tier(t["x"], t["W"], t["A"], False)[0] == "eager"
+    monkeypatch.setenv("DORA_EXT_TIER", "fused")
+    with pytest.raises(RuntimeError, match="DORA_EXT_TIER=fused.*float64|Double"):
+        dora_ext.dora_linear(t["x"], t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])
+
+
+def test_no_triton_at_run_time(tmp_path):
+    """A fresh process runs the fused path with an empty Triton cache and never imports triton."""
+    cache = tmp_path / "triton_cache"
+    cache.mkdir()
+    script = textwrap.dedent("""
+        import json, sys, time
+        t0 = time.perf_counter()
+        import torch, dora_ext
+        x = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
+        W = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)
+        A = torch.randn(8, 128, device="cuda", dtype=torch.bfloat16)
+        B = torch.randn(256, 8, device="cuda", dtype=torch.bfloat16)
+        m = torch.rand(256, device="cuda")
+        y = dora_ext.dora_linear(x, W, None, A, B, m, 0.5)
+        torch.cuda.synchronize()
+        print(json.dumps({"tier": dora_ext.last_tier()[0], "triton": "triton" in sys.modules,
+                          "seconds": time.perf_counter() - t0}))
+    """)
+    env = dict(os.environ, TRITON_CACHE_DIR=str(cache))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print("cold start (import to first fused result):", result)
+    assert result["tier"] == "fused_inference"
+    assert result["triton"] is False
+    assert list(cache.iterdir()) == []
