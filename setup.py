@@ -44,6 +44,26 @@ WITH_CUDA = os.environ.get("DORA_EXT_WITH_CUDA", "1") != "0" and torch.version.c
 CUDA_ONLY_SOURCES = {"cuda_driver.cpp", "fused.cpp"}
 
 
+def loaded_libstdcxx() -> list[str]:
+    """Link the shared C++ runtime this Python process already uses, by path.
+
+    Some toolchains (seen: a g++ wrapper on the GPU image) link libstdc++
+    statically into shared objects; the private copy's locale is never set up
+    and the first number formatted into an error message crashes. Naming the
+    process's own libstdc++.so first makes the linker take every C++ runtime
+    symbol from it.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "/libstdc++.so" in path:
+                    return [path]
+    except OSError:
+        pass
+    return []
+
+
 def sources() -> list[str]:
     files = sorted(p.name for p in (ROOT / "csrc").glob("*.cpp"))
     if not WITH_CUDA:
@@ -91,6 +111,7 @@ setup(
             sources=sources(),
             include_dirs=[str(ROOT / "csrc")],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=loaded_libstdcxx(),
             libraries=["dl"],
         )
     ],

@@ -81,7 +81,7 @@ def peak_extra_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
 
 
-def bench_case(d_in, d_out, T, r, dtype, tflops, with_peft) -> dict:
+def bench_case(d_in, d_out, T, r, dtype, tflops, tbps, with_peft) -> dict:
     torch.manual_seed(0)
     dev = "cuda"
     base = nn.Linear(d_in, d_out, bias=False, device=dev, dtype=dtype).requires_grad_(False)
@@ -102,7 +102,9 @@ def bench_case(d_in, d_out, T, r, dtype, tflops, with_peft) -> dict:
     step_flops = 2 * (2 * T * d_in * d_out) + 3 * 2 * T * r * (d_in + d_out)
     row["floor_fwd_ms"] = (fwd_flops + norm_flops) / (tflops * 1e12) * 1e3
     row["floor_step_ms"] = (step_flops + norm_flops) / (tflops * 1e12) * 1e3
-    row["floor_norm_ms"] = norm_flops / (tflops * 1e12) * 1e3
+    # The norm reads W once at least: at small r that, not the FLOPs, is its floor.
+    w_bytes = d_out * d_in * W.element_size()
+    row["floor_norm_ms"] = max(norm_flops / (tflops * 1e12), w_bytes / (tbps * 1e12)) * 1e3
 
     def timed(name, fwd, step):
         with torch.no_grad():
@@ -186,7 +188,8 @@ def main() -> None:
             d_in, d_out = map(int, shape.split("x"))
             for T in args.tokens:
                 for r in args.ranks:
-                    rows.append(bench_case(d_in, d_out, T, r, DTYPES[dt], meta["gemm_tflops"], not args.no_peft))
+                    rows.append(bench_case(d_in, d_out, T, r, DTYPES[dt], meta["gemm_tflops"], meta["copy_tbps"],
+                                           not args.no_peft))
                     print(json.dumps(rows[-1]), flush=True)
     (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     table = markdown(rows, meta)
