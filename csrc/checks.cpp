@@ -57,9 +57,10 @@ void check_dora_linear_args(const char* op, const at::Tensor& x, const at::Tenso
                             const at::Tensor& lora_B, const at::Tensor& magnitude) {
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension [..., d_in], got a 0-D tensor");
   check_float(op, "x", x);
-  check_row_norm_args(op, weight, lora_A, lora_B);
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [d_out, d_in], got shape ", weight.sizes());
   check_same_dtype(op, "weight", weight, x, "x");
   check_same_device(op, "weight", weight, x, "x");
+  check_row_norm_args(op, weight, lora_A, lora_B);
   TORCH_CHECK(x.size(-1) == weight.size(1), op, ": x has last dimension ", x.size(-1), " but weight is ",
               weight.sizes(), " (expects d_in = ", weight.size(1), ")");
   check_dim(op, "magnitude", magnitude, 1, "[d_out]");

@@ -77,8 +77,21 @@ at::Tensor row_norm_eager(const at::Tensor& weight, const at::Tensor& lora_A, co
   return sq.clamp_min_(kNormEpsilon * kNormEpsilon).sqrt_();
 }
 
+namespace {
+
+// Rows whose norm was clamped: W_i + s (B A)_i is zero.
+at::Tensor zero_rows(const at::Tensor& norm) {
+  return norm <= kNormEpsilon;
+}
+
+}  // namespace
+
 at::Tensor magnitude_scale(const at::Tensor& magnitude, const at::Tensor& norm) {
-  return magnitude.to(norm.scalar_type()) / norm;
+  return (magnitude.to(norm.scalar_type()) / norm).masked_fill_(zero_rows(norm), 0.0);
+}
+
+at::Tensor magnitude_scale_minus_one(const at::Tensor& magnitude, const at::Tensor& norm) {
+  return ((magnitude.to(norm.scalar_type()) - norm) / norm).masked_fill_(zero_rows(norm), -1.0);
 }
 
 std::pair<at::Tensor, at::Tensor> lora_and_base(const at::Tensor& x2d, const at::Tensor& weight,
@@ -150,7 +163,7 @@ at::Tensor compose_delta_eager(const at::Tensor& base, const at::Tensor& lora, c
   const at::Tensor g = magnitude_scale(magnitude, norm);
   // (g - 1) * base + g * s * lora: never g * (base + s * lora) - base, which
   // cancels when g is close to 1.
-  return ((g - 1) * base + (g * scale) * lora).to(base.scalar_type());
+  return (magnitude_scale_minus_one(magnitude, norm) * base + (g * scale) * lora).to(base.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_eager(
@@ -158,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_eager(
     const at::Tensor& norm, double scale, std::array<bool, 3> mask) {
   const at::Tensor g = magnitude_scale(magnitude, norm);
   at::Tensor grad_base, grad_lora, grad_m;
-  if (mask[0]) grad_base = (grad_out * (g - 1)).to(base.scalar_type());
+  if (mask[0]) grad_base = (grad_out * magnitude_scale_minus_one(magnitude, norm)).to(base.scalar_type());
   if (mask[1]) grad_lora = (grad_out * (g * scale)).to(lora.scalar_type());
   if (mask[2]) {
     const at::ScalarType acc = norm.scalar_type();
@@ -176,6 +189,7 @@ namespace {
 at::Tensor dora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
                            double scale) {
+  check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
   record_tier(choose_tier(x, weight.size(0), /*training=*/false));
   return dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
 }
@@ -183,12 +197,14 @@ at::Tensor dora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+  check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
   record_tier(choose_tier(x, weight.size(0), /*training=*/true));
   return dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
 }
 
 at::Tensor compose_delta_cpu(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
                              const at::Tensor& norm, double scale) {
+  check_compose_delta_args("compose_delta", base, lora, magnitude, norm);
   record_tier(choose_tier(base, base.size(-1), /*training=*/false));
   return compose_delta_eager(base, lora, magnitude, norm, scale);
 }

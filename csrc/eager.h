@@ -15,12 +15,17 @@ namespace dora_ext {
 at::Tensor row_norm_eager(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
                           double scale);
 
-// Smallest norm used: a zero row (W_i = 0, B_i = 0) gets n = kNormEpsilon, so
-// g = m / n stays finite and y_i = bias_i, never NaN.
+// Smallest norm used: a zero row (W_i = 0, B_i = 0) gets n = kNormEpsilon and
+// g = 0 (see magnitude_scale), so y_i = bias_i, never NaN.
 constexpr double kNormEpsilon = 1e-6;
 
-// g = m / n in the accumulate dtype.
+// g = m / n in the accumulate dtype; 0 for a zero row (n clamped to
+// kNormEpsilon), which has no direction: its output is the bias and it gets no
+// gradient (a huge g would overflow fp16 and turn the backward GEMMs into NaN).
 at::Tensor magnitude_scale(const at::Tensor& magnitude, const at::Tensor& norm);
+
+// g - 1 as (m - n) / n: exact where g is close to 1, unlike fp32(m / n) - 1.
+at::Tensor magnitude_scale_minus_one(const at::Tensor& magnitude, const at::Tensor& norm);
 
 // The GEMM stage of the forward on 2-D x [T, d_in]: h = x A^T [T, r] and
 // z = x W^T + s h B^T [T, d_out], both in x's dtype.

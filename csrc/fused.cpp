@@ -157,15 +157,16 @@ at::Tensor compose_delta_cuda(const at::Tensor& base, const at::Tensor& lora, co
   if (decision.tier == Tier::Eager) return compose_delta_eager(base, lora, magnitude, norm, scale);
   const at::Tensor base2d = as_rows(base), lora2d = as_rows(lora);
   const at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
+  const at::Tensor gm1 = magnitude_scale_minus_one(magnitude, norm).contiguous();
   at::Tensor out = at::empty({base2d.size(0), d_out}, base.options());
   const int64_t rows = out.size(0);
   const c10::DeviceIndex device = base.device().index();
   const std::string variant =
       std::string(dtype_key(base.scalar_type())) + "_" +
-      alignment_key({&base2d, &lora2d, &g, &out}, {d_out, base2d.stride(0), lora2d.stride(0), out.stride(0)});
+      alignment_key({&base2d, &lora2d, &g, &gm1, &out}, {d_out, base2d.stride(0), lora2d.stride(0), out.stride(0)});
   const KernelImage& k = kernel_for("dora_delta_kernel", variant, device);
   launch(k, device, cdiv(rows, k.tile_rows), cdiv(d_out, k.tile_cols),
-         {base2d, lora2d, g, out, rows, d_out, base2d.stride(0), lora2d.stride(0), out.stride(0),
+         {base2d, lora2d, g, gm1, out, rows, d_out, base2d.stride(0), lora2d.stride(0), out.stride(0),
           static_cast<float>(scale)});
   return out.view(base.sizes());
 }

@@ -107,13 +107,14 @@ def _dora_linear_forward_fake(x, weight, bias, lora_A, lora_B, magnitude, scale)
 
 @torch.library.register_fake("dora_ext::dora_linear_backward")
 def _dora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, magnitude, norm, z, h, scale, output_mask):
-    empty = x.new_empty((0,))
+    # A masked-out gradient is a fresh empty tensor (never one shared object:
+    # outputs must not alias each other, as in the real kernels).
     return (
-        x.new_empty(x.shape) if output_mask[0] else empty,
-        x.new_empty(lora_A.shape) if output_mask[1] else empty,
-        x.new_empty(lora_B.shape) if output_mask[2] else empty,
-        magnitude.new_empty(magnitude.shape) if output_mask[3] else magnitude.new_empty((0,)),
-        x.new_empty((weight.shape[0],)) if output_mask[4] else empty,
+        x.new_empty(x.shape if output_mask[0] else (0,)),
+        x.new_empty(lora_A.shape if output_mask[1] else (0,)),
+        x.new_empty(lora_B.shape if output_mask[2] else (0,)),
+        magnitude.new_empty(magnitude.shape if output_mask[3] else (0,)),
+        x.new_empty((weight.shape[0],) if output_mask[4] else (0,)),
     )
 
 
@@ -124,9 +125,8 @@ def _compose_delta_fake(base, lora, magnitude, norm, scale):
 
 @torch.library.register_fake("dora_ext::compose_delta_backward")
 def _compose_delta_backward_fake(grad_out, base, lora, magnitude, norm, scale, output_mask):
-    empty = base.new_empty((0,))
     return (
-        base.new_empty(base.shape) if output_mask[0] else empty,
-        lora.new_empty(lora.shape) if output_mask[1] else empty,
-        magnitude.new_empty(magnitude.shape) if output_mask[2] else magnitude.new_empty((0,)),
+        base.new_empty(base.shape if output_mask[0] else (0,)),
+        lora.new_empty(lora.shape if output_mask[1] else (0,)),
+        magnitude.new_empty(magnitude.shape if output_mask[2] else (0,)),
     )

@@ -64,7 +64,7 @@ def test_aot_compiles_without_a_gpu_or_driver(tmp_path, monkeypatch):
     spec = next(s for s in SPECS if s.kernel == "dora_delta_kernel" and s.variant == "bf16_a16")
     image = compile_one(spec, 90)
     assert image["cubin"][:4] == b"\x7fELF"
-    assert image["params"] == "pppplllllf"
+    assert image["params"] == "ppppplllllf"
     assert image["trailing_null_params"] in (0, 1, 2)
     assert image["num_warps"] == spec.num_warps
 

@@ -42,16 +42,21 @@ def dora_scale_kernel(
 
 @triton.jit
 def dora_delta_kernel(
-    base_ptr, lora_ptr, g_ptr, out_ptr,
+    base_ptr, lora_ptr, g_ptr, gm1_ptr, out_ptr,
     n_rows, n_cols, stride_base, stride_lora, stride_out, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out = (g - 1) * base + g * scale * lora, the cancellation-free DoRA delta."""
+    """out = (g - 1) * base + g * scale * lora, the cancellation-free DoRA delta.
+
+    g - 1 arrives precomputed as (m - n) / n: fp32(m / n) - 1 would lose the
+    low bits of g exactly where trained magnitudes sit (g close to 1).
+    """
     rows, cols, mask = _tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
     g = tl.load(g_ptr + cols, mask=cols < n_cols, other=1.0)
+    gm1 = tl.load(gm1_ptr + cols, mask=cols < n_cols, other=0.0)
     base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     lora = tl.load(lora_ptr + rows[:, None] * stride_lora + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    out = (g - 1.0)[None, :] * base + (g * scale)[None, :] * lora
+    out = gm1[None, :] * base + (g * scale)[None, :] * lora
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -57,14 +57,15 @@ def _delta_specs() -> list[Spec]:
     specs = []
     for dt in DTYPES:
         for a16 in (True, False):
-            sig = {"base_ptr": f"*{dt}", "lora_ptr": f"*{dt}", "g_ptr": "*fp32", "out_ptr": f"*{dt}",
+            sig = {"base_ptr": f"*{dt}", "lora_ptr": f"*{dt}", "g_ptr": "*fp32", "gm1_ptr": "*fp32",
+                   "out_ptr": f"*{dt}",
                    "n_rows": "i64", "n_cols": "i64", "stride_base": "i64", "stride_lora": "i64",
                    "stride_out": "i64", "scale": "fp32"}
             specs.append(Spec(
                 module="compose", kernel="dora_delta_kernel",
                 variant=f"{dt}_{'a16' if a16 else 'any'}",
                 signature=sig,
-                aligned=("base_ptr", "lora_ptr", "g_ptr", "out_ptr", "n_cols", "stride_base", "stride_lora",
+                aligned=("base_ptr", "lora_ptr", "g_ptr", "gm1_ptr", "out_ptr", "n_cols", "stride_base", "stride_lora",
                          "stride_out") if a16 else (),
                 constexprs={"BLOCK_M": 16, "BLOCK_N": 256},
                 num_warps=4, tile=(16, 256)))

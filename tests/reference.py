@@ -1,0 +1,166 @@
+"""float64 dense reference for dora_ext, shared by every test file (CPU and CUDA).
+
+Everything here materialises ``W + s*B@A`` in float64 on the CPU: the slow,
+obviously-correct formula of DESIGN.md section 2. The row norm is detached, as
+DoRA prescribes, unless a caller asks for the attached variant explicitly (only
+used to prove a test can tell the two apart).
+
+Importable as ``from reference import ...`` (tests/conftest.py puts this
+directory on sys.path) and as ``from tests.reference import ...``.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "NORM_EPS",
+    "as_ref",
+    "make_inputs",
+    "ref_compose_delta",
+    "ref_dora_linear",
+    "ref_row_norm",
+    "ref_weight",
+    "rel_err",
+]
+
+# Smallest row norm (DoRA contract: a zero row is clamped here, never divides by 0).
+NORM_EPS = 1e-6
+
+
+def as_ref(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as float64 on the CPU; differentiable (gradients flow back to ``t``)."""
+    if t is None:
+        return None
+    return t.to(device="cpu", dtype=torch.float64)
+
+
+def ref_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """The dense adapted weight ``W + s * B @ A`` in float64 (differentiable in A and B)."""
+    return as_ref(W) + s * (as_ref(B) @ as_ref(A))
+
+
+def _norm_of(W_adapted: torch.Tensor) -> torch.Tensor:
+    return W_adapted.norm(dim=1).clamp_min(NORM_EPS)
+
+
+def ref_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """Row norms ``||W_i + s (B A)_i||`` in float64, detached, clamped at NORM_EPS."""
+    with torch.no_grad():
+        return _norm_of(ref_weight(W, A, B, s)).detach()
+
+
+def ref_dora_linear(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    m: torch.Tensor,
+    s: float,
+    *,
+    attach_norm: bool = False,
+) -> torch.Tensor:
+    """``(m / n) * (x @ (W + s B A)^T) + bias`` in float64 on the CPU, shape ``[..., d_out]``.
+
+    Differentiable in x, A, B, m and bias; the norm ``n`` is detached (DoRA
+    section 4.3) unless ``attach_norm=True`` (a different function, only for
+    showing that a gradient test can fail).
+    """
+    Wp = ref_weight(W, A, B, s)
+    n = _norm_of(Wp)
+    if not attach_norm:
+        n = n.detach()
+    y = (as_ref(x) @ Wp.T) * (as_ref(m) / n)
+    if bias is not None:
+        y = y + as_ref(bias)
+    return y
+
+
+def ref_compose_delta(
+    base: torch.Tensor, lora: torch.Tensor, m: torch.Tensor, n: torch.Tensor, s: float
+) -> torch.Tensor:
+    """``(g - 1) * base + g * s * lora`` with ``g = m / n``, all float64 (norm detached).
+
+    ``g - 1`` is formed as ``(m - n) / n``: m - n is exact when m and n are within a
+    factor 2 of each other, so the reference keeps full float64 accuracy even where
+    g - 1 is tiny (``m / n - 1`` would lose log10(1 / |g - 1|) digits there).
+    """
+    m, n = as_ref(m), as_ref(n).detach()
+    g_minus_1 = (m - n) / n
+    return g_minus_1 * as_ref(base) + (g_minus_1 + 1) * s * as_ref(lora)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` computed in float64 on the CPU (0 for two empty tensors)."""
+    out = out.detach().to(device="cpu", dtype=torch.float64)
+    ref = ref.detach().to(device="cpu", dtype=torch.float64)
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    if ref.numel() == 0:
+        return 0.0
+    den = ref.norm().item()
+    num = (out - ref).norm().item()
+    if den == 0.0:
+        return num
+    return num / den
+
+
+def make_inputs(
+    d_in: int,
+    d_out: int,
+    r: int,
+    batch_shape: tuple[int, ...] | int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    bias: bool = True,
+    requires_grad: bool = False,
+    mag_dtype: torch.dtype | None = None,
+    seed: int | None = None,
+    *,
+    g_noise: float = 0.3,
+    scale: float = 0.5,
+) -> dict:
+    """Fresh random DoRA inputs (never zeros), keyed by the ops' argument names.
+
+    Returns ``dict(x, weight, bias, lora_A, lora_B, magnitude, scale)`` so that
+    ``dora_ext.dora_linear(**inp)`` works. ``x`` has shape ``[*batch_shape, d_in]``.
+
+    The magnitude is the actual row norm of the (rounded) weights times
+    ``1 + g_noise * N(0, 1)``: ``g_noise=1e-4`` puts g = m/n within ~1e-4 of 1
+    (where trained magnitudes concentrate), the default 0.3 puts it far from 1.
+    B is non-zero on purpose (unlike LoRA's init) so the low-rank path matters.
+
+    ``requires_grad`` marks x, lora_A, lora_B, magnitude and bias (never the
+    frozen weight). ``seed=None`` draws from torch's global generator.
+    """
+    if isinstance(batch_shape, int):
+        batch_shape = (batch_shape,)
+    gen = torch.Generator(device="cpu")
+    if seed is None:
+        gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+    else:
+        gen.manual_seed(seed)
+    mag_dtype = mag_dtype or dtype
+
+    def rnd(*shape: int, std: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * std
+
+    def cast(t: torch.Tensor, dt: torch.dtype = dtype) -> torch.Tensor:
+        return t.to(device=device, dtype=dt)
+
+    d_in_std = max(d_in, 1) ** -0.5
+    W = cast(rnd(d_out, d_in, std=d_in_std))
+    A = cast(rnd(r, d_in, std=d_in_std))
+    B = cast(rnd(d_out, r, std=0.3))
+    x = cast(rnd(*batch_shape, d_in))
+    b = cast(rnd(d_out, std=0.5)) if bias else None
+    # The norm of what the op will actually see (after rounding to dtype), so that
+    # g is really within g_noise of 1 for low-precision inputs too.
+    n = ref_row_norm(W, A, B, scale)
+    m = cast(n * (1.0 + g_noise * rnd(d_out)), mag_dtype)
+
+    out = dict(x=x, weight=W, bias=b, lora_A=A, lora_B=B, magnitude=m, scale=scale)
+    if requires_grad:
+        for k in ("x", "bias", "lora_A", "lora_B", "magnitude"):
+            if out[k] is not None:
+                out[k].requires_grad_(True)
+    return out
