@@ -1,0 +1,314 @@
+"""Route stock PEFT DoRA layers through dora_ext, and undo it.
+
+    import dora_ext.peft
+    n = dora_ext.peft.accelerate(peft_model)     # how many DoRA layers are now served by dora_ext
+    ...
+    dora_ext.peft.restore(peft_model)            # back to PEFT's own code
+
+How: PEFT's files are not touched. :func:`accelerate` changes the class of each servable
+``peft.tuners.lora.layer.Linear`` that has a DoRA adapter to :class:`DoraExtLinear`, a subclass
+that only overrides ``forward`` (parameters, buffers, adapters, state dict, ``merge``/``unmerge``,
+``set_adapter``, saving and loading all stay PEFT's). :func:`restore` changes the class back.
+
+The new forward reproduces PEFT's ``Linear.forward`` + ``DoraLinearVariant.forward`` semantics:
+
+* one active DoRA adapter, unmerged, no dropout in training (or eval), no ``lora_bias``, a frozen
+  base weight, and either autocast or one dtype for x/W/A/B: the whole layer is **one
+  ``dora_ext.dora_linear`` call** (the base GEMM is not run separately);
+* otherwise (several adapters, dropout in training, fp32 adapters on a bf16 base without autocast,
+  ``lora_bias``, a trainable base weight, hooks on the base layer): the base layer runs as in PEFT and
+  each DoRA adapter adds ``dora_ext.compose_delta(base_result, lora_result, m, row_norm(...), s)``
+  (the norm in factored form, no ``[d_out, d_in]`` product); vanilla LoRA adapters active in the same
+  layer add ``B A dropout(x) s`` as in PEFT;
+* disabled adapters / merged layers: the base layer, as in PEFT.
+
+dtypes follow PEFT: x is cast to the adapter dtype (``cast_input_dtype``); under autocast the GEMMs
+run in the autocast dtype, otherwise in the adapter dtype; the result is cast back to the base
+layer's output dtype. ``g = m / n`` is kept in fp32 (PEFT computes it in the adapter dtype).
+
+Not served, observably (PEFT's own forward runs): layers that are not exactly
+``peft.tuners.lora.layer.Linear`` (Embedding, Conv, bitsandbytes/torchao/HQQ layers, ...), base
+layers other than ``nn.Linear`` / transformers ``Conv1D``, quantized or tensor-subclass weights,
+base layers with hooks, ``ephemeral_gpu_offload``. :func:`report` gives the reason per layer and
+``accelerate`` logs it on the ``dora_ext.peft`` logger. Calls that a routed layer hands back to PEFT
+(``adapter_names=`` mixed batches, extra forward arguments, a non-DoRA variant among the active
+adapters, ``cast_input_dtype_enabled=False``, devices that differ) are counted per layer:
+:func:`fallback_counts`.
+
+Call :func:`accelerate` again after adding adapters to new modules (it is idempotent).
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora.dora import DoraLinearLayer
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.lora.variants import DoraLinearVariant
+from torch import nn
+
+from .ops import compose_delta, dora_linear, row_norm
+
+__all__ = ["DoraExtLinear", "accelerate", "fallback_counts", "is_accelerated", "report", "restore"]
+
+logger = logging.getLogger("dora_ext.peft")
+
+ROUTED = "routed"
+_STATUS = "_dora_ext_status"
+_FALLBACKS = "_dora_ext_fallbacks"
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _conv1d_type() -> Optional[type]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers is optional
+        return None
+    return Conv1D
+
+
+def _is_dora_adapter(layer: LoraLayer, adapter: str) -> bool:
+    return type(layer.lora_variant.get(adapter)) is DoraLinearVariant
+
+
+def _why_not_servable(layer: nn.Module) -> Optional[str]:
+    """None if ``layer`` can be routed, else the reason."""
+    if type(layer) is DoraExtLinear:
+        return None
+    if not isinstance(layer, LoraLayer):
+        return "not a LoRA layer"
+    if not any(isinstance(v, DoraLinearVariant) for v in getattr(layer, "lora_variant", {}).values()):
+        return "no DoRA adapter"
+    if type(layer) is not LoraLinear:
+        return f"layer type {type(layer).__module__}.{type(layer).__qualname__} is not served (only peft Linear)"
+    base = layer.base_layer
+    conv1d = _conv1d_type()
+    if type(base) is not nn.Linear and (conv1d is None or type(base) is not conv1d):
+        return f"base layer type {type(base).__qualname__} is not nn.Linear or transformers Conv1D"
+    if bool(getattr(layer, "fan_in_fan_out", False)) != (type(base) is not nn.Linear):
+        return "fan_in_fan_out does not match the base layer's weight layout"
+    weight = base.weight
+    if type(weight) not in (nn.Parameter, torch.Tensor) or weight.dim() != 2:
+        return f"base weight is {type(weight).__qualname__} of dim {weight.dim()} (quantized or a tensor subclass)"
+    if weight.dtype not in _SUPPORTED_DTYPES:
+        return f"base weight dtype {weight.dtype} is not supported"
+    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+        return "the base layer has forward hooks (e.g. accelerate offloading)"
+    if getattr(layer, "ephemeral_gpu_offload", False):
+        return "ephemeral_gpu_offload is on"
+    for adapter, variant in layer.lora_variant.items():
+        if type(variant) is DoraLinearVariant and type(layer.lora_magnitude_vector[adapter]) is not DoraLinearLayer:
+            return f"adapter {adapter!r} has a magnitude module of type {type(layer.lora_magnitude_vector[adapter])}"
+    return None
+
+
+def accelerate(peft_model: nn.Module) -> int:
+    """Route every servable DoRA ``peft.tuners.lora.layer.Linear`` of ``peft_model`` (a ``PeftModel``
+    or any module holding PEFT LoRA layers) through dora_ext. Returns the number of routed layers
+    (already routed ones included: idempotent). Layers with a DoRA adapter that cannot be served keep
+    PEFT's forward; the reason is logged (INFO, ``dora_ext.peft``) and listed by :func:`report`."""
+    routed = 0
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        reason = _why_not_servable(module)
+        if reason == "no DoRA adapter":
+            continue
+        if reason is not None:
+            if getattr(module, _STATUS, None) != reason:
+                logger.info("dora_ext.peft: %s stays on PEFT's forward: %s", name, reason)
+            setattr(module, _STATUS, reason)
+            continue
+        if type(module) is not DoraExtLinear:
+            module.__class__ = DoraExtLinear
+            setattr(module, _FALLBACKS, Counter())
+        setattr(module, _STATUS, ROUTED)
+        routed += 1
+    logger.info("dora_ext.peft: %d DoRA layer(s) routed through dora_ext", routed)
+    return routed
+
+
+def restore(peft_model: nn.Module) -> int:
+    """Undo :func:`accelerate`: every routed layer gets PEFT's own class (and forward) back.
+    Returns the number of layers restored."""
+    restored = 0
+    for module in peft_model.modules():
+        if type(module) is DoraExtLinear:
+            module.__class__ = LoraLinear
+            restored += 1
+        for attr in (_STATUS, _FALLBACKS):
+            if attr in module.__dict__:
+                delattr(module, attr)
+    return restored
+
+
+def is_accelerated(layer: nn.Module) -> bool:
+    """Whether ``layer`` is routed through dora_ext."""
+    return type(layer) is DoraExtLinear
+
+
+def report(peft_model: nn.Module) -> dict[str, str]:
+    """``{module name: "routed" | reason}`` for every LoRA layer with a DoRA adapter seen by
+    :func:`accelerate` (layers it has not seen are listed with the reason they would get)."""
+    out = {}
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        status = getattr(module, _STATUS, None)
+        if status is None:
+            status = _why_not_servable(module)
+            if status == "no DoRA adapter":
+                continue
+            status = f"not accelerated{'' if status is None else ' (' + status + ')'}"
+        out[name] = status
+    return out
+
+
+def fallback_counts(peft_model: nn.Module) -> dict[str, dict[str, int]]:
+    """``{module name: {reason: calls}}``: forward calls that routed layers handed to PEFT's code."""
+    return {name: dict(getattr(m, _FALLBACKS)) for name, m in peft_model.named_modules()
+            if type(m) is DoraExtLinear and getattr(m, _FALLBACKS, None)}
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _call_fallback_reason(layer: "DoraExtLinear", x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[str]:
+    """Why this call must run PEFT's own forward, or None."""
+    if args or any(v is not None for v in kwargs.values()):
+        return "extra forward arguments (adapter_names / variant kwargs / base layer args)"
+    if not layer.cast_input_dtype_enabled:
+        return "cast_input_dtype_enabled is False"
+    if layer.disable_adapters or layer.merged:
+        return None
+    weight = layer.base_layer.weight
+    if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
+        return "the base weight is a tensor subclass (quantized / DTensor)"
+    device = weight.device
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A:
+            continue
+        variant = layer.lora_variant.get(adapter)
+        if variant is not None and type(variant) is not DoraLinearVariant:
+            return f"adapter {adapter!r} uses variant {type(variant).__name__}"
+        if layer.lora_A[adapter].weight.device != device or layer.lora_B[adapter].weight.device != device:
+            return f"adapter {adapter!r} is on another device than the base weight"
+        if variant is not None and layer.lora_magnitude_vector[adapter].weight.device != device:
+            return f"adapter {adapter!r} magnitude is on another device than the base weight"
+    if x.device != device:
+        return "input is on another device than the base weight"
+    return None
+
+
+def _base_weight(layer: "DoraExtLinear") -> torch.Tensor:
+    """The base weight as ``[d_out, d_in]`` (a transposed view for Conv1D / fan_in_fan_out)."""
+    weight = layer.base_layer.weight
+    return weight.T if layer.fan_in_fan_out else weight
+
+
+def _dropout_active(layer: "DoraExtLinear", adapter: str) -> bool:
+    # PEFT: the base result is reused unless training with a real dropout module
+    return layer.training and not isinstance(layer.lora_dropout[adapter], nn.Identity)
+
+
+def _single_call(layer: "DoraExtLinear", x: torch.Tensor, adapter: str) -> Optional[torch.Tensor]:
+    """The whole layer as one dora_linear call, or None when this call does not qualify."""
+    base = layer.base_layer
+    weight = _base_weight(layer)
+    lora_A = layer.lora_A[adapter]
+    lora_B = layer.lora_B[adapter]
+    if _dropout_active(layer, adapter) or lora_B.bias is not None:
+        return None
+    if (weight.requires_grad and torch.is_grad_enabled()) or base._forward_hooks or base._forward_pre_hooks:
+        return None
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = weight.dtype
+        if x.dtype != dtype or lora_A.weight.dtype != dtype or lora_B.weight.dtype != dtype:
+            return None  # PEFT runs base and LoRA in different dtypes here: compose path
+    bias = base.bias
+    with torch.autocast(device_type, enabled=False):
+        return dora_linear(
+            x.to(dtype),
+            weight.to(dtype),
+            bias.to(dtype) if bias is not None else None,
+            lora_A.weight.to(dtype),
+            lora_B.weight.to(dtype),
+            layer.lora_magnitude_vector[adapter].weight,
+            layer.scaling[adapter],
+        )
+
+
+def _dora_delta(layer: "DoraExtLinear", adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """PEFT's ``DoraLinearLayer.forward``: the DoRA delta to add to ``result`` (the running output)."""
+    lora_A = layer.lora_A[adapter]
+    lora_B = layer.lora_B[adapter]
+    scaling = layer.scaling[adapter]
+    base = layer.base_layer
+    weight = _base_weight(layer)
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    with torch.autocast(device_type, enabled=False):
+        w = weight.to(dtype)
+        a = lora_A.weight.to(dtype)
+        b = lora_B.weight.to(dtype)
+        b_bias = lora_B.bias.to(dtype) if lora_B.bias is not None else None
+        norm = row_norm(w, a, b, scaling)
+        if _dropout_active(layer, adapter):
+            x = layer.lora_dropout[adapter](x).to(dtype)
+            base_result = F.linear(x, w)
+        else:
+            x = x.to(dtype)
+            base_result = result if base.bias is None else result - base.bias
+            base_result = base_result.to(dtype)
+        lora_result = F.linear(F.linear(x, a), b, b_bias)
+        return compose_delta(base_result, lora_result, layer.lora_magnitude_vector[adapter].weight, norm, scaling)
+
+
+class DoraExtLinear(LoraLinear):
+    """A PEFT LoRA ``Linear`` whose DoRA forward runs on dora_ext (see the module docstring).
+    Only ``forward`` differs from ``peft.tuners.lora.layer.Linear``; instances are made by
+    :func:`accelerate` (class change in place) and turned back by :func:`restore`."""
+
+    def _get_name(self) -> str:  # repr stays "lora.Linear(...)"
+        return "Linear"
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        reason = _call_fallback_reason(self, x, args, kwargs)
+        if reason is not None:
+            counts = self.__dict__.get(_FALLBACKS)
+            if counts is not None:
+                counts[reason] += 1
+            return LoraLinear.forward(self, x, *args, **kwargs)
+
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x)
+        if self.merged:
+            return self.base_layer(x)
+
+        adapters = [a for a in self.active_adapters if a in self.lora_A]
+        if len(adapters) == 1 and _is_dora_adapter(self, adapters[0]):
+            # x goes straight to the compute dtype; PEFT's detour through the adapter dtype changes
+            # nothing unless the adapter dtype is narrower than the autocast dtype
+            out = _single_call(self, x, adapters[0])
+            if out is not None:
+                return out
+
+        result = self.base_layer(x)
+        result_dtype = result.dtype
+        for adapter in adapters:
+            x = self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype)
+            if _is_dora_adapter(self, adapter):
+                result = result + _dora_delta(self, adapter, x, result)
+            else:  # vanilla LoRA adapter in the same layer, as PEFT computes it
+                lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
+                result = result + lora_B(lora_A(self.lora_dropout[adapter](x))) * self.scaling[adapter]
+        return result.to(result_dtype)

@@ -1,0 +1,414 @@
+"""dora_ext.peft on stock PEFT: accelerated DoRA layers reproduce PEFT's results (CPU).
+
+Models are tiny, randomly initialised transformers models (nothing is downloaded).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+import dora_ext.peft as dp  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft.tuners.lora.layer import Linear as LoraLinear  # noqa: E402
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+N_LINEAR = 14  # 2 decoder layers x (q, k, v, o, gate, up, down)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).to(dtype)
+
+
+def perturb(model: nn.Module, seed: int = 1, adapter: str | None = None) -> None:
+    """Random B and magnitudes away from their init (DoRA at init is the base model)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if adapter is not None and f".{adapter}." not in name:
+                continue
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen).to(p.dtype))
+
+
+def dora_model(seed: int = 0, dtype: torch.dtype = torch.float32, **config) -> PeftModel:
+    kwargs = {"use_dora": True, "r": 8, "lora_alpha": 16, "target_modules": "all-linear", **config}
+    model = get_peft_model(tiny_llama(seed, dtype), LoraConfig(**kwargs))
+    perturb(model)
+    return model
+
+
+INPUT_IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(7))
+
+
+def step(model: nn.Module, seed: int | None = None, ids: torch.Tensor = INPUT_IDS):
+    """Logits and the gradient of every trainable parameter for a fixed loss."""
+    model.zero_grad(set_to_none=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    logits = model(input_ids=ids).logits
+    logits.float().square().mean().backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()
+             if p.requires_grad and p.grad is not None}
+    return logits.detach(), grads
+
+
+def logits_of(model: nn.Module, ids: torch.Tensor = INPUT_IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def assert_same_step(ours, theirs, tol=1e-5, n_grads=None):
+    (y_ours, g_ours), (y_theirs, g_theirs) = ours, theirs
+    assert y_ours.dtype == y_theirs.dtype
+    assert rel(y_ours, y_theirs) < tol
+    assert g_ours.keys() == g_theirs.keys()
+    if n_grads is not None:
+        assert len(g_ours) == n_grads
+    for name in g_theirs:
+        assert rel(g_ours[name], g_theirs[name]) < tol, name
+
+
+def lora_layers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, LoraLinear)]
+
+
+class Counting:
+    """Counts the dora_ext ops dora_ext.peft calls (which path a layer took)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = {"dora_linear": 0, "compose_delta": 0}
+        for name in self.calls:
+            fn = getattr(dp, name)
+            monkeypatch.setattr(dp, name, self._wrap(name, fn))
+
+    def _wrap(self, name, fn):
+        def wrapped(*args, **kwargs):
+            self.calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    def reset(self):
+        for name in self.calls:
+            self.calls[name] = 0
+
+
+# ------------------------------------------------------------------------------------------ basics
+
+
+def test_accelerate_matches_stock_peft_logits_and_gradients(monkeypatch):
+    model = dora_model()
+    theirs = step(model)
+    counting = Counting(monkeypatch)
+    assert dp.accelerate(model) == N_LINEAR
+    assert all(dp.is_accelerated(m) for m in lora_layers(model))
+    assert set(dp.report(model).values()) == {"routed"}
+    ours = step(model)
+    assert_same_step(ours, theirs, n_grads=3 * N_LINEAR)
+    # one fused op per layer: single adapter, unmerged, no dropout
+    assert counting.calls == {"dora_linear": N_LINEAR, "compose_delta": 0}
+    assert dp.fallback_counts(model) == {}
+    assert repr(lora_layers(model)[0]).startswith("lora.Linear(")
+
+
+def test_restore_gives_back_peft_and_accelerate_is_idempotent():
+    model = dora_model()
+    theirs = step(model)
+    assert dp.accelerate(model) == N_LINEAR
+    assert dp.accelerate(model) == N_LINEAR
+    clone = copy.deepcopy(model)  # deep copies (and pickles) keep the routed class
+    assert sum(dp.is_accelerated(m) for m in clone.modules()) == N_LINEAR
+    assert rel(logits_of(clone), theirs[0]) < 1e-5
+    assert dp.restore(model) == N_LINEAR
+    assert all(type(m) is LoraLinear for m in lora_layers(model))
+    assert not any("_dora_ext_status" in m.__dict__ for m in model.modules())
+    again = step(model)
+    assert torch.equal(again[0], theirs[0])
+    assert all(torch.equal(again[1][n], theirs[1][n]) for n in theirs[1])
+    assert dp.report(model) and set(dp.report(model).values()) == {"not accelerated"}
+
+
+def test_rslora_and_trainable_base_weight(monkeypatch):
+    # (PEFT refuses lora_bias=True with DoRA, so there is no DoRA lora_bias to test)
+    model = dora_model(use_rslora=True)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    q_proj.base_layer.weight.requires_grad_(True)
+    theirs = step(model)
+    counting = Counting(monkeypatch)
+    dp.accelerate(model)
+    ours = step(model)
+    assert_same_step(ours, theirs)
+    assert "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight" in ours[1]
+    # the layer with a trainable base weight takes the compose path (dora_linear keeps W frozen)
+    assert counting.calls == {"dora_linear": N_LINEAR - 1, "compose_delta": 1}
+
+
+# ----------------------------------------------------------------------------------------- dropout
+
+
+def test_lora_dropout_eval_and_training(monkeypatch):
+    model = dora_model(lora_dropout=0.1)
+    model.eval()
+    theirs_eval = step(model)
+    model.train()
+    theirs_train = step(model, seed=123)
+    counting = Counting(monkeypatch)
+    dp.accelerate(model)
+    model.eval()
+    assert_same_step(step(model), theirs_eval)
+    assert counting.calls == {"dora_linear": N_LINEAR, "compose_delta": 0}
+    counting.reset()
+    model.train()  # PEFT feeds dropout(x) to the LoRA path and to the (g - 1) W term: same masks here
+    assert_same_step(step(model, seed=123), theirs_train)
+    assert counting.calls == {"dora_linear": 0, "compose_delta": N_LINEAR}
+
+
+# ------------------------------------------------------------------------------- adapters and state
+
+
+def test_multiple_adapters_set_adapter_and_mixed_lora(monkeypatch):
+    model = dora_model()
+    dp.accelerate(model)
+    # adapters added after accelerate() are served by the already routed layers
+    model.add_adapter("second", LoraConfig(use_dora=True, r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                           lora_dropout=0.05))
+    model.add_adapter("plain", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"]))
+    perturb(model, seed=5, adapter="second")
+    perturb(model, seed=6, adapter="plain")
+    counting = Counting(monkeypatch)
+
+    def compare(active, n_dora_linear=None):
+        model.base_model.set_adapter(active)
+        dp.restore(model)
+        theirs = step(model, seed=11)  # "second" has dropout: same masks for both
+        dp.accelerate(model)
+        counting.reset()
+        assert_same_step(step(model, seed=11), theirs)
+        if n_dora_linear is not None:
+            assert counting.calls["dora_linear"] == n_dora_linear
+
+    compare("second", n_dora_linear=0)        # dropout in training: compose path on q, v
+    compare("default", n_dora_linear=N_LINEAR)
+    compare(["default", "second"], n_dora_linear=N_LINEAR - 4)  # two active on q, v: compose path there
+    compare(["default", "plain"])             # vanilla LoRA next to DoRA in q_proj and down_proj
+    compare(["second", "plain"])
+    model.eval()
+    compare("second", n_dora_linear=4)        # 2 layers x (q, v); the other layers have no "second"
+    compare(["default", "second", "plain"])
+    assert dp.fallback_counts(model) == {}
+
+
+def test_disable_adapter_context():
+    model = dora_model()
+    with model.disable_adapter():
+        theirs_disabled = logits_of(model)
+    theirs = logits_of(model)
+    dp.accelerate(model)
+    with model.disable_adapter():
+        ours_disabled = logits_of(model)
+    assert torch.equal(ours_disabled, theirs_disabled)
+    assert rel(logits_of(model), theirs) < 1e-5
+    assert rel(ours_disabled, theirs) > 1e-3  # the adapter does change the output
+
+
+def test_merge_unmerge_and_merge_and_unload():
+    model = dora_model()
+    dp.accelerate(model)
+    expected = logits_of(model)
+    model.merge_adapter()
+    assert all(m.merged for m in lora_layers(model))
+    assert rel(logits_of(model), expected) < 1e-5
+    model.unmerge_adapter()
+    assert not any(m.merged for m in lora_layers(model))
+    assert rel(logits_of(model), expected) < 1e-5
+    merged = model.merge_and_unload()
+    assert not lora_layers(merged)
+    assert rel(logits_of(merged), expected) < 1e-5
+
+
+def test_save_pretrained_roundtrip_into_plain_peft(tmp_path):
+    model = dora_model(seed=3)
+    dp.accelerate(model)
+    # a few optimizer steps on the accelerated model, then save with PEFT's own function
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(input_ids=INPUT_IDS).logits.square().mean().backward()
+        optimizer.step()
+    expected = logits_of(model)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(seed=3), tmp_path)  # plain PEFT, not accelerated
+    assert not any(dp.is_accelerated(m) for m in loaded.modules())
+    assert rel(logits_of(loaded), expected) < 1e-5
+    assert dp.accelerate(loaded) == N_LINEAR
+    assert rel(logits_of(loaded), expected) < 1e-5
+
+
+# ----------------------------------------------------------------------------------- fan_in_fan_out
+
+
+def test_gpt2_conv1d_fan_in_fan_out():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                     eos_token_id=0)
+    model = get_peft_model(transformers.GPT2LMHeadModel(config),
+                           LoraConfig(use_dora=True, r=8, lora_alpha=16, fan_in_fan_out=True,
+                                      target_modules=["c_attn", "c_proj", "c_fc"]))
+    perturb(model)
+    assert all(m.fan_in_fan_out for m in lora_layers(model))
+    theirs = step(model)
+    assert dp.accelerate(model) == 8
+    assert_same_step(step(model), theirs, n_grads=24)
+    model.merge_adapter()
+    assert rel(logits_of(model), theirs[0]) < 1e-5
+
+
+# -------------------------------------------------------------------------------------------- dtypes
+
+
+def test_bf16_base_with_fp32_adapters_without_autocast():
+    model = dora_model(dtype=torch.bfloat16)  # PEFT keeps the adapters in fp32 (autocast_adapter_dtype)
+    layer = lora_layers(model)[0]
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    assert layer.lora_magnitude_vector["default"].weight.dtype == torch.float32
+    theirs = step(model)
+    dp.accelerate(model)
+    ours = step(model)
+    assert ours[0].dtype == torch.bfloat16
+    # the same casts as PEFT (fp32 LoRA path and norm, bf16 base result): equal up to fp32 rounding
+    assert rel(ours[0], theirs[0]) < 1e-3
+    for name in theirs[1]:
+        assert rel(ours[1][name], theirs[1][name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("base_dtype,autocast_dtype", [
+    (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16),  # fp32 adapters on a bf16 base, under autocast
+    (torch.float16, torch.float16),
+    (torch.bfloat16, None),            # bf16 adapters (autocast_adapter_dtype=False), no autocast
+])
+def test_low_precision_matches_peft_within_its_own_error(base_dtype, autocast_dtype):
+    """In low precision ours and PEFT's round differently. Both are held to a float64 copy of the
+    model: ours may not be more than 2x further off than PEFT (the rule of DESIGN.md section 6)."""
+    if autocast_dtype is None:
+        model = get_peft_model(tiny_llama(0, base_dtype), LoraConfig(use_dora=True, r=8, lora_alpha=16,
+                                                                      target_modules="all-linear"),
+                               autocast_adapter_dtype=False)
+        perturb(model)
+        assert lora_layers(model)[0].lora_magnitude_vector["default"].weight.dtype == base_dtype
+        context = contextlib.nullcontext
+    else:
+        model = dora_model(dtype=base_dtype)
+        context = functools.partial(torch.autocast, "cpu", dtype=autocast_dtype)
+    truth = step(copy.deepcopy(model).double())
+    with context():
+        theirs = step(model)
+    assert dp.accelerate(model) == N_LINEAR
+    with context():
+        ours = step(model)
+    assert ours[0].dtype == theirs[0].dtype == (autocast_dtype or base_dtype)
+    assert rel(ours[0], theirs[0]) < 2e-2
+    assert rel(ours[0], truth[0]) <= 2 * rel(theirs[0], truth[0]) + 1e-4
+    assert ours[1].keys() == theirs[1].keys()
+    for name in theirs[1]:
+        assert ours[1][name].dtype == theirs[1][name].dtype
+        assert rel(ours[1][name], truth[1][name]) <= 2 * rel(theirs[1][name], truth[1][name]) + 1e-3, name
+
+
+# ------------------------------------------------------------------------------ fallbacks, observable
+
+
+def test_unservable_layers_and_calls_fall_back_observably(caplog):
+    model = dora_model(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                       "down_proj", "embed_tokens"])
+    hooked = model.base_model.model.model.layers[1].mlp.up_proj
+    hooked.base_layer.register_forward_hook(lambda module, args, out: None)
+    theirs = step(model)
+    with caplog.at_level("INFO", logger="dora_ext.peft"):
+        assert dp.accelerate(model) == N_LINEAR - 1
+    report = dp.report(model)
+    assert "not served" in report["base_model.model.model.embed_tokens"]
+    assert "hooks" in report["base_model.model.model.layers.1.mlp.up_proj"]
+    assert sum(v == "routed" for v in report.values()) == N_LINEAR - 1
+    assert "embed_tokens stays on PEFT's forward" in caplog.text
+    assert not dp.is_accelerated(hooked)
+    assert_same_step(step(model), theirs)
+
+    # a call a routed layer cannot serve goes to PEFT's code (which refuses adapter_names with DoRA) and is counted
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="DoRA"):
+        q_proj(torch.randn(2, 3, 64), adapter_names=["default", "default"])
+    counts = dp.fallback_counts(model)
+    assert list(counts) == ["base_model.model.model.layers.0.self_attn.q_proj"]
+    assert sum(counts["base_model.model.model.layers.0.self_attn.q_proj"].values()) == 1
+
+
+# ------------------------------------------------------------------------------------- torch.compile
+
+
+def test_torch_compile_fullgraph_of_accelerated_model():
+    model = dora_model()
+    stock_layer = copy.deepcopy(lora_layers(model)[0])
+    theirs = step(model)
+    dp.accelerate(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.base_model.model, fullgraph=True, backend="aot_eager")
+    ours = step(compiled)
+    prefix = "base_model.model."
+    assert_same_step(ours, (theirs[0], {k.removeprefix(prefix): v for k, v in theirs[1].items()}),
+                     n_grads=3 * N_LINEAR)
+    # for contrast: stock PEFT 0.21.2's DoRA Linear does not trace with fullgraph=True
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="Unsupported|startswith"):
+        torch.compile(stock_layer, fullgraph=True, backend="eager")(torch.randn(3, 64))
+
+
+# ------------------------------------------------------------------------------------- other PEFT API
+
+
+def test_scale_layer_delete_adapter_and_generate():
+    model = dora_model()
+    model.eval()
+    model.add_adapter("other", LoraConfig(use_dora=True, r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
+    perturb(model, seed=9, adapter="other")
+    generate = dict(input_ids=INPUT_IDS[:1, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
+
+    def observe():
+        for layer in lora_layers(model):
+            layer.scale_layer(0.5)
+        scaled = logits_of(model)
+        for layer in lora_layers(model):
+            layer.unscale_layer()
+        return scaled, logits_of(model), model.generate(**generate)
+
+    theirs = observe()
+    dp.accelerate(model)
+    ours = observe()
+    assert rel(ours[0], theirs[0]) < 1e-5 and rel(ours[1], theirs[1]) < 1e-5
+    assert rel(ours[0], ours[1]) > 1e-3  # the scale change is seen
+    assert torch.equal(ours[2], theirs[2])  # greedy decoding (one-token steps with a KV cache)
+    model.delete_adapter("other")
+    assert all("other" not in m.lora_A for m in lora_layers(model))
+    assert rel(logits_of(model), theirs[1]) < 1e-5
