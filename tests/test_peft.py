@@ -379,10 +379,10 @@ def test_torch_compile_fullgraph_of_accelerated_model():
     prefix = "base_model.model."
     assert_same_step(ours, (theirs[0], {k.removeprefix(prefix): v for k, v in theirs[1].items()}),
                      n_grads=3 * N_LINEAR)
-    # for contrast: stock PEFT 0.21.2's DoRA Linear does not trace with fullgraph=True
-    torch._dynamo.reset()
-    with pytest.raises(Exception, match="Unsupported|startswith"):
-        torch.compile(stock_layer, fullgraph=True, backend="eager")(torch.randn(3, 64))
+    # Stock PEFT's own DoRA Linear traces with fullgraph=True in some torch/peft pairs
+    # (torch 2.11 + peft 0.21.0) and not in others (torch 2.14 + peft 0.21.2): that is
+    # PEFT's behaviour, not ours, so it is not asserted here.
+    del stock_layer
 
 
 # ------------------------------------------------------------------------------------- other PEFT API
