@@ -88,6 +88,17 @@ std::pair<at::Tensor, at::Tensor> launch_grad_prologue(const at::Tensor& gy, con
   return {gz, partial.sum(0).div_(norm)};
 }
 
+// The GEMM stage both fused forwards share: z = x W^T + s (x A^T) B^T [T, d_out],
+// h = x A^T, the detached norm and g = m / n (fp32, contiguous for the kernel).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward_gemms(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const at::Tensor& magnitude, double scale) {
+  at::Tensor norm = row_norm_eager(weight, lora_A, lora_B, scale);
+  at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
+  auto [h, z] = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale);
+  return {z, h, norm, g};
+}
+
 at::Tensor row_norm_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
   c10::cuda::CUDAGuard guard(weight.device());
   return row_norm_eager(weight, lora_A, lora_B, scale);  // cuBLAS GEMMs with fp32 outputs
@@ -101,9 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_c
   TierDecision decision = choose_tier(x, weight.size(0), /*training=*/true);
   record_tier(decision);
   if (decision.tier == Tier::Eager) return dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
-  at::Tensor norm = row_norm_eager(weight, lora_A, lora_B, scale);
-  const at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
-  auto [h, z] = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale);
+  auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale);
   at::Tensor out = at::empty_like(z);
   launch_scale(z, g, bias, out);
   return {out.view(output_shape(x, weight.size(0))), z, h, norm};
@@ -117,9 +126,7 @@ at::Tensor dora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   TierDecision decision = choose_tier(x, weight.size(0), /*training=*/false);
   record_tier(decision);
   if (decision.tier == Tier::Eager) return dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
-  const at::Tensor norm = row_norm_eager(weight, lora_A, lora_B, scale);
-  const at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
-  at::Tensor z = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale).second;
+  auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale);
   launch_scale(z, g, bias, z);  // in place: nothing else needs z
   return z.view(output_shape(x, weight.size(0)));
 }

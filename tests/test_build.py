@@ -37,12 +37,8 @@ def test_every_spec_was_compiled_for_every_arch():
     expected = {(s.kernel, s.variant, a) for s in SPECS for a in manifest["archs"]}
     assert built == expected
     requested = os.environ.get("DORA_EXT_CUDA_ARCHS")
-    if requested is not None and info_cuda_build():
+    if requested is not None and dora_ext.info()["cuda_build"]:
         assert manifest["archs"] == parse_archs(requested)
-
-
-def info_cuda_build() -> bool:
-    return bool(dora_ext.info()["cuda_build"])
 
 
 @pytest.mark.parametrize("text,expected", [
