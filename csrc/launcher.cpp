@@ -8,6 +8,7 @@
 #include "cuda_driver.h"
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -50,6 +51,10 @@ CUfunction load_function(const KernelImage& image, c10::DeviceIndex device) {
   const CudaDriver* drv = cuda_driver();
   TORCH_CHECK(drv != nullptr, "dora_ext: CUDA driver unavailable: ", cuda_driver_error());
   c10::cuda::CUDAGuard guard(device);
+  // A kernel's first launch may come inside a CUDA-graph capture: module loads
+  // are illegal while a stream captures in global mode, so this thread relaxes
+  // the mode while loading (nothing done here is captured).
+  c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
   CUcontext ctx = nullptr;
   DORA_CU_CHECK(drv, drv->ctxGetCurrent(&ctx));
   if (ctx == nullptr) {
@@ -135,7 +140,7 @@ bool fused_kernels_available(c10::DeviceIndex device, std::string* why) {
   return false;
 }
 
-void launch(const KernelImage& image, c10::DeviceIndex device, int64_t grid_x, int64_t grid_y,
+void launch(const KernelImage& image, c10::DeviceIndex device, std::array<int64_t, 3> grid,
             std::vector<KernelArg> args) {
   const size_t expected = std::strlen(image.params);
   TORCH_CHECK(args.size() == expected, "dora_ext: kernel ", image.kernel, ":", image.variant, " takes ", expected,
@@ -144,9 +149,10 @@ void launch(const KernelImage& image, c10::DeviceIndex device, int64_t grid_x, i
     TORCH_CHECK(args[i].kind() == image.params[i], "dora_ext: kernel ", image.kernel, ":", image.variant,
                 " argument ", i, " has kind '", args[i].kind(), "', expected '", image.params[i], "'");
   }
-  if (grid_x == 0 || grid_y == 0) return;  // empty tensor: nothing to launch
-  TORCH_CHECK(grid_x <= INT32_MAX && grid_y <= 65535, "dora_ext: launch grid (", grid_x, ", ", grid_y,
-              ") of ", image.kernel, " exceeds the CUDA limits");
+  const auto [grid_x, grid_y, grid_z] = grid;
+  if (grid_x == 0 || grid_y == 0 || grid_z == 0) return;  // empty tensor: nothing to launch
+  TORCH_CHECK(grid_x <= INT32_MAX && grid_y <= 65535 && grid_z <= 65535, "dora_ext: launch grid (", grid_x, ", ",
+              grid_y, ", ", grid_z, ") of ", image.kernel, " exceeds the CUDA limits");
   std::vector<void*> params;
   params.reserve(expected + image.trailing_null_params);
   for (KernelArg& arg : args) params.push_back(arg.address());
@@ -157,7 +163,8 @@ void launch(const KernelImage& image, c10::DeviceIndex device, int64_t grid_x, i
   c10::cuda::CUDAGuard guard(device);
   const CudaDriver* drv = cuda_driver();
   CUstream stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  DORA_CU_CHECK(drv, drv->launchKernel(fn, static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y), 1,
+  DORA_CU_CHECK(drv, drv->launchKernel(fn, static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y),
+                                       static_cast<unsigned>(grid_z),
                                        32 * image.num_warps, 1, 1, image.shared_bytes, stream, params.data(),
                                        nullptr));
 }
@@ -181,7 +188,7 @@ bool fused_kernels_available(c10::DeviceIndex, std::string* why) {
   return false;
 }
 
-void launch(const KernelImage&, c10::DeviceIndex, int64_t, int64_t, std::vector<KernelArg>) {
+void launch(const KernelImage&, c10::DeviceIndex, std::array<int64_t, 3>, std::vector<KernelArg>) {
   TORCH_CHECK(false, "dora_ext was built without CUDA");
 }
 

@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -54,8 +55,8 @@ const KernelImage* find_kernel(const char* kernel, const std::string& variant, c
 // why not (no driver, no cubin for its arch).
 bool fused_kernels_available(c10::DeviceIndex device, std::string* why);
 
-// Launches `image` with a (grid_x, grid_y) grid on the current stream of `device`.
-void launch(const KernelImage& image, c10::DeviceIndex device, int64_t grid_x, int64_t grid_y,
+// Launches `image` with a grid of (x, y, z) programs on the current stream of `device`.
+void launch(const KernelImage& image, c10::DeviceIndex device, std::array<int64_t, 3> grid,
             std::vector<KernelArg> args);
 
 // Archs with at least one compiled image, ascending.

@@ -119,7 +119,7 @@ def compile_one(spec: Spec, arch: int) -> dict:
 
 
 def _compile_arch(arch: int) -> list[dict]:
-    return [compile_one(spec, arch) for spec in SPECS]
+    return [compile_one(spec, arch) for spec in SPECS if spec.builds_for(arch)]
 
 
 def _c_bytes(data: bytes) -> str:

@@ -30,6 +30,10 @@ class Spec:
     num_warps: int = 4
     num_stages: int = 1
     tile: tuple[int, int] = (1, 1)    # (rows, cols) one program covers, for the grid
+    small_smem: bool | None = None    # only for archs with (True) / without (False) small shared memory
+
+    def builds_for(self, arch: int) -> bool:
+        return self.small_smem is None or (arch in SMALL_SMEM_ARCHS) == self.small_smem
 
     @property
     def name(self) -> str:
@@ -90,10 +94,61 @@ def _grad_prologue_specs() -> list[Spec]:
     return specs
 
 
-SPECS: tuple[Spec, ...] = tuple(_scale_specs() + _delta_specs() + _grad_prologue_specs())
+# Archs whose blocks may opt in to at most ~99 KB of shared memory (consumer and
+# workstation parts); the others have 163 KB (sm_80) or more.
+SMALL_SMEM_ARCHS: tuple[int, ...] = (75, 86, 89, 120, 121)
+
+# Rank tile -> (BLOCK_M, BLOCK_K, num_warps, num_stages) of the norm's partials kernel, for
+# 16-bit and fp32 inputs on large- and small-smem archs. The launcher picks the smallest
+# rank tile >= r (capped at 128; larger ranks use several rank tiles). The large-smem
+# 16-bit entries won scripts/tune_norm.py on an H200 (2026-11-27); the others are sized
+# to fit their shared memory.
+INPUT_KINDS = {"bf16": 0, "fp16": 1, "fp32": 2}  # the norm kernel's INPUT_KIND per input dtype
+NORM_CONFIGS: dict[tuple[str, bool], dict[int, tuple[int, int, int, int]]] = {
+    ("16bit", False): {16: (64, 64, 4, 4), 32: (64, 64, 4, 4), 64: (128, 64, 4, 4), 128: (256, 64, 8, 4)},
+    ("16bit", True): {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 64, 8, 2)},
+    ("fp32", False): {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (64, 32, 4, 3), 128: (128, 32, 8, 3)},
+    ("fp32", True): {16: (128, 32, 4, 2), 32: (128, 32, 4, 2), 64: (64, 32, 4, 2), 128: (128, 32, 8, 2)},
+}
+
+
+def _norm_partials_specs() -> list[Spec]:
+    specs = []
+    for dt, small in ((dt, small) for dt in DTYPES for small in (False, True)):
+        configs = NORM_CONFIGS[("fp32" if dt == "fp32" else "16bit", small)]
+        for block_r, (block_m, block_k, warps, stages) in configs.items():
+            sig = {"w_ptr": f"*{dt}", "a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "gram_ptr": "*fp32",
+                   "cross_ptr": "*fp32", "wsq_ptr": "*fp32", "d_out": "i64", "d_in": "i64", "rank": "i64",
+                   "stride_w": "i64", "stride_a": "i64", "stride_b": "i64", "k_per_split": "i64", "scale": "fp32"}
+            # The steady state (||W||^2 cached) comes in two alignments: "a16" also
+            # promises r, B's row stride and B's pointer 16-aligned, which vectorises the
+            # Gram epilogue's loads of B and G; the once-per-weight WSQ pass is "any" only.
+            for wsq, a16 in ((False, True), (False, False), (True, False)):
+                extra = ("b_ptr", "gram_ptr", "rank", "stride_b") if a16 else ()
+                specs.append(Spec(
+                    module="norm", kernel="dora_norm_partials_kernel",
+                    variant=f"{dt}_r{block_r}_{'wsq' if wsq else 'nowsq'}_{'a16' if a16 else 'any'}",
+                    signature=sig,
+                    aligned=("w_ptr", "a_ptr", "cross_ptr", "wsq_ptr", "d_in", "stride_w", "stride_a",
+                             "k_per_split") + extra,
+                    constexprs={"BLOCK_M": block_m, "BLOCK_R": block_r, "BLOCK_K": block_k, "BLOCK_J": 32,
+                                "INPUT_KIND": INPUT_KINDS[dt], "WSQ": int(wsq)},
+                    num_warps=warps, num_stages=stages, tile=(block_m, block_r), small_smem=small))
+    return specs
+
+
+def _norm_finish_specs() -> list[Spec]:
+    sig = {"cross_ptr": "*fp32", "wsq_ptr": "*fp32", "norm_ptr": "*fp32", "wsq_out_ptr": "*fp32", "d_out": "i64",
+           "n_cross_parts": "i64", "n_wsq_parts": "i64", "write_wsq": "i64", "scale": "fp32", "eps_sq": "fp32"}
+    return [Spec(module="norm", kernel="dora_norm_finish_kernel", variant="fp32", signature=sig, aligned=(),
+                 constexprs={"BLOCK_M": 256}, num_warps=4, tile=(256, 1))]
+
 
 # Archs compiled when DORA_EXT_CUDA_ARCHS is unset: every major family Triton
 # targets from Ampere to Blackwell. Cubins below sm_90 also serve later minors
 # of their major (an sm_80 cubin runs on sm_87); sm_90 and later are compiled
 # arch-specific ("sm_90a") and serve only their exact arch.
 DEFAULT_ARCHS: tuple[int, ...] = (80, 86, 89, 90, 100, 120)
+
+SPECS: tuple[Spec, ...] = tuple(_scale_specs() + _delta_specs() + _grad_prologue_specs() +
+                                _norm_partials_specs() + _norm_finish_specs())

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Tune the block configs of the factored-norm kernel on the current GPU (development tool).
+
+Runs triton_src/norm.py's ``dora_norm_partials_kernel`` through Triton's JIT (this
+script only: the library itself ships AOT cubins) for every candidate config of each
+rank tile (the steady-state variant, ||W||^2 cached), on the layer shapes of the benchmark, and prints per rank tile the config
+with the lowest total time next to the cuBLAS ``W A^T`` GEMM and the FLOP/byte floor.
+Copy the winners into NORM_CONFIGS_* in triton_src/specs.py.
+
+    python scripts/tune_norm.py --out tune_results [--dtype bf16]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from triton_src.norm import dora_norm_partials_kernel  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (5120, 27648)]  # d_in x d_out
+RANKS = {16: [16], 32: [32], 64: [64], 128: [128, 384, 768]}
+CANDIDATES = {  # rank tile -> [(BLOCK_M, BLOCK_K, warps, stages)]
+    16: [(128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 4, 3)],
+    32: [(128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 4, 3)],
+    64: [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 4)],
+    128: [(256, 64, 8, 3), (256, 64, 8, 4), (128, 128, 8, 3), (256, 32, 8, 4)],
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def splits_for(d_in: int, tiles: int, sms: int) -> tuple[int, int]:
+    """The same split rule as csrc/fused_norm.cpp."""
+    splits = max(1, min(-(-2 * sms // tiles), max(1, d_in // 512)))
+    k_per = -(-(-(-d_in // splits)) // 128) * 128
+    return -(-d_in // k_per), k_per
+
+
+def run(w, a, b, block_r, cfg, sms):
+    block_m, block_k, warps, stages = cfg
+    d_out, d_in = w.shape
+    rank = a.shape[0]
+    rank_tiles, row_tiles = -(-rank // block_r), -(-d_out // block_m)
+    splits, k_per = splits_for(d_in, rank_tiles * row_tiles, sms)
+    cross = torch.empty(splits * rank_tiles, d_out, device="cuda", dtype=torch.float32)
+    gram = (a.float() @ a.float().t()).contiguous()
+    wsq = torch.empty(splits, d_out, device="cuda", dtype=torch.float32)
+
+    def launch():
+        dora_norm_partials_kernel[(rank_tiles, row_tiles, splits)](
+            w, a, b, gram, cross, wsq, d_out, d_in, rank, w.stride(0), a.stride(0), b.stride(0), k_per, 0.5,
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_J=32,
+            INPUT_KIND={torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[w.dtype],
+            WSQ=False, num_warps=warps, num_stages=stages)
+    return launch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("tune_results"))
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    dtype = DTYPES[args.dtype]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n = 8192
+    x, y = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+    gemm_rate = 2 * n ** 3 / (do_bench(lambda: x @ y, return_mode="median") * 1e-3)
+    del x, y
+    results, best = [], {}
+    for block_r, ranks in RANKS.items():
+        totals = {}
+        for (d_in, d_out), rank in itertools.product(SHAPES, ranks):
+            w = torch.randn(d_out, d_in, device="cuda", dtype=dtype)
+            a = torch.randn(rank, d_in, device="cuda", dtype=dtype)
+            b = torch.randn(d_out, rank, device="cuda", dtype=dtype)
+            cublas = do_bench(lambda: torch.mm(w, a.t()), return_mode="median")
+            floor = max(2 * d_out * d_in * rank / gemm_rate, w.numel() * w.element_size() / 3.0e12) * 1e3
+            for cfg in CANDIDATES[block_r]:
+                try:
+                    ms = do_bench(run(w, a, b, block_r, cfg, sms), return_mode="median")
+                except Exception as exc:  # out of shared memory etc.: not a candidate here
+                    print(f"r{block_r} {cfg}: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
+                    ms = float("inf")
+                totals[cfg] = totals.get(cfg, 0.0) + ms / floor
+                results.append({"block_r": block_r, "cfg": cfg, "d_in": d_in, "d_out": d_out, "rank": rank,
+                                "ms": ms, "cublas_WAt_ms": cublas, "floor_ms": floor})
+                print(f"r{block_r} {d_in}x{d_out} r={rank} {cfg}: {ms:.4f} ms ({ms / floor:.2f}x floor), "
+                      f"cuBLAS W A^T {cublas:.4f} ms", flush=True)
+            del w, a, b
+        best[block_r] = min(totals, key=totals.get)
+        print(f"best for rank tile {block_r}: {best[block_r]} (mean {totals[best[block_r]] / len(SHAPES) / len(ranks):.2f}x floor)")
+    (args.out / f"tune_norm_{args.dtype}.json").write_text(json.dumps(
+        {"gpu": torch.cuda.get_device_name(), "triton": triton.__version__, "gemm_tflops": gemm_rate / 1e12,
+         "best": {str(k): v for k, v in best.items()}, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
