@@ -2,6 +2,7 @@
 
 #include "checks.h"
 #include "dispatch.h"
+#include "norm_cache.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -63,18 +64,25 @@ std::vector<int64_t> output_shape(const at::Tensor& x, int64_t d_out) {
   return shape;
 }
 
-at::Tensor row_norm_eager(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                          double scale) {
-  check_row_norm_args("row_norm", weight, lora_A, lora_B);
+at::Tensor row_norm_eager_parts(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                double scale, const at::Tensor& cached_weight_sq, at::Tensor* weight_sq) {
   const at::ScalarType acc = accumulate_type(weight.scalar_type());
-  at::Tensor w_sq;
-  const at::Tensor u = matmul_nt_acc(weight, lora_A, acc, &w_sq);  // W A^T  [d_out, r]
-  const at::Tensor gram = matmul_nt_acc(lora_A, lora_A, acc, nullptr);   // A A^T  [r, r]
+  at::Tensor w_sq = cached_weight_sq;
+  const at::Tensor u = matmul_nt_acc(weight, lora_A, acc, w_sq.defined() ? nullptr : &w_sq);  // W A^T [d_out, r]
+  if (weight_sq != nullptr && !cached_weight_sq.defined()) *weight_sq = w_sq;
+  const at::Tensor gram = matmul_nt_acc(lora_A, lora_A, acc, nullptr);  // A A^T  [r, r]
   const at::Tensor b = lora_B.to(acc);
   const at::Tensor cross = (b * u).sum(1);
   const at::Tensor quad = (at::mm(b, gram) * b).sum(1);
-  at::Tensor sq = w_sq.add_(cross, 2.0 * scale).add_(quad, scale * scale);
+  at::Tensor sq = at::add(w_sq, cross, 2.0 * scale).add_(quad, scale * scale);  // never in place on a cached w_sq
   return sq.clamp_min_(kNormEpsilon * kNormEpsilon).sqrt_();
+}
+
+at::Tensor row_norm_cached_eager(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                 double scale) {
+  return cached_row_norm(weight, lora_A, lora_B, scale, [&](const at::Tensor& cached_wsq, at::Tensor* wsq) {
+    return row_norm_eager_parts(weight, lora_A, lora_B, scale, cached_wsq, wsq);
+  });
 }
 
 namespace {
@@ -121,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_e
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
   check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
-  const at::Tensor norm = row_norm_eager(weight, lora_A, lora_B, scale);
+  const at::Tensor norm = row_norm_cached_eager(weight, lora_A, lora_B, scale);
   auto [h, z] = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale);
   at::Tensor out = z * magnitude_scale(magnitude, norm);  // promotes to the accumulate dtype
   if (bias.has_value() && bias->defined()) out.add_(*bias);
@@ -184,6 +192,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_eager(
 
 namespace {
 
+// The public op: through the cache, returned as a copy the caller may write to.
+at::Tensor row_norm_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  check_row_norm_args("row_norm", weight, lora_A, lora_B);
+  return row_norm_cached_eager(weight, lora_A, lora_B, scale).clone();
+}
+
 // CPU kernels: the eager path, with the decision recorded like on CUDA (and
 // DORA_EXT_TIER=fused refused with a clear error).
 at::Tensor dora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -212,7 +226,7 @@ at::Tensor compose_delta_cpu(const at::Tensor& base, const at::Tensor& lora, con
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dora_ext, CPU, m) {
-  m.impl("row_norm", &row_norm_eager);
+  m.impl("row_norm", &row_norm_cpu);
   m.impl("dora_linear", &dora_linear_cpu);
   m.impl("dora_linear_forward", &dora_linear_forward_cpu);
   m.impl("dora_linear_backward", &dora_linear_backward_eager);

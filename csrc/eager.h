@@ -12,8 +12,15 @@ namespace dora_ext {
 
 // ||W_i + s (B A)_i|| from the factored form ||W_i||^2 + 2s<B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T,
 // accumulated in fp32 (float64 for float64), clamped at kNormEpsilon^2 before the root.
-at::Tensor row_norm_eager(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                          double scale);
+// `cached_weight_sq` (||W_i||^2, may be undefined) is used
+// instead of recomputing it; a computed ||W_i||^2 is stored in `*weight_sq` when given.
+at::Tensor row_norm_eager_parts(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                double scale, const at::Tensor& cached_weight_sq, at::Tensor* weight_sq);
+
+// row_norm_eager_parts through the norm cache (norm_cache.h); the result is shared
+// with the cache and must not be written to.
+at::Tensor row_norm_cached_eager(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                 double scale);
 
 // Smallest norm used: a zero row (W_i = 0, B_i = 0) gets n = kNormEpsilon and
 // g = 0 (see magnitude_scale), so y_i = bias_i, never NaN.

@@ -4,56 +4,24 @@
 #include "checks.h"
 #include "dispatch.h"
 #include "eager.h"
+#include "fused_common.h"
+#include "fused_norm.h"
 #include "launcher.h"
+#include "norm_cache.h"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdint>
 
 namespace dora_ext {
 namespace {
-
-const char* dtype_key(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kHalf:
-      return "fp16";
-    case at::kBFloat16:
-      return "bf16";
-    case at::kFloat:
-      return "fp32";
-    default:
-      TORCH_CHECK(false, "dora_ext: no fused kernels for dtype ", dtype);
-  }
-}
-
-bool aligned16(const at::Tensor& t) {
-  return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-}
 
 // "a16" when every pointer is 16-byte aligned and every row stride and the
 // column count are multiples of 16 elements (the kernel then uses vector
 // loads); "any" otherwise.
 const char* alignment_key(std::initializer_list<const at::Tensor*> tensors, std::initializer_list<int64_t> counts) {
-  for (const at::Tensor* t : tensors) {
-    if (!aligned16(*t)) return "any";
-  }
-  for (int64_t c : counts) {
-    if (c % 16 != 0) return "any";
-  }
-  return "a16";
-}
-
-const KernelImage& kernel_for(const char* kernel, const std::string& variant, c10::DeviceIndex device) {
-  const KernelImage* image = find_kernel(kernel, variant, device);
-  TORCH_CHECK(image != nullptr, "dora_ext: no compiled ", kernel, ":", variant, " for sm_", device_arch(device),
-              " although the arch has fused kernels; rebuild with this arch in DORA_EXT_CUDA_ARCHS");
-  return *image;
-}
-
-int64_t cdiv(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
+  return all_aligned16(tensors, counts) ? "a16" : "any";
 }
 
 // out = g * z + bias over [rows, cols]; out may be z.
@@ -65,7 +33,7 @@ void launch_scale(const at::Tensor& z, const at::Tensor& g, const std::optional<
                               alignment_key({&z, &g, &b, &out}, {cols, z.stride(0), out.stride(0)});
   const c10::DeviceIndex device = z.device().index();
   const KernelImage& k = kernel_for("dora_scale_kernel", variant, device);
-  launch(k, device, cdiv(rows, k.tile_rows), cdiv(cols, k.tile_cols),
+  launch(k, device, {cdiv(rows, k.tile_rows), cdiv(cols, k.tile_cols), 1},
          {z, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), out, rows, cols, z.stride(0), out.stride(0)});
 }
 
@@ -84,8 +52,18 @@ std::pair<at::Tensor, at::Tensor> launch_grad_prologue(const at::Tensor& gy, con
   const int64_t sms = device_info(device).multiprocessors;
   const int64_t row_programs = std::max<int64_t>(1, std::min(cdiv(rows, k.tile_rows), cdiv(4 * sms, col_tiles)));
   at::Tensor partial = at::empty({row_programs, cols}, gy.options().dtype(at::kFloat));
-  launch(k, device, row_programs, col_tiles, {gy, z, g, gz, partial, rows, cols, gy.stride(0), z.stride(0), gz.stride(0)});
+  launch(k, device, {row_programs, col_tiles, 1}, {gy, z, g, gz, partial, rows, cols, gy.stride(0), z.stride(0), gz.stride(0)});
   return {gz, partial.sum(0).div_(norm)};
+}
+
+// The row norm through the cache: the fused kernel where one serves these
+// inputs, the eager cuBLAS path otherwise (both fp32, both factored).
+at::Tensor row_norm_cached_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                double scale, bool allow_fused = true) {
+  return cached_row_norm(weight, lora_A, lora_B, scale, [&](const at::Tensor& cached_wsq, at::Tensor* wsq) {
+    at::Tensor norm = allow_fused ? row_norm_fused(weight, lora_A, lora_B, scale, cached_wsq, wsq) : at::Tensor();
+    return norm.defined() ? norm : row_norm_eager_parts(weight, lora_A, lora_B, scale, cached_wsq, wsq);
+  });
 }
 
 // The GEMM stage both fused forwards share: z = x W^T + s (x A^T) B^T [T, d_out],
@@ -93,15 +71,20 @@ std::pair<at::Tensor, at::Tensor> launch_grad_prologue(const at::Tensor& gy, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward_gemms(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
     const at::Tensor& magnitude, double scale) {
-  at::Tensor norm = row_norm_eager(weight, lora_A, lora_B, scale);
-  at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
+  at::Tensor norm = row_norm_cached_cuda(weight, lora_A, lora_B, scale);
+  at::Tensor g = cached_magnitude_scale(weight, magnitude, norm);
   auto [h, z] = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale);
   return {z, h, norm, g};
 }
 
+// The public op: a copy of the cached norm, which the caller may write to. The
+// tier rules apply with the weight's rows in the place of tokens.
 at::Tensor row_norm_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  check_row_norm_args("row_norm", weight, lora_A, lora_B);
   c10::cuda::CUDAGuard guard(weight.device());
-  return row_norm_eager(weight, lora_A, lora_B, scale);  // cuBLAS GEMMs with fp32 outputs
+  TierDecision decision = choose_tier(weight, weight.size(0), /*training=*/false);
+  record_tier(decision);
+  return row_norm_cached_cuda(weight, lora_A, lora_B, scale, decision.tier != Tier::Eager).clone();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_cuda(
@@ -142,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_line
     return dora_linear_backward_eager(grad_out, x, weight, lora_A, lora_B, magnitude, norm, z, h, scale, mask);
   }
   const at::Tensor gy = as_rows(grad_out);
-  const at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
+  const at::Tensor g = cached_magnitude_scale(weight, magnitude, norm);
   auto [gz, grad_m] = launch_grad_prologue(gy, as_rows(z), g, norm);
   auto [grad_x, grad_A, grad_B] =
       backward_gemms(gz, as_rows(x), weight, lora_A, lora_B, h, scale, mask[0], mask[1], mask[2]);
@@ -172,7 +155,7 @@ at::Tensor compose_delta_cuda(const at::Tensor& base, const at::Tensor& lora, co
       std::string(dtype_key(base.scalar_type())) + "_" +
       alignment_key({&base2d, &lora2d, &g, &gm1, &out}, {d_out, base2d.stride(0), lora2d.stride(0), out.stride(0)});
   const KernelImage& k = kernel_for("dora_delta_kernel", variant, device);
-  launch(k, device, cdiv(rows, k.tile_rows), cdiv(d_out, k.tile_cols),
+  launch(k, device, {cdiv(rows, k.tile_rows), cdiv(d_out, k.tile_cols), 1},
          {base2d, lora2d, g, gm1, out, rows, d_out, base2d.stride(0), lora2d.stride(0), out.stride(0),
           static_cast<float>(scale)});
   return out.view(base.sizes());

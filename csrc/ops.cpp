@@ -5,6 +5,7 @@
 #include "dispatch.h"
 #include "kernel_registry.h"
 #include "launcher.h"
+#include "norm_cache.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -37,6 +38,11 @@ std::tuple<bool, std::string> fused_available_op(int64_t device) {
   std::string why;
   bool ok = fused_kernels_available(static_cast<c10::DeviceIndex>(device), &why);
   return {ok, why};
+}
+
+std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t> norm_cache_stats_op() {
+  const NormCacheStats s = norm_cache_stats();
+  return {s.norm_hits, s.norm_misses, s.weight_sq_hits, s.scale_hits, s.bypassed, s.entries};
 }
 
 std::string build_info_op() {
@@ -73,6 +79,12 @@ TORCH_LIBRARY(dora_ext, m) {
   m.def("last_tier() -> (str tier, str reason)", &last_tier_op);
   m.def("fused_available(int device) -> (bool available, str reason)", &fused_available_op);
   m.def("build_info() -> str", &build_info_op);
+  // The row-norm cache (norm_cache.h).
+  m.def(
+      "norm_cache_stats() -> (int norm_hits, int norm_misses, int weight_sq_hits, int scale_hits, int bypassed, "
+      "int entries)",
+      &norm_cache_stats_op);
+  m.def("clear_norm_cache() -> ()", &clear_norm_cache);
 }
 
 at::Tensor row_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {

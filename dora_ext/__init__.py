@@ -11,7 +11,16 @@ from ._library import load_library
 load_library()
 
 from .info import info  # noqa: E402
-from .ops import compose_delta, dora_linear, last_tier, row_norm, select_tier  # noqa: E402
+from .ops import (  # noqa: E402
+    clear_norm_cache,
+    compose_delta,
+    dora_linear,
+    last_tier,
+    norm_cache_stats,
+    row_norm,
+    select_tier,
+)
 
 __version__ = "0.1.0"
-__all__ = ["compose_delta", "dora_linear", "info", "last_tier", "row_norm", "select_tier", "__version__"]
+__all__ = ["clear_norm_cache", "compose_delta", "dora_linear", "info", "last_tier", "norm_cache_stats", "row_norm",
+           "select_tier", "__version__"]

@@ -72,6 +72,22 @@ def last_tier() -> tuple[str, str]:
     return _ops.last_tier.default()
 
 
+def norm_cache_stats() -> dict[str, int]:
+    """Counters of the row-norm cache since the last :func:`clear_norm_cache`.
+
+    The norm of (W, A, B, scale) is reused while none of them changed (same tensors,
+    same version counters, so optimizer steps and ``load_state_dict`` invalidate it);
+    ``||W||^2`` is reused while W is unchanged. ``DORA_EXT_NORM_CACHE=0`` turns it off.
+    """
+    names = ("norm_hits", "norm_misses", "weight_sq_hits", "scale_hits", "bypassed", "entries")
+    return dict(zip(names, _ops.norm_cache_stats.default()))
+
+
+def clear_norm_cache() -> None:
+    """Drops every cached norm and resets the counters of :func:`norm_cache_stats`."""
+    _ops.clear_norm_cache.default()
+
+
 # ---------------------------------------------------------------------------
 # Fake kernels: output shapes, dtypes and devices only, for tracing.
 

@@ -1,0 +1,167 @@
+"""The row-norm cache: reused while W, A, B and the scale are unchanged, never stale.
+
+Runs on every available device: the cache sits in front of both the eager and the
+fused norm. Every check compares against a fresh float64 computation, not only the
+counters, so a stale norm fails on values too.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dora_ext
+from reference import make_inputs, ref_dora_linear, ref_row_norm, rel_err
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache(monkeypatch):
+    monkeypatch.delenv("DORA_EXT_NORM_CACHE", raising=False)
+    dora_ext.clear_norm_cache()
+    yield
+    dora_ext.clear_norm_cache()
+
+
+def _stats_delta(before: dict[str, int]) -> dict[str, int]:
+    after = dora_ext.norm_cache_stats()
+    return {k: after[k] - before[k] for k in after if k != "entries"}
+
+
+def _layer(device: str, dtype: torch.dtype = torch.float32, d_in: int = 48, d_out: int = 40, r: int = 5):
+    inp = make_inputs(d_in, d_out, r, (3, 7), dtype=dtype, device=device, requires_grad=True)
+    return inp
+
+
+def _ref(inp: dict) -> torch.Tensor:
+    return ref_dora_linear(inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], inp["magnitude"],
+                           inp["scale"])
+
+
+def _check_forward(inp: dict, dtype: torch.dtype) -> None:
+    out = dora_ext.dora_linear(**inp)
+    assert rel_err(out, _ref(inp)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_repeated_forward_hits_the_cache(device):
+    inp = _layer(device)
+    before = dora_ext.norm_cache_stats()
+    for _ in range(3):
+        _check_forward(inp, torch.float32)
+    delta = _stats_delta(before)
+    assert delta["norm_misses"] == 1 and delta["norm_hits"] == 2, delta
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_accumulation_reuses_the_norm_and_matches_uncached(device, monkeypatch):
+    inp = _layer(device)
+    params = [inp["lora_A"], inp["lora_B"], inp["magnitude"], inp["bias"]]
+    before = dora_ext.norm_cache_stats()
+    for _ in range(4):  # four micro-steps, no optimizer step in between
+        dora_ext.dora_linear(**inp).square().mean().backward()
+    assert _stats_delta(before)["norm_hits"] == 3
+    cached_grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    monkeypatch.setenv("DORA_EXT_NORM_CACHE", "0")
+    for _ in range(4):
+        dora_ext.dora_linear(**inp).square().mean().backward()
+    for cached, fresh in zip(cached_grads, (p.grad for p in params)):
+        torch.testing.assert_close(cached, fresh, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_optimizer_step_invalidates(device):
+    inp = _layer(device)
+    opt = torch.optim.SGD([inp["lora_A"], inp["lora_B"], inp["magnitude"]], lr=0.5)
+    for _ in range(3):
+        out = dora_ext.dora_linear(**inp)
+        assert rel_err(out, _ref(inp)) < 1e-5  # the norm of the current A, B
+        out.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    # Each step changed A and B, so each forward computed its norm: three misses, W's
+    # sum of squares reused by the second and third.
+    stats = dora_ext.norm_cache_stats()
+    assert stats["norm_misses"] == 3 and stats["norm_hits"] == 0, stats
+    assert stats["weight_sq_hits"] == 2, stats
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("which", ["weight", "lora_A", "lora_B"])
+def test_load_state_dict_invalidates(device, which):
+    inp = _layer(device)
+    norm = dora_ext.row_norm(inp["weight"], inp["lora_A"], inp["lora_B"], inp["scale"])
+    module = torch.nn.Module()
+    setattr(module, which, torch.nn.Parameter(inp[which].detach(), requires_grad=inp[which].requires_grad))
+    inp[which] = getattr(module, which)
+    module.load_state_dict({which: torch.randn_like(inp[which])})
+    new_norm = dora_ext.row_norm(inp["weight"], inp["lora_A"], inp["lora_B"], inp["scale"])
+    ref = ref_row_norm(inp["weight"], inp["lora_A"], inp["lora_B"], inp["scale"])
+    assert rel_err(new_norm, ref) < 1e-5
+    assert rel_err(norm, ref) > 1e-3  # the old norm really was different
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scale_and_magnitude_changes(device):
+    inp = _layer(device)
+    _check_forward(inp, torch.float32)
+    inp["scale"] = 0.25  # another scale: another norm
+    _check_forward(inp, torch.float32)
+    with torch.no_grad():
+        inp["magnitude"].mul_(1.5)  # the norm stays valid, g = m / n must follow m
+    before = dora_ext.norm_cache_stats()
+    _check_forward(inp, torch.float32)
+    assert _stats_delta(before)["norm_hits"] == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_replaced_data_is_not_served_stale(device):
+    """``param.data = new`` keeps the tensor object but swaps its storage."""
+    inp = _layer(device)
+    _check_forward(inp, torch.float32)
+    inp["lora_B"].data = torch.randn_like(inp["lora_B"])
+    _check_forward(inp, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_norm_returns_a_private_copy(device):
+    inp = _layer(device)
+    args = (inp["weight"], inp["lora_A"], inp["lora_B"], inp["scale"])
+    first = dora_ext.row_norm(*args)
+    first.zero_()  # a caller writing to its result must not corrupt the cache
+    second = dora_ext.row_norm(*args)
+    assert rel_err(second, ref_row_norm(*args)) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inference_mode_and_env_bypass(device, monkeypatch):
+    inp = _layer(device)
+    with torch.inference_mode():
+        inf = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+        before = dora_ext.norm_cache_stats()
+        _check_forward(inf, torch.float32)
+        _check_forward(inf, torch.float32)
+        assert _stats_delta(before)["bypassed"] == 2
+        inf["lora_A"].add_(1.0)  # inference tensors have no version counter: a cache would go stale
+        _check_forward(inf, torch.float32)
+    monkeypatch.setenv("DORA_EXT_NORM_CACHE", "0")
+    before = dora_ext.norm_cache_stats()
+    with torch.no_grad():
+        _check_forward(inp, torch.float32)
+    assert _stats_delta(before)["bypassed"] == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dead_tensors_leave_the_cache(device):
+    for _ in range(3):
+        inp = _layer(device)
+        with torch.no_grad():
+            _check_forward(inp, torch.float32)
+    del inp
+    # A new weight that may reuse a dead one's address is never served its norm.
+    inp = _layer(device)
+    with torch.no_grad():
+        _check_forward(inp, torch.float32)
