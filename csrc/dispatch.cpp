@@ -62,10 +62,10 @@ TierDecision choose_tier(const at::Tensor& x, int64_t d_out, bool training) {
   if (forced == Override::Fused) return {fused, "forced by DORA_EXT_TIER=fused"};
   const Crossover& c = crossover_for(device_arch(x.device().index()));
   const int64_t tokens = x.dim() == 0 ? 1 : x.numel() / std::max<int64_t>(x.size(-1), 1);
-  if (d_out < c.min_d_out || tokens * d_out < c.min_elements) {
-    return {Tier::Eager, "below the crossover (d_out " + std::to_string(d_out) + " < " +
-                             std::to_string(c.min_d_out) + " or tokens*d_out " + std::to_string(tokens * d_out) +
-                             " < " + std::to_string(c.min_elements) + "; " + c.source + ")"};
+  const int64_t min_elements = training ? c.min_elements_training : c.min_elements_inference;
+  if (tokens * d_out < min_elements) {
+    return {Tier::Eager, "below the crossover (tokens*d_out " + std::to_string(tokens * d_out) + " < " +
+                             std::to_string(min_elements) + "; " + c.source + ")"};
   }
   return {fused, std::string("fused kernels for this device (") + c.source + ")"};
 }
