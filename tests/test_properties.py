@@ -62,9 +62,9 @@ from reference import as_ref, ref_compose_delta, ref_dora_linear, ref_row_norm
 # Profiles
 
 _COMMON = dict(
-    deadline=None,
+    deadline=None,  # first calls load kernels and warm caches: wall time is not the property
     # No "explain" phase: it re-runs a failing example hundreds of times for a line report.
-    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],  # first calls load kernels / warm caches: wall time is not the property
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     print_blob=True,
     # The conftest's autouse fixture only clears DORA_EXT_TIER once per test; the tier
     # is set per example below, so sharing it across examples is intended.
@@ -83,7 +83,7 @@ ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
-class Path:
+class ExecPath:
     device: str
     tier: str  # value of DORA_EXT_TIER for the call
 
@@ -93,9 +93,9 @@ class Path:
 
 
 PATHS = [
-    pytest.param(Path("cpu", "eager"), id="cpu-eager"),
-    pytest.param(Path("cuda", "eager"), id="cuda-eager", marks=_CUDA),
-    pytest.param(Path("cuda", "fused"), id="cuda-fused", marks=_CUDA),
+    pytest.param(ExecPath("cpu", "eager"), id="cpu-eager"),
+    pytest.param(ExecPath("cuda", "eager"), id="cuda-eager", marks=_CUDA),
+    pytest.param(ExecPath("cuda", "fused"), id="cuda-fused", marks=_CUDA),
 ]
 
 FWD_TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}
@@ -120,7 +120,7 @@ def forced_tier(tier: str) -> Iterator[None]:
             os.environ["DORA_EXT_TIER"] = old
 
 
-def _expect_tier(path: Path, training: bool) -> None:
+def _expect_tier(path: ExecPath, training: bool) -> None:
     tier = dora_ext.last_tier()[0]
     if path.tier == "fused":
         assert tier == ("fused_training" if training else "fused_inference"), dora_ext.last_tier()
@@ -230,7 +230,7 @@ def _g_factor(kind: str, d_out: int, gen: torch.Generator) -> torch.Tensor:
 
 
 @st.composite
-def cases(draw, path: Path) -> Case:
+def cases(draw, path: ExecPath) -> Case:
     """A random DoRA case for ``path``: float64 masters rounded to the drawn dtype."""
     dtype = draw(st.sampled_from(path.dtypes))
     d_in, d_out, r, batch = draw(D_IN), draw(D_OUT), draw(RANK), draw(BATCH)
@@ -329,7 +329,7 @@ def check_row_norm(c: Case, n: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("path", PATHS)
 @PROFILE
 @given(data=st.data())
-def test_row_norm(path: Path, data) -> None:
+def test_row_norm(path: ExecPath, data) -> None:
     c = data.draw(cases(path))
     with forced_tier(path.tier):
         n = dora_ext.row_norm(c.weight.value, c.lora_A.value, c.lora_B.value, c.scale)
@@ -399,7 +399,7 @@ def _linear_grad_terms(c: Case, x64, W64, A64, B64, m64, gy64, n64) -> dict[str,
 @pytest.mark.parametrize("path", PATHS)
 @PROFILE
 @given(data=st.data())
-def test_dora_linear_forward_inference(path: Path, data) -> None:
+def test_dora_linear_forward_inference(path: ExecPath, data) -> None:
     c = data.draw(cases(path))
     b = c.bias.value if c.bias is not None else None
     with forced_tier(path.tier), torch.no_grad():
@@ -419,7 +419,7 @@ def test_dora_linear_forward_inference(path: Path, data) -> None:
 @pytest.mark.parametrize("path", PATHS)
 @PROFILE
 @given(data=st.data(), cotangent=COTANGENT, seed=SEED)
-def test_dora_linear_forward_backward(path: Path, data, cotangent: str, seed: int) -> None:
+def test_dora_linear_forward_backward(path: ExecPath, data, cotangent: str, seed: int) -> None:
     c = data.draw(cases(path))
     train = c.trainable()
     for a in train.values():
@@ -472,7 +472,7 @@ def _through_view(view: View, leaf64: torch.Tensor, terms: torch.Tensor) -> torc
 @pytest.mark.parametrize("path", PATHS)
 @PROFILE
 @given(data=st.data(), cotangent=COTANGENT, seed=SEED, lora_kind=st.sampled_from(LAYOUTS_2D))
-def test_compose_delta_forward_backward(path: Path, data, cotangent: str, seed: int, lora_kind: str) -> None:
+def test_compose_delta_forward_backward(path: ExecPath, data, cotangent: str, seed: int, lora_kind: str) -> None:
     c = data.draw(cases(path))
     s, dtype = c.scale, c.dtype
     with torch.no_grad(), forced_tier("eager"):
@@ -552,7 +552,7 @@ def _check_pattern(name: str, got: torch.Tensor, ref: torch.Tensor, exact: bool)
 @PROFILE
 @given(data=st.data(), target=st.sampled_from(["x", "weight", "lora_A", "lora_B", "magnitude", "bias"]),
        value=NONFINITE)
-def test_dora_linear_nonfinite_inputs_propagate(path: Path, data, target: str, value: float) -> None:
+def test_dora_linear_nonfinite_inputs_propagate(path: ExecPath, data, target: str, value: float) -> None:
     c = data.draw(cases(path))
     assume(target != "bias" or c.bias is not None)
     # With no tokens the parameter gradients are empty sums, 0 here; the dense reference
@@ -586,7 +586,7 @@ def test_dora_linear_nonfinite_inputs_propagate(path: Path, data, target: str, v
 @pytest.mark.parametrize("path", PATHS)
 @PROFILE
 @given(data=st.data(), target=st.sampled_from(["base", "lora", "magnitude", "norm"]), value=NONFINITE)
-def test_compose_delta_nonfinite_inputs_propagate(path: Path, data, target: str, value: float) -> None:
+def test_compose_delta_nonfinite_inputs_propagate(path: ExecPath, data, target: str, value: float) -> None:
     # An infinite norm has g = m / inf = 0 (what the op returns); the reference forms g as
     # (m - n) / n + 1 for accuracy at g ~ 1, which is NaN there: no common ground to test.
     assume(not (target == "norm" and math.isinf(value)))
