@@ -10,6 +10,8 @@ trained in
     eager     the same with DORA_EXT_TIER=eager (twice: the second run is the noise
               floor; it is 0 when the run is deterministic, as it is set up to be)
     float64   every weight and activation in float64 (eager path): the exact run
+              (transformers computes RMSNorm and the attention softmax in fp32
+              whatever the dtype, so "exact" means to about 1e-7 there)
 
 and the script reports, per bf16 run against the eager run and against float64:
 mean and max per-step |delta loss|, the final eval-loss difference, and the cosine
