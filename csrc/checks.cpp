@@ -45,6 +45,10 @@ void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Ten
   check_same_device(op, "lora_A", lora_A, weight, "weight");
   check_same_device(op, "lora_B", lora_B, weight, "weight");
   const int64_t d_out = weight.size(0), d_in = weight.size(1), r = lora_A.size(0);
+  // A layer with no inputs or no outputs has no row norm to speak of (and its
+  // backward could not reshape [T, 0] activations): reject it here, by name.
+  TORCH_CHECK(d_out >= 1 && d_in >= 1, op, ": weight must be [d_out, d_in] with d_out >= 1 and d_in >= 1, got shape ",
+              weight.sizes());
   TORCH_CHECK(r >= 1, op, ": lora_A has rank 0 (shape ", lora_A.sizes(), "); DoRA needs r >= 1");
   TORCH_CHECK(lora_A.size(1) == d_in, op, ": lora_A must be [r, d_in] = [", r, ", ", d_in, "] (weight is ",
               weight.sizes(), "), got ", lora_A.sizes());
@@ -86,6 +90,7 @@ void check_compose_delta_args(const char* op, const at::Tensor& base, const at::
   TORCH_CHECK(lora.sizes() == base.sizes(), op, ": lora must have the shape of base ", base.sizes(), ", got ",
               lora.sizes());
   const int64_t d_out = base.size(-1);
+  TORCH_CHECK(d_out >= 1, op, ": base must be [..., d_out] with d_out >= 1, got shape ", base.sizes());
   check_dim(op, "magnitude", magnitude, 1, "[d_out]");
   check_float(op, "magnitude", magnitude);
   check_same_device(op, "magnitude", magnitude, base, "base");

@@ -166,6 +166,19 @@ def test_rank_zero_is_rejected(inp, op):
         f(inp, lora_A=torch.randn(0, D_IN), lora_B=torch.randn(D_OUT, 0))
 
 
+@pytest.mark.parametrize("op", ["dora_linear", "row_norm"])
+@pytest.mark.parametrize("which", ["d_out", "d_in"])
+def test_zero_sized_weight_is_rejected(inp, op, which):
+    # A layer with no outputs or no inputs has no row norm; the backward could not
+    # even reshape its activations. Rejected by name, before any computation.
+    d_out, d_in = (0, D_IN) if which == "d_out" else (D_OUT, 0)
+    over = dict(weight=torch.randn(d_out, d_in), lora_A=torch.randn(R, d_in), lora_B=torch.randn(d_out, R),
+                magnitude=torch.rand(d_out), bias=torch.randn(d_out), x=torch.randn(T, d_in))
+    f = _linear if op == "dora_linear" else _norm
+    with pytest.raises(RuntimeError, match=r"weight.*d_out >= 1 and d_in >= 1.*" + _shape(d_out, d_in)):
+        f(inp, **over)
+
+
 def test_row_norm_weight_not_float(inp):
     with pytest.raises(RuntimeError, match=r"weight.*(Long|int64)"):
         _norm(inp, weight=torch.ones(D_OUT, D_IN, dtype=torch.int64),
@@ -283,6 +296,26 @@ def test_compose_norm_dtype(inp, base_dtype, norm_dtype):
         _compose(c, norm=c["norm"].to(norm_dtype))
 
 
+def test_compose_zero_d_out_is_rejected(inp):
+    c = _compose_args(inp)
+    with pytest.raises(RuntimeError, match=r"\bbase\b.*d_out >= 1.*" + _shape(T, 0)):
+        _compose(c, base=torch.randn(T, 0), lora=torch.randn(T, 0), magnitude=torch.rand(0), norm=torch.rand(0))
+
+
+@pytest.mark.parametrize("batch", [(0,), (3, 0)], ids=str)
+def test_compose_empty_batch_forward_and_backward(inp, batch):
+    c = _compose_args(inp)
+    base = torch.randn(*batch, D_OUT, requires_grad=True)
+    lora = torch.randn(*batch, D_OUT, requires_grad=True)
+    m = c["magnitude"].clone().requires_grad_(True)
+    out = _compose(c, base=base, lora=lora, magnitude=m)
+    assert out.shape == (*batch, D_OUT)
+    out.sum().backward()
+    assert base.grad.shape == base.shape and lora.grad.shape == lora.shape
+    # No tokens: the magnitude gradient is a sum over nothing, exactly zero.
+    assert m.grad.shape == (D_OUT,) and torch.all(m.grad == 0)
+
+
 def test_compose_magnitude_other_float_dtype_is_allowed(inp):
     c = _compose_args(inp, torch.bfloat16)
     out = _compose(c, magnitude=c["magnitude"].float())
@@ -301,6 +334,50 @@ def test_tensor_on_another_device(name):
     a[name] = a[name].cpu()
     with pytest.raises(RuntimeError, match=rf"{name}.*(cpu|cuda)"):
         dora_ext.dora_linear(**a)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for a second device")
+def test_x_on_another_device():
+    # x alone on the CPU: the CUDA kernel is chosen (other arguments are CUDA) and must
+    # name x and both devices rather than fail inside a GEMM.
+    a = make_inputs(D_IN, D_OUT, R, (T,), torch.float32, device="cuda")
+    a["x"] = a["x"].cpu()
+    with pytest.raises(RuntimeError, match=r"\bx is on cpu"):
+        dora_ext.dora_linear(**a)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for a second device")
+@pytest.mark.parametrize("name", ["lora_A", "lora_B"])
+def test_row_norm_tensor_on_another_device(name):
+    a = make_inputs(D_IN, D_OUT, R, (T,), torch.float32, device="cuda")
+    a[name] = a[name].cpu()
+    with pytest.raises(RuntimeError, match=rf"{name} is on cpu.*weight is on cuda"):
+        dora_ext.row_norm(a["weight"], a["lora_A"], a["lora_B"], a["scale"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tier", ["eager", "fused"])
+@pytest.mark.parametrize("batch", [(0,), (2, 0)], ids=str)
+def test_cuda_empty_batch_forward_and_backward(monkeypatch, tier, batch):
+    monkeypatch.setenv("DORA_EXT_TIER", tier)
+    a = make_inputs(D_IN, D_OUT, R, batch, torch.bfloat16, device="cuda", requires_grad=True)
+    y = dora_ext.dora_linear(**a)
+    assert y.shape == (*batch, D_OUT)
+    assert dora_ext.last_tier()[0] == ("fused_training" if tier == "fused" else "eager"), dora_ext.last_tier()
+    y.sum().backward()
+    assert a["x"].grad.shape == a["x"].shape
+    for k in ("lora_A", "lora_B", "magnitude", "bias"):
+        assert a[k].grad.shape == a[k].shape and torch.all(a[k].grad == 0), k
+    c = _compose_args(a)
+    base = torch.randn(*batch, D_OUT, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    m = a["magnitude"].detach().clone().requires_grad_(True)
+    out = _compose(c, base=base, lora=torch.randn_like(base), magnitude=m)
+    assert out.shape == base.shape
+    out.sum().backward()
+    assert torch.all(m.grad == 0)
 
 
 @pytest.mark.cuda
