@@ -4,7 +4,8 @@
         [--device cuda|cpu] [--configs NAME,...] [--steps N]
 
 Every config builds the same randomly initialised model (seeded; nothing is downloaded) with DoRA
-adapters, either ``dora_ext.nn.apply_dora`` ("nn") or PEFT + ``dora_ext.peft.accelerate`` ("peft"),
+adapters, either ``dora_ext.nn.apply_dora`` ("nn") or PEFT + ``dora_ext.peft.accelerate`` ("peft";
+"peftlate" accelerates after sharding, on DTensor parameters),
 trains it N SGD steps sharded over all ranks (each rank gets its slice of a fixed global batch) and,
 on rank 0, trains an unsharded copy on the whole global batch. It reports per-step losses of both,
 max |delta loss|, whether the gathered adapter (full state dict -> PEFT adapter layout) matches the
@@ -50,7 +51,7 @@ import dora_ext.nn as dnn  # noqa: E402
 VOCAB, HIDDEN, SEQ, GLOBAL_BATCH, RANK_R = 128, 64, 16, 4, 8
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2, "mp": 2e-2}  # relative, on losses and reloaded losses
 UPDATE_TOLERANCE = {"fp32": 1e-4, "bf16": 0.25, "mp": 0.25}  # on adapter differences / trained change
-ALL_CONFIGS = ["nn-fsdp2-fp32", "nn-fsdp1-fp32", "peft-fsdp2-fp32", "peft-fsdp1-fp32",
+ALL_CONFIGS = ["nn-fsdp2-fp32", "nn-fsdp1-fp32", "peft-fsdp2-fp32", "peftlate-fsdp2-fp32", "peft-fsdp1-fp32",
                "nn-fsdp2-bf16", "peft-fsdp2-bf16", "nn-fsdp2-mp", "nn-fsdp1-mp", "peft-fsdp2-mp",
                "peft-fsdp1-mp"]
 
@@ -79,7 +80,7 @@ def perturb(model: nn.Module) -> None:
                 p.mul_(1 + 0.05 * torch.randn(p.shape, generator=gen).to(p.dtype))
 
 
-def build(kind: str, precision: str, device: torch.device) -> nn.Module:
+def build(kind: str, precision: str, device: torch.device, accelerate: bool = True) -> nn.Module:
     """The model on ``device``: fp32 parameters, or bf16 base + fp32 adapters for "bf16"."""
     base = tiny_llama(torch.bfloat16 if precision == "bf16" else torch.float32)
     if kind == "nn":
@@ -93,8 +94,9 @@ def build(kind: str, precision: str, device: torch.device) -> nn.Module:
 
         model = get_peft_model(base, LoraConfig(use_dora=True, r=RANK_R, lora_alpha=2 * RANK_R,
                                                 target_modules="all-linear"))  # adapters fp32
-        routed = dp.accelerate(model)
-        assert routed == 14, f"dora_ext.peft routed {routed} of 14 layers: {dp.report(model)}"
+        if accelerate:
+            routed = dp.accelerate(model)
+            assert routed == 14, f"dora_ext.peft routed {routed} of 14 layers: {dp.report(model)}"
     perturb(model)
     return model.to(device)
 
@@ -304,12 +306,21 @@ def run_config(name: str, steps: int, device: torch.device) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     kind, wrapper, precision = name.split("-")
+    late = kind == "peftlate"  # dora_ext.peft.accelerate after sharding (DTensor base weights)
+    kind = "peft" if late else kind
     rank = dist.get_rank()
     tol = TOLERANCE[precision]
     started = time.perf_counter()
-    model = build(kind, precision, device)
+    model = build(kind, precision, device, accelerate=not late)
+    if late:
+        import dora_ext.peft as dp
     reference = copy.deepcopy(model) if rank == 0 else None
     sharded = shard(model, wrapper, precision, device)
+    if late:
+        routed = dp.accelerate(unwrapped(sharded))
+        assert routed == 14, f"dora_ext.peft routed {routed} of 14 sharded layers: {dp.report(unwrapped(sharded))}"
+        if reference is not None:
+            dp.accelerate(reference)
 
     op_inputs: list[str] = []
     tiers: set[str] = set()

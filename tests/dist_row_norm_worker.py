@@ -1,6 +1,8 @@
 """Worker for tests/test_fsdp.py: dora_ext.distributed.row_norm against the float64 dense norm.
 
-    torchrun --standalone --nproc_per_node 2 tests/dist_row_norm_worker.py OUT.json
+    torchrun --standalone --nproc_per_node 2 tests/dist_row_norm_worker.py OUT.json [cpu|cuda]
+
+(cpu: gloo, the CI test; cuda: NCCL, one GPU per rank, run by scripts/fsdp_check.sh.)
 
 Every rank draws the same fresh random W, A, B (seeded per case), distributes them with the
 placements of the case and compares the gathered result with the float64 dense norm of the same
@@ -10,6 +12,7 @@ checks DoRALinear.row_norm() on an FSDP2-sharded layer. Rank 0 writes the cases 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,22 +32,25 @@ from dora_ext.nn import DoRALinear  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float64: 1e-12}  # DESIGN.md §6, the norm
 SCALE = 1.7
+DEVICE = torch.device("cpu")  # set by main()
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm()).item()
 
 
 def factors(seed: int, d_out: int, d_in: int, r: int, dtype: torch.dtype):
     gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(d_out, d_in, generator=gen).to(dtype)
-    a = (torch.randn(r, d_in, generator=gen) / d_in ** 0.5).to(dtype)
-    b = (0.5 * torch.randn(d_out, r, generator=gen)).to(dtype)
+    w = torch.randn(d_out, d_in, generator=gen).to(DEVICE, dtype)
+    a = (torch.randn(r, d_in, generator=gen) / d_in ** 0.5).to(DEVICE, dtype)
+    b = (0.5 * torch.randn(d_out, r, generator=gen)).to(DEVICE, dtype)
     return w, a, b
 
 
 def dense_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = SCALE) -> torch.Tensor:
-    return torch.linalg.vector_norm(w.double() + scale * b.double() @ a.double(), dim=1)
+    w, a, b = (t.detach().double().cpu() for t in (w, a, b))
+    return torch.linalg.vector_norm(w + scale * b @ a, dim=1)
 
 
 def comm_counts(comm: CommDebugMode) -> dict[str, int]:
@@ -92,7 +98,7 @@ def fsdp_layer_case() -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(3)
-    layer = DoRALinear.from_linear(nn.Linear(19, 13), r=3, alpha=5.0)
+    layer = DoRALinear.from_linear(nn.Linear(19, 13), r=3, alpha=5.0).to(DEVICE)
     with torch.no_grad():
         layer.lora_B.weight.normal_(0, 0.3)
     want = dense_norm(layer.base_layer.weight.detach(), layer.lora_A.weight.detach(), layer.lora_B.weight.detach(),
@@ -122,9 +128,15 @@ def error_cases(mesh) -> dict[str, Any]:
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
+    global DEVICE
+    if len(sys.argv) > 2 and sys.argv[2] == "cuda":
+        DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(DEVICE)
+        dist.init_process_group("nccl", device_id=DEVICE)
+    else:
+        dist.init_process_group("gloo")
     world = dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(DEVICE.type, (world,))
     results = []
     seed = 0
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
@@ -141,7 +153,7 @@ def main() -> None:
                 seed += 1
                 results.append(case(f"W{w_pl} A{a_spec} B{b_spec}", mesh, w_pl, a_spec, b_spec, dtype, shape, seed))
     for mesh_shape in ((world, 1), (1, world)):
-        mesh2 = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("x", "y"))
+        mesh2 = init_device_mesh(DEVICE.type, mesh_shape, mesh_dim_names=("x", "y"))
         for w_pl in ([Shard(0), Shard(1)], [Shard(1), Shard(0)], [Shard(1), Shard(1)]):
             a_spec = [Shard(1) if p == Shard(1) else Replicate() for p in w_pl]
             b_spec = [Shard(0) if p == Shard(0) else Replicate() for p in w_pl]
