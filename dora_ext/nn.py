@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._frozen import detach_if_frozen_view
 from .ops import compose_delta, dora_linear, row_norm
 
 __all__ = [
@@ -64,6 +65,11 @@ def _high_precision(dtype: torch.dtype) -> torch.dtype:
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # no torch.distributed import on the hot path (it may be absent from a build)
+    return type(t).__name__ == "DTensor"
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -215,10 +221,16 @@ class DoRALinear(nn.Module):
     # ------------------------------------------------------------------ math
 
     def row_norm(self) -> torch.Tensor:
-        """``||W + s B A||_row`` (fp32, float64 for float64 weights), detached, factored form."""
+        """``||W + s B A||_row`` (fp32, float64 for float64 weights), detached, factored form. On a
+        sharded layer (DTensor parameters, e.g. FSDP2 outside forward) this is
+        :func:`dora_ext.distributed.row_norm` (a DTensor, the weight is not gathered)."""
         weight = self.base_layer.weight
         dtype = weight.dtype
-        return row_norm(weight, self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype), self.scaling)
+        lora_A, lora_B = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
+        if _is_dtensor(weight):
+            from .distributed import row_norm as distributed_row_norm
+            return distributed_row_norm(weight, lora_A, lora_B, self.scaling)
+        return row_norm(weight, lora_A, lora_B, self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``y = (m / n) * (x W^T + s (x A^T) B^T) + bias`` in :func:`compute_dtype`.
@@ -230,14 +242,16 @@ class DoRALinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         base_layer = self.base_layer
-        weight = base_layer.weight
+        # FSDP1 (use_orig_params) hands forward views of frozen parameters that require grad
+        weight = detach_if_frozen_view(base_layer.weight)
+        bias = detach_if_frozen_view(base_layer.bias)
         dtype = compute_dtype(x, weight)
         # The ops cast nothing themselves; run them with autocast off on explicitly cast inputs so
         # their internal fp32 accumulation is not downcast.
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
             weight = weight.to(dtype)
-            bias = base_layer.bias.to(dtype) if base_layer.bias is not None else None
+            bias = bias.to(dtype) if bias is not None else None
             lora_A = self.lora_A.weight.to(dtype)
             lora_B = self.lora_B.weight.to(dtype)
             magnitude = self.lora_magnitude_vector

@@ -28,7 +28,8 @@ layer's output dtype. ``g = m / n`` is kept in fp32 (PEFT computes it in the ada
 
 Not served, observably (PEFT's own forward runs): layers that are not exactly
 ``peft.tuners.lora.layer.Linear`` (Embedding, Conv, bitsandbytes/torchao/HQQ layers, ...), base
-layers other than ``nn.Linear`` / transformers ``Conv1D``, quantized or tensor-subclass weights,
+layers other than ``nn.Linear`` / transformers ``Conv1D``, quantized or tensor-subclass weights
+(DTensor weights are served: FSDP2 hands forward the unsharded tensors; see docs/FSDP.md),
 base layers with hooks, ``ephemeral_gpu_offload``. :func:`report` gives the reason per layer and
 ``accelerate`` logs it on the ``dora_ext.peft`` logger. Calls that a routed layer hands back to PEFT
 (``adapter_names=`` mixed batches, extra forward arguments, a non-DoRA variant among the active
@@ -51,6 +52,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
+from ._frozen import detach_if_frozen_view
 from .ops import compose_delta, dora_linear, row_norm
 
 __all__ = ["DoraExtLinear", "accelerate", "fallback_counts", "is_accelerated", "report", "restore"]
@@ -92,7 +94,10 @@ def _why_not_servable(layer: nn.Module) -> Optional[str]:
     if bool(getattr(layer, "fan_in_fan_out", False)) != (type(base) is not nn.Linear):
         return "fan_in_fan_out does not match the base layer's weight layout"
     weight = base.weight
-    if type(weight) not in (nn.Parameter, torch.Tensor) or weight.dim() != 2:
+    # a DTensor is FSDP2's sharded parameter: forward sees the unsharded plain tensor (a call that
+    # still sees a DTensor falls back to PEFT, see _call_fallback_reason)
+    plain = type(weight) in (nn.Parameter, torch.Tensor) or type(weight).__name__ == "DTensor"
+    if not plain or weight.dim() != 2:
         return f"base weight is {type(weight).__qualname__} of dim {weight.dim()} (quantized or a tensor subclass)"
     if weight.dtype not in _SUPPORTED_DTYPES:
         return f"base weight dtype {weight.dtype} is not supported"
@@ -205,8 +210,9 @@ def _call_fallback_reason(layer: "DoraExtLinear", x: torch.Tensor, args: tuple, 
 
 
 def _base_weight(layer: "DoraExtLinear") -> torch.Tensor:
-    """The base weight as ``[d_out, d_in]`` (a transposed view for Conv1D / fan_in_fan_out)."""
-    weight = layer.base_layer.weight
+    """The base weight as ``[d_out, d_in]`` (a transposed view for Conv1D / fan_in_fan_out); FSDP1's
+    forward view of a frozen weight comes detached (see ``dora_ext._frozen``)."""
+    weight = detach_if_frozen_view(layer.base_layer.weight)
     return weight.T if layer.fan_in_fan_out else weight
 
 
@@ -232,7 +238,7 @@ def _single_call(layer: "DoraExtLinear", x: torch.Tensor, adapter: str) -> Optio
         dtype = weight.dtype
         if x.dtype != dtype or lora_A.weight.dtype != dtype or lora_B.weight.dtype != dtype:
             return None  # PEFT runs base and LoRA in different dtypes here: compose path
-    bias = base.bias
+    bias = detach_if_frozen_view(base.bias)
     with torch.autocast(device_type, enabled=False):
         return dora_linear(
             x.to(dtype),
