@@ -407,6 +407,27 @@ def test_unservable_layers_and_calls_fall_back_observably(caplog):
     assert sum(counts["base_model.model.model.layers.0.self_attn.q_proj"].values()) == 1
 
 
+def test_base_layer_with_accelerate_hook_added_after_routing_runs_its_forward():
+    """accelerate's hooks (offloading, device maps) replace base_layer.forward; a layer routed before
+    the hook was attached must still run the base layer's forward (compose path), not bypass it."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    model = dora_model()
+    theirs = step(model)
+    assert dp.accelerate(model) == N_LINEAR
+    calls = []
+
+    class CountingHook(hooks.ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(module)
+            return args, kwargs
+
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    hooks.add_hook_to_module(q_proj.base_layer, CountingHook())
+    assert dp.is_accelerated(q_proj)
+    assert_same_step(step(model), theirs)
+    assert calls == [q_proj.base_layer]
+
+
 # ------------------------------------------------------------------------------------- torch.compile
 
 
