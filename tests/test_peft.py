@@ -376,7 +376,9 @@ def test_bf16_logits_cosine_against_peft_and_float64(adapters, any_device):
     assert ours[1].keys() == theirs[1].keys() and len(ours[1]) == 3 * N_LINEAR
     for name in theirs[1]:
         assert cosine(ours[1][name], theirs[1][name]) >= 0.999, name
-        assert 1 - cosine(ours[1][name], truth[1][name]) <= 4 * (1 - cosine(theirs[1][name], truth[1][name])), name
+        # (+2e-6: rounding noise floor; the measured 1 - cos of these gradients is 1e-5 to 1e-4)
+        assert 1 - cosine(ours[1][name], truth[1][name]) <= 4 * (1 - cosine(theirs[1][name], truth[1][name])) + 2e-6, \
+            name
 
 
 # ------------------------------------------------------------------------------ fallbacks, observable
