@@ -27,7 +27,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$(mkdir -p "${1:-peft_suite_results}" && cd "${1:-peft_suite_results}" && pwd)"
 MODE="${MODE:-accelerate}"
-CACHE="${PEFT_SUITE_CACHE:-$HOME/.cache/dora_ext/peft_suite}"
+CACHE="$(mkdir -p "${PEFT_SUITE_CACHE:-$HOME/.cache/dora_ext/peft_suite}" && cd "${PEFT_SUITE_CACHE:-$HOME/.cache/dora_ext/peft_suite}" && pwd)"
 K="${PEFT_SUITE_K:-dora}"
 PY="${PYTHON:-python3}"
 
