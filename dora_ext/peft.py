@@ -231,6 +231,8 @@ def _single_call(layer: "DoraExtLinear", x: torch.Tensor, adapter: str) -> Optio
         return None
     if (weight.requires_grad and torch.is_grad_enabled()) or base._forward_hooks or base._forward_pre_hooks:
         return None
+    if getattr(base, "_hf_hook", None) is not None:  # accelerate's hooks wrap base.forward: let it run
+        return None
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)

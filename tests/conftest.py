@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 _TESTS_DIR = Path(__file__).resolve().parent
 if str(_TESTS_DIR) not in sys.path:
@@ -31,3 +32,19 @@ def _clear_dora_ext_tier(monkeypatch):
     monkeypatch.delenv("DORA_EXT_TIER", raising=False)
     yield
     os.environ.pop("DORA_EXT_TIER", None)
+
+
+_NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=_NEEDS_CUDA),
+                        pytest.param("cuda_fused", marks=_NEEDS_CUDA)])
+def any_device(request, monkeypatch) -> torch.device:
+    """The device a CPU/CUDA-equivalence test runs on: ``cpu``; ``cuda`` with the dispatcher's own
+    choice (tiny test shapes sit below the crossover: eager on the GPU); ``cuda_fused`` with
+    ``DORA_EXT_TIER=fused`` so that the same test runs the fused kernels. CUDA params carry the
+    ``cuda`` marker and skip cleanly without a GPU."""
+    if request.param == "cuda_fused":
+        monkeypatch.setenv("DORA_EXT_TIER", "fused")
+        return torch.device("cuda")
+    return torch.device(request.param)

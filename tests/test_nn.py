@@ -21,7 +21,7 @@ from dora_ext.nn import (
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
@@ -44,17 +44,17 @@ def make_layer(d_in=19, d_out=13, r=3, alpha=6.0, bias=True, dtype=torch.float32
 
 
 def layer_reference(layer: DoRALinear, x: torch.Tensor, dropout_mask=None):
-    """Reference output and leaves (float64 copies of every parameter and x, requiring grad)."""
-    leaves = {
-        "x": x.detach().double().requires_grad_(),
-        "A": layer.lora_A.weight.detach().double().requires_grad_(),
-        "B": layer.lora_B.weight.detach().double().requires_grad_(),
-        "m": layer.lora_magnitude_vector.detach().double().requires_grad_(),
-    }
+    """Reference output and leaves (float64 CPU copies of every parameter and x, requiring grad)."""
+
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().cpu().double().requires_grad_()
+
+    leaves = {"x": leaf(x), "A": leaf(layer.lora_A.weight), "B": leaf(layer.lora_B.weight),
+              "m": leaf(layer.lora_magnitude_vector)}
     bias = None
     if layer.base_layer.bias is not None:
-        bias = leaves["bias"] = layer.base_layer.bias.detach().double().requires_grad_()
-    y = reference(leaves["x"], layer.base_layer.weight.detach().double(), bias, leaves["A"], leaves["B"],
+        bias = leaves["bias"] = leaf(layer.base_layer.bias)
+    y = reference(leaves["x"], layer.base_layer.weight.detach().cpu().double(), bias, leaves["A"], leaves["B"],
                   leaves["m"], layer.scaling, dropout_mask)
     return y, leaves
 
@@ -107,18 +107,18 @@ def test_magnitude_is_fp32_for_low_precision_base():
         (16, 8, 8, True, (1,), False),
     ],
 )
-def test_forward_and_gradients_match_float64_reference(d_in, d_out, r, bias, shape, use_rslora):
-    layer = make_layer(d_in, d_out, r, alpha=2.0 * r + 1, bias=bias, use_rslora=use_rslora)
+def test_forward_and_gradients_match_float64_reference(d_in, d_out, r, bias, shape, use_rslora, any_device):
+    layer = make_layer(d_in, d_out, r, alpha=2.0 * r + 1, bias=bias, use_rslora=use_rslora).to(any_device)
     if bias:
         layer.base_layer.bias.requires_grad_(True)  # frozen by default; a trainable bias gets its gradient
-    x = torch.randn(*shape, d_in, requires_grad=True)
+    x = torch.randn(*shape, d_in, device=any_device, requires_grad=True)
     y = layer(x)
-    assert y.shape == (*shape, d_out) and y.dtype == torch.float32
+    assert y.shape == (*shape, d_out) and y.dtype == torch.float32 and y.device == x.device
     y_ref, leaves = layer_reference(layer, x)
     assert rel(y, y_ref) < 1e-5
     gy = torch.randn_like(y)
     y.backward(gy)
-    y_ref.backward(gy.double())
+    y_ref.backward(gy.cpu().double())
     assert layer.base_layer.weight.grad is None
     for name, grad in grads_of(layer, x).items():
         assert grad is not None, name
@@ -161,24 +161,24 @@ def test_gradcheck_x_magnitude_bias():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_forward(dtype):
-    layer = make_layer(40, 24, 4, dtype=dtype)
-    x = torch.randn(6, 40, dtype=dtype)
+def test_low_precision_forward(dtype, any_device):
+    layer = make_layer(40, 24, 4, dtype=dtype).to(any_device)
+    x = torch.randn(6, 40, dtype=dtype, device=any_device)
     y = layer(x)
     assert y.dtype == dtype
     y_ref, _ = layer_reference(layer, x)
     assert rel(y, y_ref) < 1e-2
 
 
-def test_autocast_runs_in_autocast_dtype_with_fp32_accumulation():
-    layer = make_layer(40, 24, 4)
-    x = torch.randn(6, 40)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def test_autocast_runs_in_autocast_dtype_with_fp32_accumulation(any_device):
+    layer = make_layer(40, 24, 4).to(any_device)
+    x = torch.randn(6, 40, device=any_device)
+    with torch.autocast(any_device.type, dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
     y_ref, _ = layer_reference(layer, x)
     assert rel(y, y_ref) < 1e-2
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(any_device.type, dtype=torch.bfloat16):
         assert layer.row_norm().dtype == torch.float32
 
 
@@ -194,18 +194,18 @@ def test_zero_row_is_defined():
 # --------------------------------------------------------------------------------------- dropout
 
 
-def test_dropout_applies_to_lora_input_only():
-    layer = make_layer(30, 17, 4, dropout=0.4)
-    x = torch.randn(5, 30, requires_grad=True)
+def test_dropout_applies_to_lora_input_only(any_device):
+    layer = make_layer(30, 17, 4, dropout=0.4).to(any_device)
+    x = torch.randn(5, 30, device=any_device, requires_grad=True)
     torch.manual_seed(1234)
     y = layer(x)
-    torch.manual_seed(1234)
-    mask = F.dropout(torch.ones(5, 30), p=0.4, training=True)
-    y_ref, leaves = layer_reference(layer, x, dropout_mask=mask.double())
+    torch.manual_seed(1234)  # the same mask on the layer's device
+    mask = F.dropout(torch.ones(5, 30, device=any_device), p=0.4, training=True)
+    y_ref, leaves = layer_reference(layer, x, dropout_mask=mask.cpu().double())
     assert rel(y, y_ref) < 1e-5
     gy = torch.randn_like(y)
     y.backward(gy)
-    y_ref.backward(gy.double())
+    y_ref.backward(gy.cpu().double())
     for name, grad in grads_of(layer, x).items():
         assert rel(grad, leaves[name].grad) < 1e-5, name
     # eval: no dropout, the single-op path

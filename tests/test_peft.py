@@ -26,16 +26,21 @@ N_LINEAR = 14  # 2 decoder layers x (q, k, v, o, gate, up, down)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().cpu().double().flatten(), b.detach().cpu().double().flatten()
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
                                       max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).to(dtype)
+    return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
 
 
 def perturb(model: nn.Module, seed: int = 1, adapter: str | None = None) -> None:
@@ -48,12 +53,13 @@ def perturb(model: nn.Module, seed: int = 1, adapter: str | None = None) -> None
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
             elif "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen).to(p.dtype))
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
 
 
-def dora_model(seed: int = 0, dtype: torch.dtype = torch.float32, **config) -> PeftModel:
+def dora_model(seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               **config) -> PeftModel:
     kwargs = {"use_dora": True, "r": 8, "lora_alpha": 16, "target_modules": "all-linear", **config}
-    model = get_peft_model(tiny_llama(seed, dtype), LoraConfig(**kwargs))
+    model = get_peft_model(tiny_llama(seed, dtype, device), LoraConfig(**kwargs))
     perturb(model)
     return model
 
@@ -66,7 +72,7 @@ def step(model: nn.Module, seed: int | None = None, ids: torch.Tensor = INPUT_ID
     model.zero_grad(set_to_none=True)
     if seed is not None:
         torch.manual_seed(seed)
-    logits = model(input_ids=ids).logits
+    logits = model(input_ids=ids.to(next(model.parameters()).device)).logits
     logits.float().square().mean().backward()
     grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()
              if p.requires_grad and p.grad is not None}
@@ -75,7 +81,7 @@ def step(model: nn.Module, seed: int | None = None, ids: torch.Tensor = INPUT_ID
 
 def logits_of(model: nn.Module, ids: torch.Tensor = INPUT_IDS) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model(input_ids=ids.to(next(model.parameters()).device)).logits
 
 
 def assert_same_step(ours, theirs, tol=1e-5, n_grads=None):
@@ -116,8 +122,8 @@ class Counting:
 # ------------------------------------------------------------------------------------------ basics
 
 
-def test_accelerate_matches_stock_peft_logits_and_gradients(monkeypatch):
-    model = dora_model()
+def test_accelerate_matches_stock_peft_logits_and_gradients(monkeypatch, any_device):
+    model = dora_model(device=any_device)
     theirs = step(model)
     counting = Counting(monkeypatch)
     assert dp.accelerate(model) == N_LINEAR
@@ -309,20 +315,20 @@ def test_bf16_base_with_fp32_adapters_without_autocast():
     (torch.float16, torch.float16),
     (torch.bfloat16, None),            # bf16 adapters (autocast_adapter_dtype=False), no autocast
 ])
-def test_low_precision_matches_peft_within_its_own_error(base_dtype, autocast_dtype):
+def test_low_precision_matches_peft_within_its_own_error(base_dtype, autocast_dtype, any_device):
     """In low precision ours and PEFT's round differently. Both are held to a float64 copy of the
     model: ours may not be more than 2x further off than PEFT (the rule of DESIGN.md section 6)."""
     if autocast_dtype is None:
-        model = get_peft_model(tiny_llama(0, base_dtype), LoraConfig(use_dora=True, r=8, lora_alpha=16,
-                                                                      target_modules="all-linear"),
+        model = get_peft_model(tiny_llama(0, base_dtype, any_device),
+                               LoraConfig(use_dora=True, r=8, lora_alpha=16, target_modules="all-linear"),
                                autocast_adapter_dtype=False)
         perturb(model)
         assert lora_layers(model)[0].lora_magnitude_vector["default"].weight.dtype == base_dtype
         context = contextlib.nullcontext
     else:
-        model = dora_model(dtype=base_dtype)
-        context = functools.partial(torch.autocast, "cpu", dtype=autocast_dtype)
-    truth = step(copy.deepcopy(model).double())
+        model = dora_model(dtype=base_dtype, device=any_device)
+        context = functools.partial(torch.autocast, any_device.type, dtype=autocast_dtype)
+    truth = step(copy.deepcopy(model).cpu().double())  # the float64 reference runs on the CPU
     with context():
         theirs = step(model)
     assert dp.accelerate(model) == N_LINEAR
@@ -335,6 +341,44 @@ def test_low_precision_matches_peft_within_its_own_error(base_dtype, autocast_dt
     for name in theirs[1]:
         assert ours[1][name].dtype == theirs[1][name].dtype
         assert rel(ours[1][name], truth[1][name]) <= 2 * rel(theirs[1][name], truth[1][name]) + 1e-3, name
+
+
+@pytest.mark.parametrize("adapters", ["bf16", "fp32_autocast"])
+def test_bf16_logits_cosine_against_peft_and_float64(adapters, any_device):
+    """Issue #4's bf16 criterion (logits cosine against PEFT in bf16), bounded by what bf16 allows.
+
+    On this random tiny model PEFT's own bf16 logits are only ~0.99998 cosine from a float64 copy
+    of the same model (measured on the CPU: 0.999982 with bf16 adapters, 0.999985 with fp32
+    adapters under autocast), so two bf16 implementations that round differently cannot be 0.99999
+    apart here (ours vs PEFT measured 0.999969 / 0.999975; larger hidden sizes are further apart,
+    for PEFT against float64 too). Held here: cosine >= 0.9999 against PEFT, and our distance to
+    float64 at most twice PEFT's (DESIGN.md section 6's rule) measured as the angle, i.e.
+    1 - cos at most 4x PEFT's (1 - cos ~ angle^2 / 2), for the logits and every adapter gradient. The 0.99999 figure is reported for the real-size model by
+    scripts/bench_model.py (logits_cos)."""
+    if adapters == "bf16":
+        model = get_peft_model(tiny_llama(0, torch.bfloat16, any_device),
+                               LoraConfig(use_dora=True, r=8, lora_alpha=16, target_modules="all-linear"),
+                               autocast_adapter_dtype=False)
+        perturb(model)
+        context = contextlib.nullcontext
+    else:
+        model = dora_model(dtype=torch.bfloat16, device=any_device)
+        context = functools.partial(torch.autocast, any_device.type, dtype=torch.bfloat16)
+    truth = step(copy.deepcopy(model).cpu().double())
+    with context():
+        theirs = step(model)
+    assert dp.accelerate(model) == N_LINEAR
+    with context():
+        ours = step(model)
+    assert ours[0].dtype == theirs[0].dtype == torch.bfloat16
+    assert cosine(ours[0], theirs[0]) >= 0.9999
+    assert 1 - cosine(ours[0], truth[0]) <= 4 * (1 - cosine(theirs[0], truth[0]))
+    assert ours[1].keys() == theirs[1].keys() and len(ours[1]) == 3 * N_LINEAR
+    for name in theirs[1]:
+        assert cosine(ours[1][name], theirs[1][name]) >= 0.999, name
+        # (+2e-6: rounding noise floor; the measured 1 - cos of these gradients is 1e-5 to 1e-4)
+        assert 1 - cosine(ours[1][name], truth[1][name]) <= 4 * (1 - cosine(theirs[1][name], truth[1][name])) + 2e-6, \
+            name
 
 
 # ------------------------------------------------------------------------------ fallbacks, observable
@@ -363,6 +407,27 @@ def test_unservable_layers_and_calls_fall_back_observably(caplog):
     counts = dp.fallback_counts(model)
     assert list(counts) == ["base_model.model.model.layers.0.self_attn.q_proj"]
     assert sum(counts["base_model.model.model.layers.0.self_attn.q_proj"].values()) == 1
+
+
+def test_base_layer_with_accelerate_hook_added_after_routing_runs_its_forward():
+    """accelerate's hooks (offloading, device maps) replace base_layer.forward; a layer routed before
+    the hook was attached must still run the base layer's forward (compose path), not bypass it."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    model = dora_model()
+    theirs = step(model)
+    assert dp.accelerate(model) == N_LINEAR
+    calls = []
+
+    class CountingHook(hooks.ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(module)
+            return args, kwargs
+
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    hooks.add_hook_to_module(q_proj.base_layer, CountingHook())
+    assert dp.is_accelerated(q_proj)
+    assert_same_step(step(model), theirs)
+    assert calls == [q_proj.base_layer]
 
 
 # ------------------------------------------------------------------------------------- torch.compile

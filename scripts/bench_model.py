@@ -1,0 +1,315 @@
+#!/usr/bin/env python3
+"""Model-level DoRA benchmark: a Llama-style decoder built from a transformers config (random
+weights, nothing downloaded), every linear of every decoder layer adapted, bf16 base.
+
+Configs (one model per adapter dtype, built once and reused):
+  base             the model without adapters (inference only)
+  peft_lora_<a>    PEFT LoRA
+  peft_dora_<a>    PEFT DoRA
+  dora_ext_<a>     the same PEFT DoRA model after dora_ext.peft.accelerate()
+with <a> = fp32 (PEFT's default, autocast_adapter_dtype=True: adapters and magnitude in fp32 on
+the bf16 base) and bf16 (autocast_adapter_dtype=False).
+
+Measured per config, medians over --reps timed runs after --warmup untimed ones (CUDA events on
+a GPU, perf_counter on the CPU):
+  fwd_ms      inference forward, no_grad, eval mode
+  step_ms     gradient step: zero_grad, forward, LM loss, backward (no optimizer)
+  step_peak_gib  torch.cuda.max_memory_allocated() during one step minus the memory allocated
+              before it (model, adapters and inputs excluded; activations, gradients and
+              transients included)
+  logits_cos  cosine of the logits against PEFT DoRA of the same adapter dtype (same weights)
+  grad_cos    cosine of all adapter gradients (concatenated) against PEFT DoRA, same adapter dtype
+
+    python scripts/bench_model.py --out model_bench                # one H100/H200, defaults above
+    python scripts/bench_model.py --autocast --out model_bench_amp # the same under torch.autocast
+    python scripts/bench_model.py --tiny --device cpu --out /tmp/x # smoke test (seconds)
+
+Writes OUT/bench_model.json and OUT/bench_model.md. Adapters start from PEFT's init with B and the
+magnitude perturbed (seeded), so DoRA differs from the base model and the cosines mean something.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if importlib.util.find_spec("dora_ext") is None:  # not installed: use the checkout (built in place)
+    sys.path.append(str(ROOT))
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="folder for bench_model.json and bench_model.md")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers")
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=14336)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--rank", type=int, default=384)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=4096, help="sequence length")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--autocast", action="store_true",
+                   help="run every config under torch.autocast(bfloat16), as mixed-precision trainers do")
+    p.add_argument("--adapter-dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
+    p.add_argument("--tiny", action="store_true",
+                   help="hidden 64, intermediate 128, 4/2 heads, 2 layers, vocab 128, r 8, 32 tokens, 1 rep")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads = 2, 64, 128, 4, 2
+        args.vocab, args.rank, args.tokens, args.warmup, args.reps = 128, 8, 32, 1, 2
+    return args
+
+
+class Timer:
+    """Median wall time of a callable: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device, warmup: int, reps: int) -> None:
+        self.device, self.warmup, self.reps = device, warmup, reps
+
+    def median_ms(self, fn: Callable[[], Any]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.reps):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def build_base(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+        max_position_embeddings=max(args.tokens, 128), attn_implementation="sdpa",
+        use_cache=False)  # training-style forward: no KV cache is built
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config)
+    return model.to(torch.bfloat16).requires_grad_(False)
+
+
+def perturb_adapters(model: torch.nn.Module, seed: int) -> None:
+    """B ~ N(0, 0.02), magnitude * (1 + 0.05 N(0, 1)): a trained-looking adapter (PEFT inits B = 0)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p))
+            elif "lora_magnitude_vector" in name:
+                p.mul_((1 + 0.05 * torch.randn(p.shape, generator=gen)).to(p))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def adapter_grads(model: torch.nn.Module) -> Optional[torch.Tensor]:
+    grads = [p.grad.flatten().float() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+    return torch.cat(grads) if grads else None
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def measure(model: torch.nn.Module, ids: torch.Tensor, timer: Timer, args: argparse.Namespace,
+            train: bool) -> dict[str, Any]:
+    """fwd_ms, step_ms, step_peak_gib, and the logits / adapter gradients of one run."""
+    device = ids.device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast)
+    out: dict[str, Any] = {}
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad(), autocast:
+            return model(input_ids=ids).logits
+
+    model.eval()
+    out["logits"] = forward().detach().clone()
+    out["fwd_ms"] = timer.median_ms(forward)
+    if not train:
+        return out
+
+    model.train()
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+
+    out["step_ms"] = timer.median_ms(step)
+    out["step_peak_gib"] = None
+    model.zero_grad(set_to_none=True)
+    free(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        out["step_peak_gib"] = (torch.cuda.max_memory_allocated() - before) / 2 ** 30
+    else:
+        step()
+    out["grads"] = adapter_grads(model)
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import peft
+
+    import dora_ext
+    import dora_ext.peft as dp
+
+    device = torch.device(args.device)
+    timer = Timer(device, args.warmup, args.reps)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=gen).to(device)
+    rows: list[dict[str, Any]] = []
+
+    def record(name: str, label: str, m: dict[str, Any], ref: Optional[dict[str, Any]], extra: dict[str, Any]) -> None:
+        row = {"config": name, "label": label, **{k: m.get(k) for k in ("fwd_ms", "step_ms", "step_peak_gib")}}
+        row["logits_cos"] = cosine(m["logits"], ref["logits"]) if ref is not None else None
+        row["grad_cos"] = (cosine(m["grads"], ref["grads"]) if ref is not None and m.get("grads") is not None
+                           and ref.get("grads") is not None else None)
+        row.update(extra)
+        rows.append(row)
+        shown = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items() if k != "label"}
+        print(json.dumps(shown), flush=True)
+
+    base = build_base(args, device)
+    base_m = measure(base, ids, timer, args, train=False)
+    record("base", "base model, no adapter", base_m, None, {})
+    del base_m
+    free(device)
+
+    for adapter_dtype in [a.strip() for a in args.adapter_dtypes.split(",") if a.strip()]:
+        if adapter_dtype not in ("fp32", "bf16"):
+            raise SystemExit(f"--adapter-dtypes: unknown {adapter_dtype!r} (fp32, bf16)")
+        autocast_adapter_dtype = adapter_dtype == "fp32"
+        what = "default fp32 adapters" if autocast_adapter_dtype else "bf16 adapters"
+
+        lora_cfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, lora_dropout=0.0)
+        lora = peft.get_peft_model(base, lora_cfg, autocast_adapter_dtype=autocast_adapter_dtype)
+        perturb_adapters(lora, seed=2)
+        m = measure(lora, ids, timer, args, train=True)
+        record(f"peft_lora_{adapter_dtype}", f"PEFT LoRA, {what}", m, None, {})
+        del m
+        base = lora.unload()  # the base model back, adapters dropped
+        del lora
+        free(device)
+
+        dora_cfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, lora_dropout=0.0,
+                                   use_dora=True)
+        dora = peft.get_peft_model(base, dora_cfg, autocast_adapter_dtype=autocast_adapter_dtype)
+        perturb_adapters(dora, seed=3)
+        ref = measure(dora, ids, timer, args, train=True)
+        record(f"peft_dora_{adapter_dtype}", f"PEFT DoRA, {what}", ref, ref, {})
+        free(device)
+
+        routed = dp.accelerate(dora)
+        m = measure(dora, ids, timer, args, train=True)
+        tier = dora_ext.last_tier()
+        record(f"dora_ext_{adapter_dtype}", f"PEFT DoRA + dora_ext.peft.accelerate, {what}", m, ref, {
+            "routed_layers": routed,
+            "fallback_calls": sum(sum(c.values()) for c in dp.fallback_counts(dora).values()),
+            "last_tier": list(tier),
+        })
+        del m, ref
+        dp.restore(dora)
+        base = dora.unload()
+        del dora
+        free(device)
+
+    return {
+        "setup": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "peft": peft.__version__,
+            "transformers": __import__("transformers").__version__,
+            "dora_ext": dora_ext.info() if hasattr(dora_ext, "info") else None,
+            **{k: v for k, v in vars(args).items() if k != "out"},
+        },
+        "results": rows,
+    }
+
+
+def fmt(value: Optional[float], digits: int) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s = result["setup"]
+    lines = [
+        f"Model-level benchmark ({s['device']}, torch {s['torch']}, peft {s['peft']}, transformers "
+        f"{s['transformers']}): Llama-style decoder, hidden {s['hidden']}, intermediate {s['intermediate']}, "
+        f"{s['heads']}/{s['kv_heads']} heads, {s['layers']} layers, vocab {s['vocab']}, every linear adapted "
+        f"at r={s['rank']}, batch {s['batch']}x{s['tokens']}, bf16 base"
+        f"{', under torch.autocast(bf16)' if s['autocast'] else ''}; median ms of {s['reps']} runs.",
+        "",
+        "| config | inference fwd ms | gradient step ms | peak GiB (step) | logits cos vs PEFT DoRA "
+        "| grad cos vs PEFT DoRA |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["results"]:
+        lines.append(f"| {r['label']} | {fmt(r['fwd_ms'], 2)} | {fmt(r['step_ms'], 2)} | "
+                     f"{fmt(r['step_peak_gib'], 2)} | {fmt(r['logits_cos'], 6)} | {fmt(r['grad_cos'], 6)} |")
+    by_name = {r["config"]: r for r in result["results"]}
+    speedups = []
+    for a in ("fp32", "bf16"):
+        ours, theirs = by_name.get(f"dora_ext_{a}"), by_name.get(f"peft_dora_{a}")
+        if ours and theirs:
+            speedups.append(f"- {a} adapters: inference {theirs['fwd_ms'] / ours['fwd_ms']:.2f}x, gradient step "
+                            f"{theirs['step_ms'] / ours['step_ms']:.2f}x faster than PEFT DoRA"
+                            + (f", peak step memory {ours['step_peak_gib']:.2f} vs {theirs['step_peak_gib']:.2f} GiB"
+                               if ours["step_peak_gib"] is not None else ""))
+    if speedups:
+        lines += ["", "dora_ext against PEFT DoRA (same weights):", *speedups]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result = run(args)
+    result["setup"]["wall_s"] = time.perf_counter() - t0
+    (out / "bench_model.json").write_text(json.dumps(result, indent=1))
+    table = markdown(result)
+    (out / "bench_model.md").write_text(table)
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
