@@ -97,9 +97,10 @@ macro(dora_ext_prepare_torch)
     # CUDA builds of torch: libtorch_cuda.so beside libtorch.so.
     if(EXISTS "${_dora_ext_torch_root}/lib/libtorch_cuda.so")
       # The pip wheel's CUDA runtime: site-packages/nvidia/{cu13,cuda_nvrtc,cuda_runtime,...}/lib.
+      get_filename_component(_dora_ext_site "${_dora_ext_torch_root}" DIRECTORY)
       file(GLOB _dora_ext_nvrtc_candidates
-           "${_dora_ext_torch_root}/../nvidia/*/lib/libnvrtc.so.[0-9]*"
-           "${_dora_ext_torch_root}/../nvidia/*/lib/libnvrtc.so")
+           "${_dora_ext_site}/nvidia/*/lib/libnvrtc.so.[0-9]*"
+           "${_dora_ext_site}/nvidia/*/lib/libnvrtc.so")
       list(FILTER _dora_ext_nvrtc_candidates EXCLUDE REGEX "builtins|alt")
       # A CPU-only dora_ext needs no toolkit (the wheel's runtime is enough, and
       # skipping CUDA language setup saves ~10 s of configure); else use one if present.
@@ -125,12 +126,12 @@ macro(dora_ext_prepare_torch)
       endif()
       if(NOT DEFINED CUDA_TOOLKIT_ROOT_DIR AND NOT TARGET torch::cudart)
         # No toolkit: stand in for torch's CUDA discovery with the wheel's own runtime.
-        file(GLOB _dora_ext_cudart "${_dora_ext_torch_root}/../nvidia/*/lib/libcudart.so.[0-9]*")
+        file(GLOB _dora_ext_cudart "${_dora_ext_site}/nvidia/*/lib/libcudart.so.[0-9]*")
         if(_dora_ext_cudart)
           list(GET _dora_ext_cudart 0 _dora_ext_cudart)
+          get_filename_component(_dora_ext_cudart "${_dora_ext_cudart}" ABSOLUTE)
           get_filename_component(_dora_ext_wheel_cuda "${_dora_ext_cudart}" DIRECTORY)
           get_filename_component(_dora_ext_wheel_cuda "${_dora_ext_wheel_cuda}" DIRECTORY)
-          get_filename_component(_dora_ext_cudart "${_dora_ext_cudart}" REALPATH)
           add_library(torch::cudart INTERFACE IMPORTED)
           set_property(TARGET torch::cudart PROPERTY INTERFACE_LINK_LIBRARIES "${_dora_ext_cudart}")
           if(EXISTS "${_dora_ext_wheel_cuda}/include/cuda_runtime_api.h")

@@ -201,6 +201,9 @@ int main(int argc, char** argv) try {
             << "\", \"dtype\": \"" << c10::toString(dtype) << "\", \"tier\": \"" << tier.first
             << "\", \"threads\": " << args.threads << ", \"median_ms\": " << median_ms << "}" << std::endl;
   return 0;
+} catch (const c10::Error& e) {
+  std::cerr << "dora_mlp: " << e.what_without_backtrace() << std::endl;
+  return 1;
 } catch (const std::exception& e) {
   std::cerr << "dora_mlp: " << e.what() << std::endl;
   return 1;
