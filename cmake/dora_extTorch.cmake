@@ -11,6 +11,7 @@
 #                         CMAKE_PREFIX_PATH, or `python3 -c "import torch.utils; ..."`
 #   CUDA_TOOLKIT_ROOT_DIR the first of $CUDA_HOME, $CUDA_PATH, /usr/local/cuda and
 #                         the real folder of `nvcc` that holds include/cuda.h and bin/nvcc
+#   CMAKE_CUDA_COMPILER   that toolkit's bin/nvcc (torch enables the CUDA language)
 #   CUDA_nvrtc_LIBRARY    the wheel's site-packages/nvidia/*/lib/libnvrtc.so*, else the toolkit's
 #
 # With no toolkit (or for a CPU-only dora_ext, DORA_EXT_WITH_CUDA=OFF, unless the
@@ -110,6 +111,9 @@ macro(dora_ext_prepare_torch)
       endif()
       if(NOT DEFINED CUDA_TOOLKIT_ROOT_DIR AND _dora_ext_cuda_root)
         set(CUDA_TOOLKIT_ROOT_DIR "${_dora_ext_cuda_root}" CACHE PATH "CUDA toolkit for find_package(Torch)")
+        if(NOT DEFINED CMAKE_CUDA_COMPILER)  # torch enables CUDA: use that toolkit's nvcc, not a stray one on PATH
+          set(CMAKE_CUDA_COMPILER "${_dora_ext_cuda_root}/bin/nvcc" CACHE FILEPATH "nvcc of CUDA_TOOLKIT_ROOT_DIR")
+        endif()
       endif()
       if(NOT DEFINED CUDA_nvrtc_LIBRARY)
         if(_dora_ext_nvrtc_candidates)

@@ -2,6 +2,7 @@
 """Train a small DoRA MLP for a few steps and write what the C++ example (dora_mlp.cpp) reads.
 
     python examples/cpp/make_example.py --out example_data [--dtype float32] [--device cpu] [--aoti]
+                                        [--tokens T --d-model D --d-hidden H --d-out O --blocks N] [--bench N]
 
 Writes into --out:
     base.safetensors      the base model (dora_ext.export.save_base)
@@ -15,6 +16,7 @@ The model (attention-free): ``blocks`` residual MLP blocks ``x + fc2(gelu(fc1(la
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -90,6 +92,22 @@ def aoti_package(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
         return Path(torch._inductor.aoti_compile_and_package(ep, package_path=str(path)))
 
 
+@torch.no_grad()
+def bench(model: nn.Module, x: torch.Tensor, iters: int) -> float:
+    """Median milliseconds of one forward (after 3 warm-up calls), synchronising CUDA each call."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for _ in range(3):
+        model(x)
+    sync()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        model(x)
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -97,11 +115,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="device of the Python reference output and AOTI package")
     parser.add_argument("--aoti", action="store_true", help="also write model.pt2 (AOTInductor)")
     parser.add_argument("--tokens", type=int, default=5)
+    parser.add_argument("--d-model", type=int, default=48)
+    parser.add_argument("--d-hidden", type=int, default=72)
+    parser.add_argument("--d-out", type=int, default=40)
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--bench", type=int, default=0, metavar="N",
+                        help="time N forward calls of the Python model and print the median (JSON)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    model = trained_model()
+    model = trained_model(d_model=args.d_model, d_hidden=args.d_hidden, d_out=args.d_out, blocks=args.blocks)
     dora_ext.export.save_base(model, args.out / "base.safetensors", dtype=dtype)
     dora_ext.export.save_adapter(model, args.out / "adapter.safetensors", dtype=dtype)
     model = model.to(device=args.device, dtype=dtype)
@@ -110,6 +134,9 @@ def main() -> None:
     with torch.no_grad():
         y = model(x.to(args.device))
     _safetensors.save_file({"y": y}, args.out / "python.safetensors")
+    if args.bench > 0:
+        print(json.dumps({"mode": "python", "device": args.device, "dtype": args.dtype,
+                          "median_ms": bench(model, x.to(args.device), args.bench)}))
     if args.aoti:
         start = time.perf_counter()
         aoti_package(model, x.to(args.device), args.out / "model.pt2")
