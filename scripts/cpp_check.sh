@@ -5,7 +5,7 @@
 # an AOTInductor package), compare with Python and time both.
 #   bash scripts/cpp_check.sh [results-dir]          (default: cpp_results)
 # Environment: CPP_CHECK_DIMS (make_example.py size flags; default below),
-# SKIP_TESTS=1 to skip tests/test_cpp_example.py.
+# SKIP_TESTS=1 to skip tests/test_cpp_example.py (run on the library installed here).
 # Writes under results-dir: env.txt, build.log, build_times.txt, example_*.json (one JSON
 # line per run: C++ and Python median ms), compare.json (relative errors), tests.log.
 set -euo pipefail
@@ -24,13 +24,12 @@ if ! command -v cmake >/dev/null; then  # the device has no network: a carried w
   python3 -m pip install -q --no-index --find-links "$ROOT/.whl" cmake || { echo "cpp_check: no cmake" >&2; exit 1; }
 fi
 cmake --version | head -1 | tee -a "$RESULTS/env.txt"
-# dora_ext for Python (the export and the reference): installed, else built in place.
+ARCH=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')")
+# dora_ext for Python (the export and the reference): installed, else built in place for this arch.
 if ! (cd /tmp && python3 -c "import dora_ext" 2>/dev/null); then
-  python3 setup.py -q build_ext --inplace > "$RESULTS/python_build.log" 2>&1
+  DORA_EXT_CUDA_ARCHS="$ARCH" python3 setup.py -q build_ext --inplace > "$RESULTS/python_build.log" 2>&1
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 fi
-
-ARCH=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')")
 WORK="$RESULTS/work"
 rm -rf "$WORK" && mkdir -p "$WORK"
 step() {  # name, command...: run, log, time
@@ -78,5 +77,6 @@ print(json.dumps(result, indent=1))
 EOF
 
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  python3 -m pytest -q -rs -s tests/test_cpp_example.py 2>&1 | tee "$RESULTS/tests.log"
+  # reuse the library installed above instead of building it again
+  DORA_EXT_TEST_PREFIX="$WORK/prefix" python3 -m pytest -q -rs -s tests/test_cpp_example.py 2>&1 | tee "$RESULTS/tests.log"
 fi

@@ -64,7 +64,8 @@ def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def example_exe(tmp_path_factory) -> Path:
     """Configure, build and install the library into a temporary prefix, then build the example
-    against that prefix. Prints the time each step took."""
+    against that prefix (DORA_EXT_TEST_PREFIX: use that installed library instead). Prints the time
+    each step took."""
     cmake = _cmake()
     work = tmp_path_factory.mktemp("cpp")
     jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
@@ -74,21 +75,26 @@ def example_exe(tmp_path_factory) -> Path:
         lib_args += ["-DDORA_EXT_WITH_CUDA=ON", f"-DDORA_EXT_CUDA_ARCHS={major}{minor}"]
     else:
         lib_args += ["-DDORA_EXT_WITH_CUDA=OFF"]
-    timings = {}
+    prefix = work / "prefix"
     steps = [
         ("configure library", [cmake, "-S", str(ROOT), "-B", str(work / "build"), *lib_args]),
         ("build library", [cmake, "--build", str(work / "build"), "-j", jobs]),
         ("install library", [cmake, "--install", str(work / "build")]),
+    ]
+    if os.environ.get("DORA_EXT_TEST_PREFIX"):  # scripts/cpp_check.sh: the library it just installed
+        prefix, steps = Path(os.environ["DORA_EXT_TEST_PREFIX"]), []
+    steps += [
         ("configure example", [cmake, "-S", str(EXAMPLE), "-B", str(work / "example"),
-                               f"-DCMAKE_PREFIX_PATH={work / 'prefix'}"]),
+                               f"-DCMAKE_PREFIX_PATH={prefix}"]),
         ("build example", [cmake, "--build", str(work / "example"), "-j", jobs]),
     ]
+    timings = {}
     for name, cmd in steps:
         start = time.perf_counter()
         _run(cmd)
         timings[name] = round(time.perf_counter() - start, 1)
     print(f"\ntest_cpp_example build times (s, {jobs} jobs): {json.dumps(timings)}")
-    installed = {p.relative_to(work / "prefix").as_posix() for p in (work / "prefix").rglob("*") if p.is_file()}
+    installed = {p.relative_to(prefix).as_posix() for p in prefix.rglob("*") if p.is_file()}
     assert {"include/dora_ext/dora_ext.h", "include/dora_ext/adapter.h", "include/dora_ext/safetensors.h"} <= installed
     assert any(p.endswith("cmake/dora_ext/dora_extConfig.cmake") for p in installed)
     exe = work / "example" / "dora_mlp"
