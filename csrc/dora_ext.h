@@ -32,4 +32,12 @@ at::Tensor compose_delta(const at::Tensor& base, const at::Tensor& lora, const a
 std::pair<std::string, std::string> select_tier(const at::Tensor& x, const at::Tensor& weight,
                                                 const at::Tensor& lora_A, bool training);
 
+// The tier and reason of the last DoRA op run by the dispatcher on this thread
+// (Python: dora_ext.last_tier()).
+std::pair<std::string, std::string> last_tier_used();
+
+// The build as JSON: torch and Triton versions, CUDA build or not, the archs and
+// the number of AOT kernels compiled in.
+std::string build_info();
+
 }  // namespace dora_ext

@@ -119,4 +119,13 @@ std::pair<std::string, std::string> select_tier(const at::Tensor& x, const at::T
   return {tier, reason};
 }
 
+std::pair<std::string, std::string> last_tier_used() {
+  auto [tier, reason] = last_tier_op();
+  return {tier, reason};
+}
+
+std::string build_info() {
+  return build_info_op();
+}
+
 }  // namespace dora_ext
