@@ -12,7 +12,8 @@ import torch
 import dora_ext
 from reference import make_inputs, ref_dora_linear, ref_row_norm, rel_err
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 

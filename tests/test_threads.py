@@ -13,7 +13,9 @@ CPU: intra-op parallelism is set to one thread so that a GEMM's result does not
 depend on how many BLAS threads it got while others were busy (that would test
 MKL's reproducibility, not ours). CUDA: each thread launches on its own stream
 (a kernel launched on the wrong stream races with the GEMMs around it), with the
-fused tier forced and cuBLAS in its deterministic workspace mode.
+fused tier forced and cuBLAS in its deterministic workspace mode. The norm cache is
+off, so every call runs the same kernels (tests/test_norm_cache.py covers the cache,
+including from threads' point of view: its table is guarded by one mutex).
 """
 from __future__ import annotations
 
@@ -127,6 +129,10 @@ def _run(device: str, tier: str | None) -> dict:
     if tier is not None:
         env["DORA_EXT_TIER"] = tier
     env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    # Every call takes the same norm path: with the cache on, a first (cold) call computes
+    # ||W||^2 in a different kernel variant than later (warm) calls, and the two may round
+    # the norm's last bit differently, which bitwise comparison would flag.
+    env["DORA_EXT_NORM_CACHE"] = "0"
     # The child imports the very dora_ext this process imported (installed or in-place build).
     pkg_root = str(Path(dora_ext.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
