@@ -278,8 +278,19 @@ def stock_forward(kind: str, model: nn.Module):
             dp.accelerate(model)
 
 
-def collectives_of_step(model: nn.Module, precision: str, device: torch.device) -> tuple[dict[str, int], float]:
-    """Collectives (by c10d op) of one forward + backward, and the peak memory (GiB, CUDA only)."""
+# torch 2.11's CommDebugMode crashes in its module hooks on FSDP1 models (IndexError in
+# _fw_set_module_hook, seen on 2 x H200, 2026-11-27) and leaves them broken for the rest of
+# the process; 2.14 (CPU CI) counts fine.
+COMM_DEBUG_MODE_WORKS = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+
+
+def collectives_of_step(model: nn.Module, precision: str, device: torch.device
+                        ) -> tuple[dict[str, int] | None, float]:
+    """Collectives (by c10d op) of one forward + backward, and the peak memory (GiB, CUDA only).
+
+    None instead of the counts where CommDebugMode itself is broken (COMM_DEBUG_MODE_WORKS);
+    the step still runs, unmeasured.
+    """
     from torch.distributed.tensor.debug import CommDebugMode
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -287,11 +298,16 @@ def collectives_of_step(model: nn.Module, precision: str, device: torch.device) 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    with CommDebugMode() as comm:
+    counts: dict[str, int] | None = None
+    if COMM_DEBUG_MODE_WORKS:
+        with CommDebugMode() as comm:
+            lm_loss(model, ids, precision).backward()
+        counts = {str(op): n for op, n in comm.get_comm_counts().items()}
+    else:
         lm_loss(model, ids, precision).backward()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     model.zero_grad(set_to_none=True)
-    return {str(op): n for op, n in comm.get_comm_counts().items()}, peak
+    return counts, peak
 
 
 # ------------------------------------------------------------------------------------------ compare
@@ -386,11 +402,13 @@ def run_config(name: str, steps: int, device: torch.device) -> dict[str, Any]:
             "adapter_values": update_rel <= UPDATE_TOLERANCE[precision],
             "reloaded": abs(loss_fresh.item() - loss_ref.item()) <= tol * abs(loss_ref.item()),
             "op_inputs_plain": len(op_inputs) > 0 and not any(s.startswith("DTensor") for s in op_inputs),
-            "no_extra_collectives": comm_dora == comm_stock and sum(comm_dora.values()) > 0,
+            # None: CommDebugMode could not count on this torch; reported, left out of "passed".
+            "no_extra_collectives": (None if comm_dora is None or comm_stock is None
+                                     else comm_dora == comm_stock and sum(comm_dora.values()) > 0),
             "no_peft_fallbacks": not fallbacks,
         }
         result["checks"] = checks
-        result["passed"] = all(checks.values())
+        result["passed"] = all(v for v in checks.values() if v is not None)
     result["seconds"] = time.perf_counter() - started
     dist.barrier()
     return result
@@ -430,7 +448,7 @@ def main() -> int:
                 print(f"{name}: passed={result['passed']} max|dloss|={result['max_abs_dloss']:.3g} "
                       f"(rel {result['max_rel_dloss']:.3g}, tol {result['tolerance']:g}) "
                       f"adapter diff/update {result['adapter_update_max_rel_diff']:.3g} "
-                      f"checks={ {k: v for k, v in result['checks'].items() if not v} or 'all ok'} "
+                      f"checks={ {k: v for k, v in result['checks'].items() if v is not True} or 'all ok'} "
                       f"[{result['seconds']:.1f} s]", flush=True)
                 print("   losses fsdp  ", " ".join(f"{x:.6f}" for x in result["losses_fsdp"]))
                 print("   losses single", " ".join(f"{x:.6f}" for x in result["losses_single"]), flush=True)
