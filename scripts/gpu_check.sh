@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command on a GPU machine: build dora_ext against the installed torch,
-# run the CUDA tests (FULL=1: the whole suite) and the layer benchmark.
+# run the CUDA tests (FULL=1: the whole suite), the layer and the model benchmarks.
 #   bash scripts/gpu_check.sh [results-dir]        (default: gpu_results)
 # Environment: DORA_EXT_CUDA_ARCHS (arch list for the build), BENCH_ARGS
 # (extra arguments for scripts/bench.py), SKIP_BENCH=1 to only build and test.
@@ -30,5 +30,6 @@ select=(-m cuda)
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
   # shellcheck disable=SC2086
   python3 scripts/bench.py --out "$RESULTS" ${BENCH_ARGS:-} 2>&1 | tee "$RESULTS/bench.log"
+  python3 scripts/bench_model.py --out "$RESULTS/model" 2>&1 | tee "$RESULTS/bench_model.log"
 fi
 exit "$tests_rc"
