@@ -11,14 +11,15 @@
 namespace dora_ext {
 namespace {
 
-enum class Override { Auto, Eager, Fused };
+enum class Override { Auto, Eager, Fused, PreferFused };
 
 Override tier_override() {
   const char* env = std::getenv("DORA_EXT_TIER");  // read per call: tests and tools flip it at run time
   if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return Override::Auto;
   if (std::strcmp(env, "eager") == 0) return Override::Eager;
   if (std::strcmp(env, "fused") == 0) return Override::Fused;
-  TORCH_CHECK(false, "DORA_EXT_TIER must be 'auto', 'eager' or 'fused', got '", env, "'");
+  if (std::strcmp(env, "prefer_fused") == 0) return Override::PreferFused;
+  TORCH_CHECK(false, "DORA_EXT_TIER must be 'auto', 'eager', 'fused' or 'prefer_fused', got '", env, "'");
 }
 
 const Crossover& crossover_for(int arch) {
@@ -49,6 +50,10 @@ TierDecision choose_tier(const at::Tensor& x, int64_t d_out, bool training) {
   const Tier fused = training ? Tier::FusedTraining : Tier::FusedInference;
   auto cannot_fuse = [&](std::string why) -> TierDecision {
     TORCH_CHECK(forced != Override::Fused, "DORA_EXT_TIER=fused, but the fused path cannot run: ", why);
+    if (forced == Override::PreferFused) {
+      TORCH_WARN_ONCE("dora_ext: DORA_EXT_TIER=prefer_fused, but the fused path cannot run here (", why,
+                      "); running the eager path. Warned once per process; dora_ext.last_tier() tells per call.");
+    }
     return {Tier::Eager, std::move(why)};
   };
   if (!x.is_cuda()) return cannot_fuse(std::string("device ") + x.device().str() + " has no fused kernels");
@@ -60,6 +65,7 @@ TierDecision choose_tier(const at::Tensor& x, int64_t d_out, bool training) {
   if (!fused_kernels_available(x.device().index(), &why)) return cannot_fuse(why);
   if (forced == Override::Eager) return {Tier::Eager, "forced by DORA_EXT_TIER=eager"};
   if (forced == Override::Fused) return {fused, "forced by DORA_EXT_TIER=fused"};
+  if (forced == Override::PreferFused) return {fused, "asked for by DORA_EXT_TIER=prefer_fused"};
   const Crossover& c = crossover_for(device_arch(x.device().index()));
   const int64_t tokens = x.dim() == 0 ? 1 : x.numel() / std::max<int64_t>(x.size(-1), 1);
   const int64_t min_elements = training ? c.min_elements_training : c.min_elements_inference;

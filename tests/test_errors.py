@@ -6,7 +6,13 @@ failure points at one rule.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -425,6 +431,36 @@ def test_invalid_tier_value_raises(inp, monkeypatch, value):
         _linear(inp)
     with pytest.raises(RuntimeError, match="DORA_EXT_TIER"):
         _compose(c)
+
+
+def test_prefer_fused_falls_back_with_one_warning():
+    """DORA_EXT_TIER=prefer_fused where fused cannot run (CPU): eager results, one warning per process.
+
+    The warning is c10's TORCH_WARN_ONCE (stderr, for Python and LibTorch callers alike);
+    checked in a fresh process, since it is once per process.
+    """
+    script = textwrap.dedent("""
+        import json, os
+        import torch, dora_ext
+        os.environ["DORA_EXT_TIER"] = "prefer_fused"
+        x, W, A, B = torch.randn(5, 12), torch.randn(7, 12), torch.randn(2, 12), torch.randn(7, 2)
+        m = torch.rand(7) + 0.5
+        ys = [dora_ext.dora_linear(x, W, None, A, B, m, 0.5) for _ in range(3)]
+        tier = dora_ext.last_tier()[0]
+        os.environ["DORA_EXT_TIER"] = "eager"
+        ref = dora_ext.dora_linear(x, W, None, A, B, m, 0.5)
+        print(json.dumps({"tier": tier, "equal": all(torch.equal(y, ref) for y in ys)}))
+    """)
+    pkg_root = str(Path(dora_ext.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
+    env.pop("DORA_EXT_TIER", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"tier": "eager", "equal": True}
+    warnings = [line for line in proc.stderr.splitlines() if "DORA_EXT_TIER=prefer_fused" in line]
+    assert len(warnings) == 1, proc.stderr[-3000:]
+    assert "cannot run here (device cpu has no fused kernels)" in warnings[0] and "eager" in warnings[0]
 
 
 @pytest.mark.parametrize("value", ["auto", "eager", ""])
