@@ -89,9 +89,19 @@ for log in sorted(d.glob("*.log")):
     dora_hits += len(re.findall(r"in dora_\w+", text))
 out = (d / "pytest.out").read_text(errors="replace")
 tail = [l for l in out.splitlines() if re.search(r"\b(passed|failed|error|skipped)\b", l)]
+# The first distinct error headlines and failed tests travel with the summary: the
+# per-process logs can be too many to bring back from a remote GPU machine.
+headlines = []
+for log in sorted(d.glob("*.log")):
+    for line in log.read_text(errors="replace").splitlines():
+        line = line.strip("= ").strip()
+        if re.match(r"(Invalid|Program hit|Race|Uninitialized|Unused|Leaked|Error|Saved host backtrace)", line) \
+                and line not in headlines:
+            headlines.append(line)
+failed = [l for l in out.splitlines() if l.startswith(("FAILED", "ERROR"))]
 rec = {"tool": tool, "rc": rc, "seconds": secs, "errors": errors, "errors_in_dora_kernels": dora_hits,
        "processes_with_summary": summaries, "timed_out": rc in (124, 137), "unsupported": unsupported,
-       "pytest": tail[-1] if tail else ""}
+       "pytest": tail[-1] if tail else "", "first_errors": headlines[:20], "failed_tests": failed[:20]}
 (d / "result.json").write_text(json.dumps(rec, indent=1))
 print(json.dumps(rec))
 EOF
@@ -134,6 +144,10 @@ for r in recs:
     status = max(status, code)
     lines.append(f"| {r['tool']} | {r['errors']} | {r['errors_in_dora_kernels']} | {r['processes_with_summary']} "
                  f"| {r['seconds']} | {r['pytest']} | {verdict} |")
+for r in recs:
+    if r.get("first_errors") or r.get("failed_tests"):
+        lines += ["", f"**{r['tool']}**: first distinct reports and failed tests", ""]
+        lines += [f"- `{e[:200]}`" for e in r.get("first_errors", []) + r.get("failed_tests", [])]
 (out / "sanitize.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 sys.exit(status)
