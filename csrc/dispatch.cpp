@@ -45,6 +45,10 @@ const char* tier_name(Tier tier) {
   return "unknown";
 }
 
+bool has_fused_kernels_for(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat;
+}
+
 TierDecision choose_tier(const at::Tensor& x, int64_t d_out, bool training) {
   const Override forced = tier_override();
   const Tier fused = training ? Tier::FusedTraining : Tier::FusedInference;
@@ -57,9 +61,8 @@ TierDecision choose_tier(const at::Tensor& x, int64_t d_out, bool training) {
     return {Tier::Eager, std::move(why)};
   };
   if (!x.is_cuda()) return cannot_fuse(std::string("device ") + x.device().str() + " has no fused kernels");
-  const auto dtype = x.scalar_type();
-  if (dtype != at::kHalf && dtype != at::kBFloat16 && dtype != at::kFloat) {
-    return cannot_fuse(std::string("dtype ") + c10::toString(dtype) + " has no fused kernels");
+  if (!has_fused_kernels_for(x.scalar_type())) {
+    return cannot_fuse(std::string("dtype ") + c10::toString(x.scalar_type()) + " has no fused kernels");
   }
   std::string why;
   if (!fused_kernels_available(x.device().index(), &why)) return cannot_fuse(why);

@@ -26,6 +26,10 @@ struct TierDecision {
 
 const char* tier_name(Tier tier);
 
+// Whether AOT kernels exist for activations of this dtype (fp16, bf16, fp32;
+// the DTYPES of triton_src/specs.py).
+bool has_fused_kernels_for(at::ScalarType dtype);
+
 // Decides the tier for activations `x` ([..., d_in] or [T, d_out]) against a
 // layer with `d_out` outputs. `training` asks for the path that saves for backward.
 TierDecision choose_tier(const at::Tensor& x, int64_t d_out, bool training);

@@ -1,5 +1,6 @@
 #include "fused_norm.h"
 
+#include "dispatch.h"
 #include "eager.h"
 #include "fused_common.h"
 
@@ -26,7 +27,7 @@ int64_t rank_tile(int64_t rank) {
 at::Tensor row_norm_fused(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
                           const at::Tensor& cached_weight_sq, at::Tensor* weight_sq) {
   const at::ScalarType dtype = weight.scalar_type();
-  if (dtype != at::kHalf && dtype != at::kBFloat16 && dtype != at::kFloat) return {};
+  if (!has_fused_kernels_for(dtype)) return {};
   const int64_t d_out = weight.size(0), d_in = weight.size(1), rank = lora_A.size(0);
   if (d_out == 0 || d_in == 0 || rank == 0) return {};
   // The kernel reads W and A along d_in with vector loads: unit stride and

@@ -135,7 +135,6 @@ at::Tensor cached_row_norm(const at::Tensor& weight, const at::Tensor& lora_A, c
   e.lora_B = Fingerprint::of(lora_B);
   e.scale = scale;
   e.norm = norm;
-  c.stats.entries = static_cast<int64_t>(c.entries.size());
   return norm;
 }
 

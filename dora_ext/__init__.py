@@ -17,10 +17,11 @@ from .ops import (  # noqa: E402
     dora_linear,
     last_tier,
     norm_cache_stats,
+    overrides,
     row_norm,
     select_tier,
 )
 
 __version__ = "0.1.0"
-__all__ = ["clear_norm_cache", "compose_delta", "dora_linear", "info", "last_tier", "norm_cache_stats", "row_norm",
+__all__ = ["clear_norm_cache", "compose_delta", "dora_linear", "info", "last_tier", "norm_cache_stats", "overrides", "row_norm",
            "select_tier", "__version__"]

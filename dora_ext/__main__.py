@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -58,13 +57,11 @@ def main() -> None:
 
     results = {}
     for tier in (["fused", "eager"] if cuda else ["eager"]):
-        os.environ["DORA_EXT_TIER"] = tier
-        with torch.no_grad():
+        with torch.no_grad(), dora_ext.overrides(tier=tier):
             y = dora_ext.dora_linear(*args_dev, 2.0)
             err = ((y.double().cpu() - ref).norm() / ref.norm()).item()
             ms = _time_ms(lambda: dora_ext.dora_linear(*args_dev, 2.0), repeat=20)
-        results[tier] = (dora_ext.last_tier()[0], err, ms)
-    os.environ.pop("DORA_EXT_TIER", None)
+            results[tier] = (dora_ext.last_tier()[0], err, ms)
     print(f"\nDoRA linear d_in={d_in} d_out={d_out} r={r} tokens={T} {args.dtype} on {device}")
     print(f"{'path':<8} {'tier':<16} {'rel. error vs float64':>22} {'median ms':>10}")
     for name, (tier, err, ms) in results.items():

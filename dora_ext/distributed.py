@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement
 
 from .nn import NORM_EPS
+from .ops import accumulate_dtype
 from .ops import row_norm as _row_norm_op
 
 __all__ = ["row_norm", "row_norm_partials"]
@@ -38,15 +39,11 @@ __all__ = ["row_norm", "row_norm_partials"]
 _CPU_CHUNK_ROWS = 1024
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def row_norm_partials(weight: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(||W_i||^2 [d_out], W A^T [d_out, r], A A^T [r, r])`` accumulated in fp32 (float64 for float64
     inputs), for plain tensors ``weight [d_out, k]`` and ``lora_A [r, k]`` over the same k columns.
     Summing these over a partition of the d_in columns gives the terms of the whole weight's norm."""
-    acc = _accumulate_dtype(weight.dtype)
+    acc = accumulate_dtype(weight.dtype)
     if weight.dtype == acc:
         return (torch.linalg.vector_norm(weight, dim=1).square(), weight @ lora_A.T, lora_A @ lora_A.T)
     if weight.is_cuda:  # 16-bit GEMMs on tensor cores with fp32 output; no upcast copy of W

@@ -37,7 +37,7 @@ from torch import nn
 
 from . import _safetensors
 from .nn import DoRALinear
-from .ops import row_norm
+from .ops import accumulate_dtype, row_norm
 
 __all__ = ["DoraLayerView", "FORMAT", "FORMAT_VERSION", "dora_layers", "save_adapter", "save_base"]
 
@@ -110,10 +110,6 @@ def dora_layers(model: nn.Module) -> dict[str, DoraLayerView]:
     return out
 
 
-def _accumulate(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.no_grad()
 def _norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
     """``||W + s B A||_row`` in float64 from the factored form, a block of rows at a time."""
@@ -149,7 +145,7 @@ def save_adapter(model: nn.Module, path: Union[str, Path], dtype: Optional[torch
     if not layers:
         raise ValueError("save_adapter: the model has no DoRA layers (DoRALinear or an active PEFT DoRA adapter)")
     dtype = _export_dtype(layers, dtype)
-    acc = _accumulate(dtype)
+    acc = accumulate_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {}
     for name, v in layers.items():
         weight, lora_A, lora_B = v.weight.to(dtype), v.lora_A.to(dtype), v.lora_B.to(dtype)

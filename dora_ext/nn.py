@@ -63,10 +63,6 @@ def _high_precision(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _is_dtensor(t: torch.Tensor) -> bool:
     # no torch.distributed import on the hot path (it may be absent from a build)
     return type(t).__name__ == "DTensor"

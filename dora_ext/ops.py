@@ -6,7 +6,10 @@ that torch.compile and torch.export trace with.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from typing import Iterator
 
 import torch
 
@@ -72,6 +75,24 @@ def last_tier() -> tuple[str, str]:
     return _ops.last_tier.default()
 
 
+@contextlib.contextmanager
+def overrides(tier: str | None = None, norm_cache: bool | None = None) -> Iterator[None]:
+    """Sets ``DORA_EXT_TIER`` (``"auto"``, ``"eager"``, ``"fused"`` or ``"prefer_fused"``) and/or
+    ``DORA_EXT_NORM_CACHE`` for the body and restores the previous values; ``None`` leaves a
+    variable as it is. The C++ side reads both on every call, so this works mid-process."""
+    wanted = {"DORA_EXT_TIER": tier, "DORA_EXT_NORM_CACHE": None if norm_cache is None else str(int(norm_cache))}
+    old = {name: os.environ.get(name) for name, value in wanted.items() if value is not None}
+    os.environ.update({name: value for name, value in wanted.items() if value is not None})
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def norm_cache_stats() -> dict[str, int]:
     """Counters of the row-norm cache since the last :func:`clear_norm_cache`.
 
@@ -92,7 +113,9 @@ def clear_norm_cache() -> None:
 # Fake kernels: output shapes, dtypes and devices only, for tracing.
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms and magnitude scales are computed and returned in for inputs of ``dtype``:
+    float64 for float64, fp32 otherwise (csrc/checks.h ``accumulate_type``)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -102,7 +125,7 @@ def _tokens(x: torch.Tensor) -> int:
 
 @torch.library.register_fake("dora_ext::row_norm")
 def _row_norm_fake(weight, lora_A, lora_B, scale):
-    return weight.new_empty((weight.shape[0],), dtype=_acc_dtype(weight.dtype))
+    return weight.new_empty((weight.shape[0],), dtype=accumulate_dtype(weight.dtype))
 
 
 @torch.library.register_fake("dora_ext::dora_linear")
@@ -117,7 +140,7 @@ def _dora_linear_forward_fake(x, weight, bias, lora_A, lora_B, magnitude, scale)
         x.new_empty((*x.shape[:-1], d_out)),
         x.new_empty((tokens, d_out)),
         x.new_empty((tokens, lora_A.shape[0])),
-        x.new_empty((d_out,), dtype=_acc_dtype(x.dtype)),
+        x.new_empty((d_out,), dtype=accumulate_dtype(x.dtype)),
     )
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import time
 from pathlib import Path
 
@@ -141,17 +139,15 @@ def bench_case(d_in, d_out, T, r, dtype, tflops, tbps, with_peft) -> dict:
     if training:
         row["linear_step_ms"] = median_ms(step_fn(base, xg))
     for tier in ("fused", "eager"):
-        os.environ["DORA_EXT_TIER"] = tier
-        with torch.no_grad():
-            ours(x)  # warm the norm cache: inference reuses the norm
-            row[f"dora_ext_{tier}_fwd_ms"] = median_ms(lambda: ours(x))
-        if training:  # every step pays for its norm
-            row[f"dora_ext_{tier}_step_ms"] = median_ms(step_fn(ours, xg, A))
-            row[f"dora_ext_{tier}_step_peak_mib"] = peak_extra_mib(step_fn(ours, xg, A))
-    for tier in ("fused", "eager"):  # after an optimizer step: ||W||^2 cached, the norm not
-        os.environ["DORA_EXT_TIER"] = tier
-        row[f"row_norm_{tier}_ms"] = median_ms(lambda: (increment_version(A), dora_ext.row_norm(W, A, B, s)))
-    os.environ.pop("DORA_EXT_TIER")
+        with dora_ext.overrides(tier=tier):
+            with torch.no_grad():
+                ours(x)  # warm the norm cache: inference reuses the norm
+                row[f"dora_ext_{tier}_fwd_ms"] = median_ms(lambda: ours(x))
+            if training:  # every step pays for its norm
+                row[f"dora_ext_{tier}_step_ms"] = median_ms(step_fn(ours, xg, A))
+                row[f"dora_ext_{tier}_step_peak_mib"] = peak_extra_mib(step_fn(ours, xg, A))
+            # after an optimizer step: ||W||^2 cached, the norm not
+            row[f"row_norm_{tier}_ms"] = median_ms(lambda: (increment_version(A), dora_ext.row_norm(W, A, B, s)))
     if with_peft:
         for name, use_dora in (("peft_lora", False), ("peft_dora", True)):
             layer = peft_layer(nn.Linear(d_in, d_out, bias=False, device=dev, dtype=dtype).requires_grad_(False), r,
@@ -195,7 +191,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
               "peft_lora | peft_dora | dora_ext_eager | dora_ext_fused |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        if f"dora_ext_fused_step_ms" not in row:
+        if "dora_ext_fused_step_ms" not in row:
             continue
         mem = [f"{row[f'{c}_step_peak_mib']:.0f}" if f"{c}_step_peak_mib" in row else "—"
                for c in ("peft_lora", "peft_dora", "dora_ext_eager", "dora_ext_fused")]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -45,27 +44,22 @@ def time_point(d: int, T: int, r: int, tier: str) -> tuple[float, float]:
     B = (torch.randn(d, r, device=dev, dtype=dt) * 0.02).requires_grad_(True)
     m = torch.rand(d, device=dev, dtype=dt).add_(0.5).requires_grad_(True)
     x = torch.randn(T, d, device=dev, dtype=dt, requires_grad=True)
-    os.environ["DORA_EXT_TIER"] = tier
-    try:
-        with torch.no_grad():
-            infer = median_ms(lambda: dora_ext.dora_linear(x, W, None, A, B, m, 2.0))
-        os.environ["DORA_EXT_NORM_CACHE"] = "0"
+    with dora_ext.overrides(tier=tier), torch.no_grad():
+        infer = median_ms(lambda: dora_ext.dora_linear(x, W, None, A, B, m, 2.0))
 
-        def step():
-            dora_ext.dora_linear(x, W, None, A, B, m, 2.0).sum().backward()
+    def step():
+        dora_ext.dora_linear(x, W, None, A, B, m, 2.0).sum().backward()
+    with dora_ext.overrides(tier=tier, norm_cache=False):
         train = median_ms(step)
-    finally:
-        os.environ.pop("DORA_EXT_TIER", None)
-        os.environ.pop("DORA_EXT_NORM_CACHE", None)
     return infer, train
 
 
 def threshold(points: list[dict], key: str, noise: float) -> int:
-    """Smallest tokens*d_out from which fused <= eager * (1 + noise) at every larger size."""
+    """Smallest tokens*d_out from which fused / eager <= 1 + noise at every larger size."""
     ordered = sorted(points, key=lambda p: p["elements"])
     result = ordered[-1]["elements"] + 1  # fused never wins: above every measured size
     for p in reversed(ordered):
-        if p[f"fused_{key}"] > p[f"eager_{key}"] * (1 + noise):
+        if p[f"ratio_{key}"] > 1 + noise:
             break
         result = p["elements"]
     return 0 if result == ordered[0]["elements"] else result
@@ -96,18 +90,12 @@ def main() -> None:
             p = {"d_out": d, "T": T, "elements": d * T}
             for r in RANKS:
                 for tier in ("fused", "eager"):
-                    infer, train = time_point(d, T, r, tier)
-                    # The worst rank decides: a threshold must hold for every rank measured.
-                    p[f"{tier}_inference"] = max(p.get(f"{tier}_inference", 0.0), infer)
-                    p[f"{tier}_training"] = max(p.get(f"{tier}_training", 0.0), train)
-                    p[f"{tier}_inference_r{r}"], p[f"{tier}_training_r{r}"] = infer, train
+                    p[f"{tier}_inference_r{r}"], p[f"{tier}_training_r{r}"] = time_point(d, T, r, tier)
+            # The worst rank decides: a threshold must hold for every rank measured.
+            for key in ("inference", "training"):
+                p[f"ratio_{key}"] = max(p[f"fused_{key}_r{r}"] / p[f"eager_{key}_r{r}"] for r in RANKS)
             points.append(p)
             print(json.dumps(p), flush=True)
-    # Ratios per rank (max over ranks of fused / eager) decide the thresholds.
-    for p in points:
-        for key in ("inference", "training"):
-            ratio = max(p[f"fused_{key}_r{r}"] / p[f"eager_{key}_r{r}"] for r in RANKS)
-            p[f"fused_{key}"], p[f"eager_{key}"] = ratio, 1.0
     inference, training = threshold(points, "inference", args.noise), threshold(points, "training", args.noise)
     gpu = torch.cuda.get_device_name()
     source = f"measured on {gpu}, {time.strftime('%Y-%m-%d')}, scripts/crossover.py"

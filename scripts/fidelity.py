@@ -27,16 +27,14 @@ On a CPU there is no fused tier: the bf16 runs are eager only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -130,23 +128,6 @@ def lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, to
     return loss, logits
 
 
-@contextlib.contextmanager
-def tier(value: Optional[str]) -> Iterator[None]:
-    """DORA_EXT_TIER for the body (the dispatcher reads it on every call)."""
-    old = os.environ.get("DORA_EXT_TIER")
-    if value is None:
-        os.environ.pop("DORA_EXT_TIER", None)
-    else:
-        os.environ["DORA_EXT_TIER"] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("DORA_EXT_TIER", None)
-        else:
-            os.environ["DORA_EXT_TIER"] = old
-
-
 # ---------------------------------------------------------------------------
 # runs
 
@@ -172,7 +153,7 @@ def train(name: str, base: torch.nn.Module, cfg: Config, precision: str, tier_va
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     losses = []
     seen = "?"
-    with tier(tier_value):
+    with dora_ext.overrides(tier=tier_value or "auto"):
         model.train()
         for ids in batches:
             opt.zero_grad(set_to_none=True)

@@ -106,21 +106,6 @@ GRAD_TOL = {**FWD_TOL, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 
 
 @contextlib.contextmanager
-def forced_tier(tier: str) -> Iterator[None]:
-    """DORA_EXT_TIER=tier for the body (hypothesis runs many examples per pytest test,
-    so monkeypatch, which restores only at test teardown, does not fit)."""
-    old = os.environ.get("DORA_EXT_TIER")
-    os.environ["DORA_EXT_TIER"] = tier
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("DORA_EXT_TIER", None)
-        else:
-            os.environ["DORA_EXT_TIER"] = old
-
-
-@contextlib.contextmanager
 def on_path(path: ExecPath) -> Iterator[None]:
     """Runs the body on ``path``: its tier forced and, on CUDA, the caching allocator's
     free memory filled with NaN first, so that an output element a kernel forgets to
@@ -128,7 +113,7 @@ def on_path(path: ExecPath) -> Iterator[None]:
     if path.device == "cuda":
         junk = torch.full((16 << 20,), float("nan"), device="cuda")
         del junk
-    with forced_tier(path.tier):
+    with dora_ext.overrides(tier=path.tier):
         yield
 
 
@@ -361,7 +346,7 @@ def test_row_norm(path: ExecPath, data) -> None:
 def _norm_of_op(c: Case) -> torch.Tensor:
     """The op's row norm on the case's device, checked, as float64 (the layer computes
     the same one: row_norm and the layer's forward share one implementation)."""
-    with forced_tier("eager"):
+    with dora_ext.overrides(tier="eager"):
         n = dora_ext.row_norm(c.weight.value, c.lora_A.value, c.lora_B.value, c.scale)
     return check_row_norm(c, n)
 
@@ -487,7 +472,7 @@ def _through_view(view: View, leaf64: torch.Tensor, terms: torch.Tensor) -> torc
 def test_compose_delta_forward_backward(path: ExecPath, data, cotangent: str, seed: int, lora_kind: str) -> None:
     c = data.draw(cases(path))
     s, dtype = c.scale, c.dtype
-    with torch.no_grad(), forced_tier("eager"):
+    with torch.no_grad(), dora_ext.overrides(tier="eager"):
         # base and lora as a caller (PEFT) computes them, rounded to dtype, in their own layouts.
         x64 = as_ref(c.x.value)
         base_v = x64 @ as_ref(c.weight.value).T
@@ -603,7 +588,7 @@ def test_compose_delta_nonfinite_inputs_propagate(path: ExecPath, data, target: 
     # (m - n) / n + 1 for accuracy at g ~ 1, which is NaN there: no common ground to test.
     assume(not (target == "norm" and math.isinf(value)))
     c = data.draw(cases(path))
-    with torch.no_grad(), forced_tier("eager"):
+    with torch.no_grad(), dora_ext.overrides(tier="eager"):
         x = c.x.value
         base_v = torch.nn.functional.linear(x, c.weight.value)
         lora_v = torch.nn.functional.linear(torch.nn.functional.linear(x, c.lora_A.value), c.lora_B.value)
