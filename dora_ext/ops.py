@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from typing import Iterator
 
 import torch
@@ -18,6 +19,25 @@ from ._library import load_library
 load_library()
 _ops = torch.ops.dora_ext
 
+_CACHE_ENV = "DORA_EXT_NORM_CACHE"
+
+
+def _norm_cache_off_under_distributed() -> None:
+    """Turns the norm cache off (once, process-wide) when torch.distributed is initialized.
+
+    The cache trusts version counters, and FSDP2 refills its unsharded parameters' storage with
+    new values after an optimizer step without bumping them (measured: same tensor, version 0,
+    sometimes the same address): a cached norm would be stale. An explicit DORA_EXT_NORM_CACHE
+    setting is left alone (``=1`` keeps the cache for distributed runs without FSDP).
+    """
+    if _CACHE_ENV in os.environ or torch.compiler.is_compiling():
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        os.environ[_CACHE_ENV] = "0"
+        warnings.warn("dora_ext: torch.distributed is initialized, so the row-norm cache is off (FSDP refills "
+                      "parameters without bumping their version counters); set DORA_EXT_NORM_CACHE=1 to keep it "
+                      "on where no FSDP is used", stacklevel=3)
+
 
 def row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
     """Row norms ``||W_i + scale * (B A)_i||`` as fp32 ``[d_out]`` (float64 for float64 inputs).
@@ -25,6 +45,7 @@ def row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, s
     Computed from the factored form ``||W_i||^2 + 2s<B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T``:
     no ``[d_out, d_in]`` intermediate. The result never requires grad (DoRA detaches the norm).
     """
+    _norm_cache_off_under_distributed()
     return _ops.row_norm.default(weight, lora_A, lora_B, scale)
 
 
@@ -50,6 +71,7 @@ def dora_linear(
     Returns ``[..., d_out]`` in x's dtype. Gradients flow to x, lora_A, lora_B,
     magnitude and bias; the norm ``n`` is detached and the weight is frozen.
     """
+    _norm_cache_off_under_distributed()
     return _ops.dora_linear.default(x, weight, bias, lora_A, lora_B, magnitude, scale)
 
 
@@ -80,7 +102,7 @@ def overrides(tier: str | None = None, norm_cache: bool | None = None) -> Iterat
     """Sets ``DORA_EXT_TIER`` (``"auto"``, ``"eager"``, ``"fused"`` or ``"prefer_fused"``) and/or
     ``DORA_EXT_NORM_CACHE`` for the body and restores the previous values; ``None`` leaves a
     variable as it is. The C++ side reads both on every call, so this works mid-process."""
-    wanted = {"DORA_EXT_TIER": tier, "DORA_EXT_NORM_CACHE": None if norm_cache is None else str(int(norm_cache))}
+    wanted = {"DORA_EXT_TIER": tier, _CACHE_ENV: None if norm_cache is None else str(int(norm_cache))}
     old = {name: os.environ.get(name) for name, value in wanted.items() if value is not None}
     os.environ.update({name: value for name, value in wanted.items() if value is not None})
     try:

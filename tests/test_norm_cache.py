@@ -6,6 +6,13 @@ counters, so a stale norm fails on values too.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -166,3 +173,47 @@ def test_dead_tensors_leave_the_cache(device):
     inp = _layer(device)
     with torch.no_grad():
         _check_forward(inp, torch.float32)
+
+
+def test_off_once_torch_distributed_is_initialized(tmp_path):
+    """FSDP2 refills its unsharded parameters without bumping version counters (simulated
+    here with torch.autograd._unsafe_preserve_version_counter): once torch.distributed is
+    initialized the cache is off, so such a refill is never served a stale norm; an explicit
+    DORA_EXT_NORM_CACHE=1 keeps it on. In a fresh process (the switch is process-wide)."""
+    script = textwrap.dedent("""
+        import json, os, sys, warnings
+        import torch, torch.distributed as dist, dora_ext
+        dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+        W, A, B = torch.randn(6, 16), torch.randn(2, 16), torch.randn(6, 2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first = dora_ext.row_norm(W, A, B, 0.5)
+        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(A):
+            A.copy_(torch.randn(2, 16))  # new values, same tensor, same version: what FSDP2 does
+        second = dora_ext.row_norm(W, A, B, 0.5)
+        fresh = (W.double() + 0.5 * B.double() @ A.double()).norm(dim=1)
+        print(json.dumps({"env": os.environ.get("DORA_EXT_NORM_CACHE"),
+                          "warned": any("row-norm cache is off" in str(w.message) for w in caught),
+                          "fresh": bool(torch.allclose(second.double(), fresh, rtol=1e-5)),
+                          "changed": not torch.equal(first, second),
+                          "stats": dora_ext.norm_cache_stats()}))
+        dist.destroy_process_group()
+    """)
+    pkg_root = str(Path(dora_ext.__file__).resolve().parent.parent)
+    results = {}
+    for preset in (None, "1"):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
+        env.pop("DORA_EXT_NORM_CACHE", None)
+        if preset is not None:
+            env["DORA_EXT_NORM_CACHE"] = preset
+        store = tmp_path / f"store_{preset}"
+        proc = subprocess.run([sys.executable, "-c", script, str(store)], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[preset] = json.loads(proc.stdout.strip().splitlines()[-1])
+    off = results[None]
+    assert off["env"] == "0" and off["warned"] and off["fresh"] and off["changed"], off
+    assert off["stats"]["bypassed"] == 2 and off["stats"]["norm_hits"] == 0, off
+    kept = results["1"]
+    assert not kept["warned"] and kept["stats"]["norm_hits"] == 1, kept  # the documented hazard of =1 under FSDP
+    assert not kept["fresh"], kept
