@@ -3,7 +3,8 @@
 # run the CUDA tests (FULL=1: the whole suite), the layer and the model benchmarks.
 #   bash scripts/gpu_check.sh [results-dir]        (default: gpu_results)
 # Environment: DORA_EXT_CUDA_ARCHS (arch list for the build), BENCH_ARGS
-# (extra arguments for scripts/bench.py), SKIP_BENCH=1 to only build and test.
+# (extra arguments for scripts/bench.py), SKIP_BENCH=1 to only build and test, SKIP_NO_CUBIN=1 to
+# skip the build for another architecture that tests the no-cubin fallback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS="${1:-gpu_results}"
@@ -26,6 +27,24 @@ select=(-m cuda)
 [ "${FULL:-0}" = "1" ] && select=()
 (cd tests && python3 -m pytest -q -rs -p no:cacheprovider --rootdir=. --ignore=test_cpp_example.py "${select[@]}" . 2>&1) \
   | tee "$RESULTS/tests.log" || tests_rc=$?
+
+# A build without cubins for this GPU must run every op eagerly and say so (tests/test_no_cubin.py):
+# a copy of the sources built for another architecture only, installed into a scratch directory.
+if [ "${SKIP_NO_CUBIN:-0}" != "1" ]; then
+  arch=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(10 * m + n)")
+  other=$([ "$arch" -ge 90 ] && echo 80 || echo 90)
+  scratch=$(mktemp -d)
+  mkdir -p "$scratch/src"
+  tar --exclude=./build --exclude='*.so' --exclude=./.git -cf - . | tar -xf - -C "$scratch/src"
+  if DORA_EXT_CUDA_ARCHS="$other" python3 -m pip install --no-build-isolation --no-deps --target "$scratch/site" \
+       "$scratch/src" > "$RESULTS/no_cubin_build.log" 2>&1; then
+    (cd tests && PYTHONPATH="$scratch/site" python3 -m pytest -q -rs -p no:cacheprovider --rootdir=. \
+       test_no_cubin.py 2>&1) | tee "$RESULTS/no_cubin_tests.log" || tests_rc=1
+  else
+    tail -30 "$RESULTS/no_cubin_build.log"; tests_rc=1
+  fi
+  rm -rf "$scratch"
+fi
 
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
   # shellcheck disable=SC2086
