@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
 # The checkout's dora_ext, appended: an installed dora_ext (the GPU machine's build) keeps priority.
 sys.path.append(str(Path(__file__).resolve().parent.parent))
@@ -139,9 +140,11 @@ def shard(model: nn.Module, wrapper: str, precision: str, device: torch.device) 
 
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if precision == "mp" else MixedPrecisionPolicy())
+        # an explicit mesh: fully_shard's default one is CUDA wherever a GPU exists, also for a gloo run
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         for layer in decoder_layers(model):
-            fully_shard(layer, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
         return model
     from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 
@@ -93,7 +93,7 @@ def case(name: str, mesh, w_pl, a_spec, b_spec, dtype, shape, seed) -> dict[str,
     return out
 
 
-def fsdp_layer_case() -> dict[str, Any]:
+def fsdp_layer_case(mesh: DeviceMesh) -> dict[str, Any]:
     """DoRALinear.row_norm() of an FSDP2-sharded layer (DTensor parameters, outside forward)."""
     from torch.distributed.fsdp import fully_shard
 
@@ -103,7 +103,7 @@ def fsdp_layer_case() -> dict[str, Any]:
         layer.lora_B.weight.normal_(0, 0.3)
     want = dense_norm(layer.base_layer.weight.detach(), layer.lora_A.weight.detach(), layer.lora_B.weight.detach(),
                       layer.scaling)
-    fully_shard(layer)
+    fully_shard(layer, mesh=mesh)  # explicit: fully_shard's default mesh is CUDA wherever a GPU exists
     assert isinstance(layer.base_layer.weight, DTensor)
     got = layer.row_norm()
     err = rel(got.full_tensor(), want)
@@ -160,7 +160,7 @@ def main() -> None:
             seed += 1
             results.append(case(f"mesh{mesh_shape} W{w_pl}", mesh2, w_pl, a_spec, b_spec, torch.float32,
                                 (13, 19, 3), seed))
-    results.append(fsdp_layer_case())
+    results.append(fsdp_layer_case(mesh))
     results.append(error_cases(mesh))
     # plain tensors go to the op unchanged
     w, a, b = factors(99, 7, 5, 2, torch.float32)
