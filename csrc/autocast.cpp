@@ -19,7 +19,8 @@
 //              < 1e-4 relative against float64), and narrowing fp32 weights to
 //              bf16 before it would put bf16 rounding (~1e-3) into it. So fp32
 //              inputs give the fp32-accurate norm of those inputs, PEFT's mix of
-//              a bf16 base weight with fp32 adapters runs in fp32, and
+//              a bf16 base weight with fp32 adapters runs at fp32 accuracy with
+//              the weight left in bf16 (row_norm's own promotion rule), and
 //              all-bf16 inputs stay bf16 (fp32 accumulation as always).
 //
 // compose_delta  elementwise: base and lora are promoted to the wider of their
@@ -83,8 +84,11 @@ at::Tensor row_norm_autocast(const at::Tensor& weight, const at::Tensor& lora_A,
                              double scale) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<device>());
   const at::ScalarType dt = widest_eligible<device>({&weight, &lora_A, &lora_B}, weight.scalar_type());
-  return row_norm(promote_to<device>(weight, dt), promote_to<device>(lora_A, dt), promote_to<device>(lora_B, dt),
-                  scale);
+  // row_norm takes a 16-bit weight with float32 adapters as they are: the same norm, no float32 copy of W
+  const bool keep_weight =
+      dt == at::kFloat && (weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16);
+  return row_norm(keep_weight ? weight : promote_to<device>(weight, dt), promote_to<device>(lora_A, dt),
+                  promote_to<device>(lora_B, dt), scale);
 }
 
 template <c10::DeviceType device>

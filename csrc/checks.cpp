@@ -35,13 +35,18 @@ at::ScalarType accumulate_type(at::ScalarType dtype) {
 }
 
 void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Tensor& lora_A,
-                         const at::Tensor& lora_B) {
+                         const at::Tensor& lora_B, bool fp32_adapters) {
   check_dim(op, "weight", weight, 2, "[d_out, d_in]");
   check_dim(op, "lora_A", lora_A, 2, "[r, d_in]");
   check_dim(op, "lora_B", lora_B, 2, "[d_out, r]");
   check_float(op, "weight", weight);
-  check_same_dtype(op, "lora_A", lora_A, weight, "weight");
-  check_same_dtype(op, "lora_B", lora_B, weight, "weight");
+  const bool low_precision_weight = weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16;
+  if (fp32_adapters && low_precision_weight && lora_A.scalar_type() == at::kFloat) {
+    check_same_dtype(op, "lora_B", lora_B, lora_A, "lora_A");
+  } else {
+    check_same_dtype(op, "lora_A", lora_A, weight, "weight");
+    check_same_dtype(op, "lora_B", lora_B, weight, "weight");
+  }
   check_same_device(op, "lora_A", lora_A, weight, "weight");
   check_same_device(op, "lora_B", lora_B, weight, "weight");
   const int64_t d_out = weight.size(0), d_in = weight.size(1), r = lora_A.size(0);

@@ -10,8 +10,10 @@ void check_dora_linear_args(const char* op, const at::Tensor& x, const at::Tenso
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                             const at::Tensor& lora_B, const at::Tensor& magnitude);
 
+// `fp32_adapters`: lora_A and lora_B may also be float32 with a float16/bfloat16
+// weight (row_norm's promotion rule: PEFT keeps adapters in float32 by default).
 void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Tensor& lora_A,
-                         const at::Tensor& lora_B);
+                         const at::Tensor& lora_B, bool fp32_adapters = false);
 
 void check_compose_delta_args(const char* op, const at::Tensor& base, const at::Tensor& lora,
                               const at::Tensor& magnitude, const at::Tensor& norm);

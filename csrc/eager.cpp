@@ -10,26 +10,45 @@
 namespace dora_ext {
 namespace {
 
-// Rows of a low-precision CPU weight upcast at a time: bounds the transient
-// fp32 copy to kCpuChunkRows x d_in instead of d_out x d_in.
+// Rows of a low-precision weight upcast at a time (CPU; CUDA for a float16 weight
+// with float32 adapters): bounds the transient fp32 copy to kCpuChunkRows x d_in
+// instead of d_out x d_in.
 constexpr int64_t kCpuChunkRows = 1024;
 
 bool is_low_precision(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
 
+// b (float32) as three bfloat16 parts whose sum is b exactly: 8 + 8 + 8 mantissa
+// bits hold float32's 24, and bfloat16 has float32's exponent range.
+at::Tensor bf16_parts(const at::Tensor& b) {
+  const at::Tensor hi = b.to(at::kBFloat16);
+  const at::Tensor rest = b - hi.to(at::kFloat);
+  const at::Tensor mid = rest.to(at::kBFloat16);
+  const at::Tensor lo = (rest - mid.to(at::kFloat)).to(at::kBFloat16);
+  return at::cat({hi, mid, lo});
+}
+
 // (a b^T) with products accumulated and returned in `acc`, never materialising
 // an upcast copy of `a`: cuBLAS takes 16-bit inputs with fp32 output; CPU
 // upcasts a row chunk at a time. Also returns the row sums of squares of `a`
-// when `row_sq` is given (the same pass over the weight).
+// when `row_sq` is given (the same pass over the weight). `b` may be float32
+// with a 16-bit `a` (float32 adapters): on CUDA a bfloat16 `a` meets the three
+// exact bfloat16 parts of b in one tensor-core GEMM (bf16 x bf16 products are
+// exact in fp32), anything else takes the row-chunk path.
 at::Tensor matmul_nt_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc, at::Tensor* row_sq) {
   if (a.scalar_type() == acc) {
     if (row_sq) *row_sq = at::linalg_vector_norm(a, 2, {1}, false, acc).square_();
     return at::mm(a, b.t());
   }
-  if (a.is_cuda()) {
+  if (a.is_cuda() && b.scalar_type() == a.scalar_type()) {
     if (row_sq) *row_sq = at::linalg_vector_norm(a, 2, {1}, false, acc).square_();
     return at::mm(a, b.t(), acc);
+  }
+  if (a.is_cuda() && a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kFloat) {
+    if (row_sq) *row_sq = at::linalg_vector_norm(a, 2, {1}, false, acc).square_();
+    const int64_t rows = b.size(0);
+    return at::mm(a, bf16_parts(b).t(), acc).view({a.size(0), 3, rows}).sum(1);
   }
   const at::Tensor b_acc = b.to(acc);
   at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options().dtype(acc));
@@ -194,7 +213,7 @@ namespace {
 
 // The public op: through the cache, returned as a copy the caller may write to.
 at::Tensor row_norm_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
-  check_row_norm_args("row_norm", weight, lora_A, lora_B);
+  check_row_norm_args("row_norm", weight, lora_A, lora_B, /*fp32_adapters=*/true);
   return row_norm_cached_eager(weight, lora_A, lora_B, scale).clone();
 }
 

@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward_gemms(
 // The public op: a copy of the cached norm, which the caller may write to. The
 // tier rules apply with the weight's rows in the place of tokens.
 at::Tensor row_norm_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
-  check_row_norm_args("row_norm", weight, lora_A, lora_B);
+  check_row_norm_args("row_norm", weight, lora_A, lora_B, /*fp32_adapters=*/true);
   c10::cuda::CUDAGuard guard(weight.device());
   TierDecision decision = choose_tier(weight, weight.size(0), /*training=*/false);
   record_tier(decision);

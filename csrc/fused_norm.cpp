@@ -28,6 +28,7 @@ at::Tensor row_norm_fused(const at::Tensor& weight, const at::Tensor& lora_A, co
                           const at::Tensor& cached_weight_sq, at::Tensor* weight_sq) {
   const at::ScalarType dtype = weight.scalar_type();
   if (!has_fused_kernels_for(dtype)) return {};
+  if (lora_A.scalar_type() != dtype) return {};  // float32 adapters on a 16-bit weight: the eager path
   const int64_t d_out = weight.size(0), d_in = weight.size(1), rank = lora_A.size(0);
   if (d_out == 0 || d_in == 0 || rank == 0) return {};
   // The kernel reads W and A along d_in with vector loads: unit stride and

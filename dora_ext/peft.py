@@ -263,14 +263,16 @@ def _dora_delta(layer: "DoraExtLinear", adapter: str, x: torch.Tensor, result: t
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     with torch.autocast(device_type, enabled=False):
-        w = weight.to(dtype)
         a = lora_A.weight.to(dtype)
         b = lora_B.weight.to(dtype)
         b_bias = lora_B.bias.to(dtype) if lora_B.bias is not None else None
-        norm = row_norm(w, a, b, scaling)
+        # float32 adapters on a 16-bit base (PEFT's default): row_norm takes the weight as it is, so
+        # there is no float32 copy of W and the norm cache keys on the parameter itself
+        keep_weight = dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16)
+        norm = row_norm(weight if keep_weight else weight.to(dtype), a, b, scaling)
         if _dropout_active(layer, adapter):
             x = layer.lora_dropout[adapter](x).to(dtype)
-            base_result = F.linear(x, w)
+            base_result = F.linear(x, weight.to(dtype))
         else:
             x = x.to(dtype)
             base_result = result if base.bias is None else result - base.bias

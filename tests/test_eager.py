@@ -89,6 +89,22 @@ def test_row_norm_matches_reference(dtype, d_in, d_out, r):
     torch.testing.assert_close(torch.ops.dora_ext.row_norm(W, A, B, s), n, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float16], ids=_dt_id)
+@pytest.mark.parametrize("d_in, d_out, r", [(64, 48, 8), (37, 23, 1), (64, 1100, 5), (520, 96, 40)])
+def test_row_norm_float32_adapters_on_16bit_weight(any_device, w_dtype, d_in, d_out, r):
+    """row_norm's promotion rule: float32 lora_A/lora_B with a float16/bfloat16 weight (PEFT's default
+    adapters) give the norm of exactly those values at float32 accuracy, the weight left as it is."""
+    inp = make_inputs(d_in, d_out, r, (1,), torch.float32, device=any_device)
+    W, A, B, s = inp["weight"].to(w_dtype), inp["lora_A"], inp["lora_B"], inp["scale"]
+    n = dora_ext.row_norm(W, A, B, s)
+    assert n.dtype == torch.float32 and n.shape == (d_out,) and n.device == W.device
+    ref = ref_row_norm(W, A, B, s)  # the 16-bit weight's values with the float32 adapters, in float64
+    assert rel_err(n, ref) < NORM_TOL[torch.float32]
+    # the adapters' float32 digits count: rounding them to the weight's dtype first is measurably off
+    rounded = ref_row_norm(W, A.to(w_dtype), B.to(w_dtype), s)
+    assert rel_err(rounded, ref) > 4 * rel_err(n, ref)
+
+
 @pytest.mark.parametrize("scale", [0.0, -1.5, 4.0])
 def test_row_norm_scales(scale):
     inp = make_inputs(29, 11, 3, (1,), torch.float64)

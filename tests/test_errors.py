@@ -137,6 +137,22 @@ def test_lora_A_dtype(inp, op):
 
 
 @pytest.mark.parametrize("op", ["dora_linear", "row_norm"])
+def test_float32_adapters_on_a_bf16_weight(op):
+    """row_norm takes float32 adapters with a 16-bit weight (both of them float32); dora_linear does not."""
+    a = make_inputs(D_IN, D_OUT, R, (T,), torch.bfloat16)
+    if op == "dora_linear":
+        with pytest.raises(RuntimeError, match=r"lora_A has dtype (Float|float32) but weight has dtype"):
+            dora_ext.dora_linear(**dict(a, lora_A=a["lora_A"].float(), lora_B=a["lora_B"].float()))
+        return
+    W, A, B, s = a["weight"], a["lora_A"].float(), a["lora_B"].float(), a["scale"]
+    assert dora_ext.row_norm(W, A, B, s).shape == (D_OUT,)
+    with pytest.raises(RuntimeError, match=r"lora_B has dtype (BFloat16|bfloat16) but lora_A has dtype (Float|float32)"):
+        dora_ext.row_norm(W, A, B.bfloat16(), s)
+    with pytest.raises(RuntimeError, match=r"lora_A has dtype (Double|float64) but weight has dtype"):
+        dora_ext.row_norm(W, A.double(), B.double(), s)
+
+
+@pytest.mark.parametrize("op", ["dora_linear", "row_norm"])
 def test_lora_B_wrong_d_out(inp, op):
     f = _linear if op == "dora_linear" else _norm
     with pytest.raises(RuntimeError, match=r"lora_B.*" + _shape(D_OUT, R) + r".*" + _shape(D_OUT + 2, R)):

@@ -293,8 +293,9 @@ def test_gpt2_conv1d_fan_in_fan_out():
 # -------------------------------------------------------------------------------------------- dtypes
 
 
-def test_bf16_base_with_fp32_adapters_without_autocast():
-    model = dora_model(dtype=torch.bfloat16)  # PEFT keeps the adapters in fp32 (autocast_adapter_dtype)
+def test_bf16_base_with_fp32_adapters_without_autocast(any_device):
+    # PEFT keeps the adapters in fp32 (autocast_adapter_dtype); row_norm takes them with the bf16 weight
+    model = dora_model(dtype=torch.bfloat16, device=any_device)
     layer = lora_layers(model)[0]
     assert layer.base_layer.weight.dtype == torch.bfloat16
     assert layer.lora_A["default"].weight.dtype == torch.float32
@@ -303,10 +304,12 @@ def test_bf16_base_with_fp32_adapters_without_autocast():
     dp.accelerate(model)
     ours = step(model)
     assert ours[0].dtype == torch.bfloat16
-    # the same casts as PEFT (fp32 LoRA path and norm, bf16 base result): equal up to fp32 rounding
+    # the same casts as PEFT (fp32 LoRA path and norm, bf16 base result); the norm agrees to fp32
+    # rounding, but in a bf16 network a one-ulp change of it flips bf16 roundings downstream, so the
+    # gradients are held to DESIGN.md §6's bound for bf16 inputs
     assert rel(ours[0], theirs[0]) < 1e-3
     for name in theirs[1]:
-        assert rel(ours[1][name], theirs[1][name]) < 1e-4, name
+        assert rel(ours[1][name], theirs[1][name]) < 1e-2, name
 
 
 @pytest.mark.parametrize("base_dtype,autocast_dtype", [
