@@ -57,6 +57,14 @@ def test_opcheck_row_norm(d_in, d_out, r, dtype, requires_grad):
     opcheck(OPS.row_norm.default, (inp["weight"], inp["lora_A"], inp["lora_B"], inp["scale"]))
 
 
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_opcheck_row_norm_float32_adapters(w_dtype, requires_grad):
+    """row_norm's promotion rule (16-bit weight, float32 adapters) through the fake kernel too."""
+    inp = make_inputs(16, 12, 4, (1,), torch.float32, requires_grad=requires_grad)
+    opcheck(OPS.row_norm.default, (inp["weight"].to(w_dtype), inp["lora_A"], inp["lora_B"], inp["scale"]))
+
+
 def _compose_sample(dtype, batch, d_in=12, d_out=9, r=3, requires_grad=False, mag_dtype=None):
     inp = make_inputs(d_in, d_out, r, batch, dtype, mag_dtype=mag_dtype)
     x, W, A, B, s = inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], inp["scale"]
