@@ -23,11 +23,13 @@
 //              the weight left in bf16 (row_norm's own promotion rule), and
 //              all-bf16 inputs stay bf16 (fp32 accumulation as always).
 //
-// compose_delta  elementwise: base and lora are promoted to the wider of their
-//              two dtypes (no cast when they agree, so a bf16 base result and a
+// compose_delta  elementwise: lora is promoted to the wider of the two dtypes, and
+//              base too unless it is 16-bit with a float32 lora (the op's own
+//              rule; no cast when they agree, so a bf16 base result and a
 //              bf16 LoRA result give a bf16 delta); the norm is cast to the fp32
 //              (float64 for float64) dtype the op expects for that dtype; the
 //              magnitude is left as it is.
+#include "checks.h"
 #include "dora_ext.h"
 
 #include <ATen/ATen.h>
@@ -85,8 +87,7 @@ at::Tensor row_norm_autocast(const at::Tensor& weight, const at::Tensor& lora_A,
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<device>());
   const at::ScalarType dt = widest_eligible<device>({&weight, &lora_A, &lora_B}, weight.scalar_type());
   // row_norm takes a 16-bit weight with float32 adapters as they are: the same norm, no float32 copy of W
-  const bool keep_weight =
-      dt == at::kFloat && (weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16);
+  const bool keep_weight = dt == at::kFloat && is_16bit_float(weight.scalar_type());
   return row_norm(keep_weight ? weight : promote_to<device>(weight, dt), promote_to<device>(lora_A, dt),
                   promote_to<device>(lora_B, dt), scale);
 }
@@ -97,7 +98,9 @@ at::Tensor compose_delta_autocast(const at::Tensor& base, const at::Tensor& lora
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<device>());
   const at::ScalarType dt = widest_eligible<device>({&base, &lora}, base.scalar_type());
   const at::ScalarType norm_dt = dt == at::kDouble ? at::kDouble : at::kFloat;
-  return compose_delta(promote_to<device>(base, dt), promote_to<device>(lora, dt), magnitude,
+  // compose_delta takes a 16-bit base with a float32 lora as they are (no float32 copy of base to save)
+  const bool keep_base = dt == at::kFloat && is_16bit_float(base.scalar_type());
+  return compose_delta(keep_base ? base : promote_to<device>(base, dt), promote_to<device>(lora, dt), magnitude,
                        promote_to<device>(norm, norm_dt), scale);
 }
 

@@ -40,8 +40,7 @@ void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Ten
   check_dim(op, "lora_A", lora_A, 2, "[r, d_in]");
   check_dim(op, "lora_B", lora_B, 2, "[d_out, r]");
   check_float(op, "weight", weight);
-  const bool low_precision_weight = weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16;
-  if (fp32_adapters && low_precision_weight && lora_A.scalar_type() == at::kFloat) {
+  if (fp32_adapters && is_16bit_float(weight.scalar_type()) && lora_A.scalar_type() == at::kFloat) {
     check_same_dtype(op, "lora_B", lora_B, lora_A, "lora_A");
   } else {
     check_same_dtype(op, "lora_A", lora_A, weight, "weight");
@@ -90,7 +89,11 @@ void check_compose_delta_args(const char* op, const at::Tensor& base, const at::
                               const at::Tensor& magnitude, const at::Tensor& norm) {
   TORCH_CHECK(base.dim() >= 1, op, ": base must have at least 1 dimension [..., d_out], got a 0-D tensor");
   check_float(op, "base", base);
-  check_same_dtype(op, "lora", lora, base, "base");
+  // base may be float16/bfloat16 with a float32 lora (PEFT's default adapters: the
+  // base layer's output stays 16-bit); otherwise one dtype
+  if (!(is_16bit_float(base.scalar_type()) && lora.scalar_type() == at::kFloat)) {
+    check_same_dtype(op, "lora", lora, base, "base");
+  }
   check_same_device(op, "lora", lora, base, "base");
   TORCH_CHECK(lora.sizes() == base.sizes(), op, ": lora must have the shape of base ", base.sizes(), ", got ",
               lora.sizes());

@@ -18,6 +18,11 @@ void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Ten
 void check_compose_delta_args(const char* op, const at::Tensor& base, const at::Tensor& lora,
                               const at::Tensor& magnitude, const at::Tensor& norm);
 
+// float16 or bfloat16: the dtypes that may meet float32 adapters (row_norm, compose_delta).
+inline bool is_16bit_float(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
 // The dtype the norm and the magnitude scale are computed in: float64 for
 // float64 inputs, float32 otherwise.
 at::ScalarType accumulate_type(at::ScalarType dtype);

@@ -15,10 +15,6 @@ namespace {
 // instead of d_out x d_in.
 constexpr int64_t kCpuChunkRows = 1024;
 
-bool is_low_precision(const at::Tensor& t) {
-  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-}
-
 // b (float32) as three bfloat16 parts whose sum is b exactly: 8 + 8 + 8 mantissa
 // bits hold float32's 24, and bfloat16 has float32's exponent range.
 at::Tensor bf16_parts(const at::Tensor& b) {
@@ -190,7 +186,8 @@ at::Tensor compose_delta_eager(const at::Tensor& base, const at::Tensor& lora, c
   const at::Tensor g = magnitude_scale(magnitude, norm);
   // (g - 1) * base + g * s * lora: never g * (base + s * lora) - base, which
   // cancels when g is close to 1.
-  return (magnitude_scale_minus_one(magnitude, norm) * base + (g * scale) * lora).to(base.scalar_type());
+  return (magnitude_scale_minus_one(magnitude, norm) * base + (g * scale) * lora)
+      .to(at::promote_types(base.scalar_type(), lora.scalar_type()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_eager(
@@ -205,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_eager(
     const at::Tensor z = base.to(acc) + lora.to(acc) * scale;
     grad_m = ((as_rows(grad_out).to(acc) * as_rows(z)).sum(0) / norm).to(magnitude.scalar_type());
   }
-  return {mask[0] ? grad_base : no_grad_placeholder(base), mask[1] ? grad_lora : no_grad_placeholder(base),
+  return {mask[0] ? grad_base : no_grad_placeholder(base), mask[1] ? grad_lora : no_grad_placeholder(lora),
           mask[2] ? grad_m : no_grad_placeholder(magnitude)};
 }
 

@@ -145,14 +145,16 @@ at::Tensor compose_delta_cuda(const at::Tensor& base, const at::Tensor& lora, co
   TierDecision decision = choose_tier(base, d_out, /*training=*/false);
   record_tier(decision);
   if (decision.tier == Tier::Eager) return compose_delta_eager(base, lora, magnitude, norm, scale);
-  const at::Tensor base2d = as_rows(base), lora2d = as_rows(lora);
+  // A 16-bit base with a float32 lora: the float32 kernel on a transient float32 copy of base
+  // (autograd saved the 16-bit base itself).
+  const at::Tensor base2d = as_rows(base.to(lora.scalar_type())), lora2d = as_rows(lora);
   const at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
   const at::Tensor gm1 = magnitude_scale_minus_one(magnitude, norm).contiguous();
-  at::Tensor out = at::empty({base2d.size(0), d_out}, base.options());
+  at::Tensor out = at::empty({base2d.size(0), d_out}, lora.options());
   const int64_t rows = out.size(0);
   const c10::DeviceIndex device = base.device().index();
   const std::string variant =
-      std::string(dtype_key(base.scalar_type())) + "_" +
+      std::string(dtype_key(lora.scalar_type())) + "_" +
       alignment_key({&base2d, &lora2d, &g, &gm1, &out}, {d_out, base2d.stride(0), lora2d.stride(0), out.stride(0)});
   const KernelImage& k = kernel_for("dora_delta_kernel", variant, device);
   launch(k, device, {cdiv(rows, k.tile_rows), cdiv(d_out, k.tile_cols), 1},

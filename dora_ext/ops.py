@@ -82,6 +82,8 @@ def compose_delta(
 
     Returns ``(g - 1) * base + g * scale * lora`` with ``g = magnitude / norm`` in fp32: the
     form that does not cancel when g is close to 1. ``norm`` comes from :func:`row_norm`.
+    ``base`` and ``lora`` share a dtype, except that a float16/bfloat16 ``base`` may come with a
+    float32 ``lora`` (PEFT's default adapters); the delta then is float32.
     """
     return _ops.compose_delta.default(base, lora, magnitude, norm, scale)
 
@@ -181,7 +183,7 @@ def _dora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, magnitude, n
 
 @torch.library.register_fake("dora_ext::compose_delta")
 def _compose_delta_fake(base, lora, magnitude, norm, scale):
-    return base.new_empty(base.shape)
+    return base.new_empty(base.shape, dtype=torch.promote_types(base.dtype, lora.dtype))
 
 
 @torch.library.register_fake("dora_ext::compose_delta_backward")

@@ -276,7 +276,8 @@ def _dora_delta(layer: "DoraExtLinear", adapter: str, x: torch.Tensor, result: t
         else:
             x = x.to(dtype)
             base_result = result if base.bias is None else result - base.bias
-            base_result = base_result.to(dtype)
+            if not (dtype == torch.float32 and base_result.dtype in (torch.float16, torch.bfloat16)):
+                base_result = base_result.to(dtype)  # else compose_delta takes it as it is: saved in 16 bits
         lora_result = F.linear(F.linear(x, a), b, b_bias)
         return compose_delta(base_result, lora_result, layer.lora_magnitude_vector[adapter].weight, norm, scaling)
 

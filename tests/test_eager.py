@@ -525,6 +525,26 @@ def test_compose_delta_gradients_match_reference(dtype):
         assert rel_err(a, b) < FWD_TOL[dtype], name
 
 
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16], ids=_dt_id)
+def test_compose_delta_16bit_base_with_float32_lora(any_device, base_dtype):
+    """compose_delta's promotion rule (PEFT's default adapters): a 16-bit base with a float32 lora
+    gives a float32 delta of exactly those values; each gradient comes in its input's dtype."""
+    base, lora, m, n, s = _compose_inputs(torch.float32, (3, 7))
+    base, lora, m, n = base.to(any_device, base_dtype), lora.to(any_device), m.to(any_device), n.to(any_device)
+    for t in (base, lora, m):
+        t.requires_grad_(True)
+    out = dora_ext.compose_delta(base, lora, m, n, s)
+    assert out.dtype == torch.float32 and out.shape == base.shape
+    ref = ref_compose_delta(base, lora, m, n, s)
+    assert rel_err(out, ref) < FWD_TOL[torch.float32]
+    gy = torch.randn(out.shape, dtype=torch.float64)
+    got = torch.autograd.grad(out, [base, lora, m], gy.to(out))
+    want = torch.autograd.grad(ref, [base, lora, m], gy)
+    for name, a, b, t in zip(("base", "lora", "magnitude"), got, want, (base, lora, m)):
+        assert a.dtype == t.dtype and a.shape == t.shape, name
+        assert rel_err(a, b) < FWD_TOL[t.dtype], name
+
+
 def test_compose_delta_norm_is_not_differentiated():
     """Even a norm that requires grad gets none: compose_delta treats it as a constant."""
     base, lora, m, n, s = _compose_inputs(torch.float64, (5,))

@@ -287,6 +287,16 @@ def test_compose_lora_dtype(inp):
         _compose(c, lora=c["lora"].half())
 
 
+def test_compose_float32_lora_only_with_a_16bit_base(inp):
+    """The one mixed pair compose_delta takes is a float16/bfloat16 base with a float32 lora."""
+    c = _compose_args(inp)
+    assert _compose(c, base=c["base"].bfloat16()).dtype == torch.float32
+    with pytest.raises(RuntimeError, match=r"\blora\b.*(Double|float64).*\bbase\b.*(BFloat16|bfloat16)"):
+        _compose(c, base=c["base"].bfloat16(), lora=c["lora"].double())
+    with pytest.raises(RuntimeError, match=r"\blora\b.*(BFloat16|bfloat16).*\bbase\b.*(Half|float16)"):
+        _compose(c, base=c["base"].half(), lora=c["lora"].bfloat16())
+
+
 def test_compose_magnitude_length(inp):
     c = _compose_args(inp)
     with pytest.raises(RuntimeError, match=r"magnitude.*" + _shape(D_OUT) + r".*" + _shape(D_OUT + 3)):

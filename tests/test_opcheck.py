@@ -168,3 +168,26 @@ def test_opcheck_select_tier(training):
 
 def test_opcheck_last_tier():
     opcheck(OPS.last_tier.default, (), test_utils=_INTROSPECTION_UTILS)
+
+
+def _mixed_compose_sample(batch, requires_grad=False):
+    """A bfloat16 base with a float32 lora (compose_delta's one mixed pair)."""
+    base, lora, m, norm, s = _compose_sample(torch.float32, batch)
+    base = base.bfloat16()
+    if requires_grad:
+        for t in (base, lora, m):
+            t.requires_grad_(True)
+    return base, lora, m, norm, s
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+def test_opcheck_compose_delta_bf16_base_float32_lora(requires_grad):
+    opcheck(OPS.compose_delta.default, _mixed_compose_sample((2, 3), requires_grad))
+
+
+@pytest.mark.parametrize("mask", [[True] * 3, [True, False, True], [False, True, False]],
+                         ids=lambda m: "".join("1" if v else "0" for v in m))
+def test_opcheck_compose_delta_backward_bf16_base_float32_lora(mask):
+    base, lora, m, norm, s = _mixed_compose_sample((5,))
+    grad_out = torch.randn(base.shape)  # the delta's dtype: float32
+    opcheck(OPS.compose_delta_backward.default, (grad_out, base, lora, m, norm, s, mask))
