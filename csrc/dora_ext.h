@@ -14,6 +14,7 @@ namespace dora_ext {
 
 // Row norms ||W_i + scale * (B A)_i|| as fp32 [d_out] (float64 for float64
 // inputs), computed from the factored form without a [d_out, d_in] product.
+// lora_A and lora_B have weight's dtype, or are float32 with a 16-bit weight.
 at::Tensor row_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
 
 // y = (m / n) * (x W^T + scale (x A^T) B^T) + bias, n = row_norm(W, A, B, scale)
@@ -24,6 +25,7 @@ at::Tensor dora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
 
 // The DoRA delta for callers that already have base = x W^T (no bias) and
 // lora = (x A^T) B^T: (g - 1) * base + g * scale * lora, g = magnitude / norm.
+// base and lora share a dtype, or base is 16-bit and lora float32 (delta float32).
 at::Tensor compose_delta(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
                          const at::Tensor& norm, double scale);
 
