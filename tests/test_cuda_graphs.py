@@ -14,17 +14,14 @@ launcher then loads its cubins (cuModuleLoadData) inside the capture.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import dora_ext
 from reference import make_inputs, ref_compose_delta, ref_dora_linear, rel_err
+from fresh_process import run_python
 
 pytestmark = [
     pytest.mark.cuda,
@@ -285,12 +282,7 @@ def test_first_call_inside_capture_in_fresh_process(mode):
     forbids module loads in a global-mode capture unless the loader steps out of it),
     and the graph must still replay correctly. ``loader``: only the fused launcher is
     cold; ``process``: no dora_ext op has run in the process before the capture."""
-    env = dict(os.environ, DORA_EXT_TIER="fused")
-    # The child imports the very dora_ext this process imported (installed or in-place build).
-    pkg_root = str(Path(dora_ext.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-c", _COLD_CAPTURE, mode], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_python(["-c", _COLD_CAPTURE, mode], timeout=300, DORA_EXT_TIER="fused")
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print("cold capture:", result)

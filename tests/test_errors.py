@@ -7,18 +7,15 @@ failure points at one rule.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import dora_ext
 from reference import make_inputs
+from fresh_process import run_python
 
 OPS = torch.ops.dora_ext
 D_IN, D_OUT, R, T = 12, 7, 3, 5
@@ -477,10 +474,7 @@ def test_prefer_fused_falls_back_with_one_warning():
         ref = dora_ext.dora_linear(x, W, None, A, B, m, 0.5)
         print(json.dumps({"tier": tier, "equal": all(torch.equal(y, ref) for y in ys)}))
     """)
-    pkg_root = str(Path(dora_ext.__file__).resolve().parent.parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
-    env.pop("DORA_EXT_TIER", None)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    proc = run_python(["-c", script], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"tier": "eager", "equal": True}

@@ -9,24 +9,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import dora_ext
+from fresh_process import run_python
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "fidelity.py"
 
 
 def test_fidelity_cpu_smoke(tmp_path):
-    env = dict(os.environ)
-    env.pop("DORA_EXT_TIER", None)
-    # The child imports the very dora_ext this process imported (installed or in-place build).
-    pkg_root = str(Path(dora_ext.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--steps", "3", "--tiny",
-                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    proc = run_python([str(SCRIPT), "--device", "cpu", "--steps", "3", "--tiny", "--out", str(tmp_path)],
+                      timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "fidelity.json").read_text())
     md = (tmp_path / "fidelity.md").read_text()

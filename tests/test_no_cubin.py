@@ -10,17 +10,14 @@ architecture only) and runs this file against it:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import dora_ext
 from reference import make_inputs, ref_dora_linear, ref_row_norm, rel_err
+from fresh_process import run_python
 
 
 def _gpu_arch() -> int:
@@ -86,10 +83,7 @@ def test_prefer_fused_warns_once_and_runs_eager():
             ref = dora_ext.dora_linear(x, W, None, A, B, m, 0.5)
         print(json.dumps({"tier": tier, "equal": all(torch.equal(y, ref) for y in ys)}))
     """)
-    pkg_root = str(Path(dora_ext.__file__).resolve().parent.parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
-    env.pop("DORA_EXT_TIER", None)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    proc = run_python(["-c", script], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"tier": "eager", "equal": True}
     warnings = [line for line in proc.stderr.splitlines() if "DORA_EXT_TIER=prefer_fused" in line]

@@ -7,17 +7,14 @@ counters, so a stale norm fails on values too.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import dora_ext
 from reference import make_inputs, ref_dora_linear, ref_row_norm, rel_err
+from fresh_process import run_python
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[
     pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
@@ -199,16 +196,10 @@ def test_off_once_torch_distributed_is_initialized(tmp_path):
                           "stats": dora_ext.norm_cache_stats()}))
         dist.destroy_process_group()
     """)
-    pkg_root = str(Path(dora_ext.__file__).resolve().parent.parent)
     results = {}
     for preset in (None, "1"):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
-        env.pop("DORA_EXT_NORM_CACHE", None)
-        if preset is not None:
-            env["DORA_EXT_NORM_CACHE"] = preset
         store = tmp_path / f"store_{preset}"
-        proc = subprocess.run([sys.executable, "-c", script, str(store)], env=env, capture_output=True, text=True,
-                              timeout=120)
+        proc = run_python(["-c", script, str(store)], timeout=120, DORA_EXT_NORM_CACHE=preset)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[preset] = json.loads(proc.stdout.strip().splitlines()[-1])
     off = results[None]

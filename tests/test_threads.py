@@ -20,16 +20,12 @@ including from threads' point of view: its table is guarded by one mutex).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-import dora_ext
+from fresh_process import run_python
 
 THREADS = 8
 
@@ -124,20 +120,11 @@ _SCRIPT = textwrap.dedent("""
 
 
 def _run(device: str, tier: str | None) -> dict:
-    env = dict(os.environ)
-    env.pop("DORA_EXT_TIER", None)
-    if tier is not None:
-        env["DORA_EXT_TIER"] = tier
-    env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-    # Every call takes the same norm path: with the cache on, a first (cold) call computes
-    # ||W||^2 in a different kernel variant than later (warm) calls, and the two may round
-    # the norm's last bit differently, which bitwise comparison would flag.
-    env["DORA_EXT_NORM_CACHE"] = "0"
-    # The child imports the very dora_ext this process imported (installed or in-place build).
-    pkg_root = str(Path(dora_ext.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, device, str(THREADS)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    # DORA_EXT_NORM_CACHE=0: every call takes the same norm path. With the cache on, a first
+    # (cold) call computes ||W||^2 in a different kernel variant than later (warm) calls, and
+    # the two may round the norm's last bit differently, which bitwise comparison would flag.
+    proc = run_python(["-c", _SCRIPT, device, str(THREADS)], timeout=600, DORA_EXT_TIER=tier,
+                      CUBLAS_WORKSPACE_CONFIG=":4096:8", DORA_EXT_NORM_CACHE="0")
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not result["errors"], "\n".join(result["errors"])
