@@ -39,6 +39,21 @@ CONFIGS = [
 
 
 @triton.jit
+def _accumulate_abt(acc, a_ptr, b_ptr, offs_m, offs_n, m_ok, n_ok, stride_a, stride_b, K,
+                    BLOCK_K: tl.constexpr):
+    """acc + a[offs_m, :K] @ b[offs_n, :K]^T, both with unit stride along K."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(a_ptr + offs_m[:, None] * stride_a + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K),
+                    other=0.0)
+        b = tl.load(b_ptr + offs_n[:, None] * stride_b + kk[None, :], mask=n_ok[:, None] & (kk[None, :] < K),
+                    other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc)
+    return acc
+
+
+@triton.jit
 def dora_fwd_gemm_kernel(x_ptr, w_ptr, h_ptr, b_ptr, g_ptr, bias_ptr, y_ptr,
                          T, N, K, R, scale,
                          stride_xm, stride_wn, stride_hm, stride_bn, stride_ym,
@@ -57,26 +72,13 @@ def dora_fwd_gemm_kernel(x_ptr, w_ptr, h_ptr, b_ptr, g_ptr, bias_ptr, y_ptr,
     pid_n = (pid % (GROUP_M * num_n)) // rows_in_group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < T
     n_ok = offs_n < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_K):
-        rr = r0 + offs_k
-        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + rr[None, :], mask=m_ok[:, None] & (rr[None, :] < R),
-                    other=0.0)
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + rr[None, :], mask=n_ok[:, None] & (rr[None, :] < R),
-                    other=0.0)
-        acc = tl.dot(h, tl.trans(b), acc)
+    acc = _accumulate_abt(acc, h_ptr, b_ptr, offs_m, offs_n, m_ok, n_ok, stride_hm, stride_bn, R, BLOCK_K)
     acc = acc * scale
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K),
-                    other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=n_ok[:, None] & (kk[None, :] < K),
-                    other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
+    acc = _accumulate_abt(acc, x_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, stride_xm, stride_wn, K, BLOCK_K)
 
     g = tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)
     y = acc * g[None, :]
