@@ -34,7 +34,10 @@ CONFIGS = [
     (256, 128, 64, 8, 8, 3),
     (128, 128, 128, 8, 8, 3),
     (64, 128, 64, 8, 4, 4),
-    (16, 128, 128, 1, 4, 4),  # decode-sized T
+    # decode-sized T: narrow column tiles so that enough programs stream W (d_out / BLOCK_N of them)
+    (16, 128, 128, 1, 4, 4),
+    (16, 64, 128, 1, 4, 4),
+    (16, 32, 256, 1, 4, 3),
 ]
 
 
