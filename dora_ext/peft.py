@@ -53,6 +53,7 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
 from ._frozen import detach_if_frozen_view
+from ._cast_cache import cast_for_forward
 from .ops import compose_delta, dora_linear, row_norm
 
 __all__ = ["DoraExtLinear", "accelerate", "fallback_counts", "is_accelerated", "report", "restore"]
@@ -244,10 +245,10 @@ def _single_call(layer: "DoraExtLinear", x: torch.Tensor, adapter: str) -> Optio
     with torch.autocast(device_type, enabled=False):
         return dora_linear(
             x.to(dtype),
-            weight.to(dtype),
+            weight.to(dtype),  # not cached: a lasting copy of every base weight would cost memory
             bias.to(dtype) if bias is not None else None,
-            lora_A.weight.to(dtype),
-            lora_B.weight.to(dtype),
+            cast_for_forward(lora_A.weight, dtype),
+            cast_for_forward(lora_B.weight, dtype),
             layer.lora_magnitude_vector[adapter].weight,
             layer.scaling[adapter],
         )
@@ -263,8 +264,8 @@ def _dora_delta(layer: "DoraExtLinear", adapter: str, x: torch.Tensor, result: t
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     with torch.autocast(device_type, enabled=False):
-        a = lora_A.weight.to(dtype)
-        b = lora_B.weight.to(dtype)
+        a = cast_for_forward(lora_A.weight, dtype)
+        b = cast_for_forward(lora_B.weight, dtype)
         b_bias = lora_B.bias.to(dtype) if lora_B.bias is not None else None
         # float32 adapters on a 16-bit base (PEFT's default): row_norm takes the weight as it is, so
         # there is no float32 copy of W and the norm cache keys on the parameter itself

@@ -16,6 +16,7 @@ from torch import nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+import dora_ext  # noqa: E402
 import dora_ext.peft as dp  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora.layer import Linear as LoraLinear  # noqa: E402
@@ -310,6 +311,38 @@ def test_bf16_base_with_fp32_adapters_without_autocast(any_device):
     assert rel(ours[0], theirs[0]) < 1e-3
     for name in theirs[1]:
         assert rel(ours[1][name], theirs[1][name]) < 1e-2, name
+
+
+def test_eval_under_autocast_reuses_the_norm_of_fp32_adapters(any_device):
+    """PEFT's default fp32 adapters on a bf16 model, eval under autocast: the adapters are cast to
+    bf16 for the fused op, and the cast keeps its identity while the adapter is unchanged, so the
+    norm cache hits on every forward after the first (else the norm, a GEMM over W, would be
+    recomputed per forward, decode included). An in-place update (an optimizer step) is seen."""
+    model = dora_model(dtype=torch.bfloat16, device=any_device)
+    model.eval()
+    dp.accelerate(model)
+    context = functools.partial(torch.autocast, any_device.type, dtype=torch.bfloat16)
+    with context():
+        first = logits_of(model)
+        dora_ext.clear_norm_cache()
+        logits_of(model)  # fills the cache
+        before = dora_ext.norm_cache_stats()
+        again = logits_of(model)
+        after = dora_ext.norm_cache_stats()
+    assert torch.equal(again, first)
+    assert after["norm_hits"] - before["norm_hits"] == N_LINEAR
+    assert after["norm_misses"] == before["norm_misses"]
+    layer = lora_layers(model)[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.mul_(3.0)  # in place, like an optimizer step
+    with context():
+        changed = logits_of(model)
+    restored = copy.deepcopy(model)
+    dp.restore(restored)
+    with context():
+        theirs = logits_of(restored)
+    assert not torch.equal(changed, first)
+    assert rel(changed, theirs) < 2e-2
 
 
 @pytest.mark.parametrize("base_dtype,autocast_dtype", [
