@@ -13,6 +13,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 
 namespace dora_ext {
 namespace {
@@ -66,15 +69,42 @@ at::Tensor row_norm_cached_cuda(const at::Tensor& weight, const at::Tensor& lora
   });
 }
 
-// The GEMM stage both fused forwards share: z = x W^T + s (x A^T) B^T [T, d_out],
+// The GEMM stage both fused forwards share: z = x W^T + s (x A^T) B^T [T, d_out]
+// (x W^T only when `add_lora` is false: the epilogue kernel adds the rest),
 // h = x A^T, the detached norm and g = m / n (fp32, contiguous for the kernel).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward_gemms(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    const at::Tensor& magnitude, double scale) {
+    const at::Tensor& magnitude, double scale, bool add_lora) {
   at::Tensor norm = row_norm_cached_cuda(weight, lora_A, lora_B, scale);
   at::Tensor g = cached_magnitude_scale(weight, magnitude, norm);
-  auto [h, z] = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale);
+  auto [h, z] = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale, add_lora);
   return {z, h, norm, g};
+}
+
+// DORA_EXT_LORA_EPILOGUE=1 (read per call): the LoRA up-projection runs as a Triton GEMM whose
+// epilogue finishes the output (triton_src/lora_up.py) instead of cuBLAS addmm_ plus the scale
+// pass. Off by default until measured against that pair (scripts/bench_epilogue.py); 16-bit only.
+bool lora_epilogue_for(at::ScalarType dtype) {
+  const char* env = std::getenv("DORA_EXT_LORA_EPILOGUE");
+  return env != nullptr && std::strcmp(env, "1") == 0 && (dtype == at::kHalf || dtype == at::kBFloat16);
+}
+
+// z += s h B^T (written back when `write_z`) and out = g * z + bias in one pass over
+// [T, d_out]; out may be z when z is not written back.
+void launch_lora_up(const at::Tensor& z, const at::Tensor& h, const at::Tensor& lora_B, double scale,
+                    const at::Tensor& g, const std::optional<at::Tensor>& bias, const at::Tensor& out, bool write_z) {
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const at::Tensor up = lora_B.stride(1) == 1 ? lora_B : lora_B.contiguous();  // unit stride along r
+  const int64_t rows = z.size(0), cols = z.size(1), rank = up.size(1);
+  const std::string variant =
+      std::string(dtype_key(z.scalar_type())) + (b.defined() ? "_bias_" : "_nobias_") + (write_z ? "z_" : "noz_") +
+      alignment_key({&z, &h, &up, &g, &b, &out},
+                    {cols, rank, z.stride(0), h.stride(0), up.stride(0), out.stride(0)});
+  const c10::DeviceIndex device = z.device().index();
+  const KernelImage& k = kernel_for("dora_lora_up_kernel", variant, device);
+  launch(k, device, {cdiv(rows, k.tile_rows), cdiv(cols, k.tile_cols), 1},
+         {z, h, up, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), out, rows, cols, rank, z.stride(0),
+          h.stride(0), up.stride(0), out.stride(0), static_cast<float>(scale)});
 }
 
 // The public op: a copy of the cached norm, which the caller may write to. The
@@ -93,11 +123,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_c
   check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
   c10::cuda::CUDAGuard guard(x.device());
   TierDecision decision = choose_tier(x, weight.size(0), /*training=*/true);
+  const bool epilogue = decision.tier != Tier::Eager && lora_epilogue_for(x.scalar_type());
+  if (epilogue) decision.reason += "; LoRA up-projection in the output epilogue (DORA_EXT_LORA_EPILOGUE=1)";
   record_tier(decision);
   if (decision.tier == Tier::Eager) return dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
-  auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale);
+  auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale, !epilogue);
   at::Tensor out = at::empty_like(z);
-  launch_scale(z, g, bias, out);
+  if (epilogue) {
+    launch_lora_up(z, h, lora_B, scale, g, bias, out, /*write_z=*/true);  // z is saved for backward
+  } else {
+    launch_scale(z, g, bias, out);
+  }
   return {out.view(output_shape(x, weight.size(0))), z, h, norm};
 }
 
@@ -107,10 +143,16 @@ at::Tensor dora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
   c10::cuda::CUDAGuard guard(x.device());
   TierDecision decision = choose_tier(x, weight.size(0), /*training=*/false);
+  const bool epilogue = decision.tier != Tier::Eager && lora_epilogue_for(x.scalar_type());
+  if (epilogue) decision.reason += "; LoRA up-projection in the output epilogue (DORA_EXT_LORA_EPILOGUE=1)";
   record_tier(decision);
   if (decision.tier == Tier::Eager) return dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
-  auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale);
-  launch_scale(z, g, bias, z);  // in place: nothing else needs z
+  auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale, !epilogue);
+  if (epilogue) {
+    launch_lora_up(z, h, lora_B, scale, g, bias, z, /*write_z=*/false);  // in place: nothing else needs z
+  } else {
+    launch_scale(z, g, bias, z);  // in place: nothing else needs z
+  }
   return z.view(output_shape(x, weight.size(0)));
 }
 

@@ -5,7 +5,10 @@
     then one Triton pass ``y = g * z + bias``;
 (b) one Triton GEMM whose accumulator takes the LoRA up-projection ``s h B^T`` and then ``x W^T``,
     with ``y = g * acc + bias`` in its epilogue: no ``[T, d_out]`` intermediate is written or read
-    (h = x A^T still comes from cuBLAS).
+    (h = x A^T still comes from cuBLAS);
+(c) the library with ``DORA_EXT_LORA_EPILOGUE=1``: cuBLAS ``z = x W^T``, then the AOT kernel of
+    triton_src/lora_up.py adds ``s h B^T`` and applies g and bias in one pass (no addmm_, no scale
+    pass); also timed for a training step (forward + backward) against (a) where T >= 512.
 
 Both with the same cached norm (``g = m / n``), bf16, r = 384 by default, on the layer shapes of
 scripts/bench.py; every config of (b) is timed and the best kept. Writes ``epilogue.json`` and
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -140,6 +144,24 @@ def main() -> None:
             with torch.no_grad(), dora_ext.overrides(tier="fused"):
                 ref = dora_ext.dora_linear(x, W, bias, A, B, m, s)  # also warms the norm cache
                 t_now = ms(lambda: dora_ext.dora_linear(x, W, bias, A, B, m, s))
+                os.environ["DORA_EXT_LORA_EPILOGUE"] = "1"
+                y_lib = dora_ext.dora_linear(x, W, bias, A, B, m, s)
+                t_lib = ms(lambda: dora_ext.dora_linear(x, W, bias, A, B, m, s))
+                del os.environ["DORA_EXT_LORA_EPILOGUE"]
+            lib_err = float((y_lib.double() - ref.double()).norm() / ref.double().norm())
+            steps = {}
+            if T >= 512:
+                leaves = [t.clone().requires_grad_(True) for t in (x, A, B, m)]
+
+                def step() -> None:
+                    y = dora_ext.dora_linear(leaves[0], W, bias, *leaves[1:], s)
+                    y.backward(torch.ones_like(y))
+
+                with dora_ext.overrides(tier="fused"):
+                    for flag in ("0", "1"):
+                        os.environ["DORA_EXT_LORA_EPILOGUE"] = flag
+                        steps[flag] = ms(step)
+                    del os.environ["DORA_EXT_LORA_EPILOGUE"]
             best = None
             for config in CONFIGS:
                 if config[0] > max(16, triton.next_power_of_2(T)) * 8:
@@ -156,7 +178,8 @@ def main() -> None:
             floor = 2 * T * (d_in * d_out + r * (d_in + d_out)) / rate * 1e3
             row = {"d_in": d_in, "d_out": d_out, "T": T, "r": r, "floor_ms": floor, "linear_ms": t_linear,
                    "cublas_plus_pass_ms": t_now, "triton_epilogue_ms": best[0], "config": best[1],
-                   "rel_err_vs_fused": best[2]}
+                   "rel_err_vs_fused": best[2], "lib_lora_epilogue_ms": t_lib, "lib_lora_epilogue_rel_err": lib_err,
+                   "step_cublas_plus_pass_ms": steps.get("0"), "step_lib_lora_epilogue_ms": steps.get("1")}
             rows.append(row)
             print(json.dumps(row), flush=True)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -165,14 +188,19 @@ def main() -> None:
     lines = [f"GPU {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, bf16 GEMM "
              f"{meta['gemm_tflops']:.0f} TFLOP/s; inference forward with cached norm, median ms (x floor)", "",
              "| d_in×d_out | T | r | floor | nn.Linear | (a) cuBLAS + pass | (b) Triton GEMM epilogue | (b) config | "
-             "(b) vs (a) rel. err |", "|---|---|---|---|---|---|---|---|---|"]
+             "(b) vs (a) rel. err | (c) library, LoRA-up epilogue | (c) vs (a) rel. err | step (a) | step (c) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         f = row["floor_ms"]
         lines.append(f"| {row['d_in']}×{row['d_out']} | {row['T']} | {row['r']} | {f:.3f} | "
                      f"{row['linear_ms']:.3f} ({row['linear_ms'] / f:.2f}×) | "
                      f"{row['cublas_plus_pass_ms']:.3f} ({row['cublas_plus_pass_ms'] / f:.2f}×) | "
                      f"{row['triton_epilogue_ms']:.3f} ({row['triton_epilogue_ms'] / f:.2f}×) | {row['config']} | "
-                     f"{row['rel_err_vs_fused']:.1e} |")
+                     f"{row['rel_err_vs_fused']:.1e} | "
+                     f"{row['lib_lora_epilogue_ms']:.3f} ({row['lib_lora_epilogue_ms'] / f:.2f}×) | "
+                     f"{row['lib_lora_epilogue_rel_err']:.1e} | "
+                     + " | ".join("—" if row[k] is None else f"{row[k]:.3f}"
+                                  for k in ("step_cublas_plus_pass_ms", "step_lib_lora_epilogue_ms")) + " |")
     (args.out / "epilogue.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

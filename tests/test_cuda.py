@@ -213,3 +213,60 @@ def test_no_triton_at_run_time(tmp_path):
     assert result["tier"] == "fused_inference"
     assert result["triton"] is False
     assert list(cache.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# DORA_EXT_LORA_EPILOGUE=1: the LoRA up-projection in a Triton GEMM epilogue (triton_src/lora_up.py)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 96, 16, (128,)), (37, 23, 1, (3, 5)), (256, 512, 100, (2, 100)),
+                                   (520, 300, 40, (67,)), (64, 96, 16, (1,))])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_epilogue_forward_and_gradients(dtype, shape, bias, monkeypatch):
+    d_in, d_out, r, batch = shape
+    t = _inputs(d_in, d_out, r, batch, dtype, bias=bias, mag_dtype=torch.float32, seed=3)
+    if r > 1:  # a lora_B without unit stride along r: the launcher makes it contiguous
+        t["B"] = t["B"].t().contiguous().t()
+    args = (t["x"], t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])
+    ref = _ref(*args)
+    with torch.no_grad():
+        default = dora_ext.dora_linear(*args)
+        monkeypatch.setenv("DORA_EXT_LORA_EPILOGUE", "1")
+        _poison_allocator()
+        y = dora_ext.dora_linear(*args)
+    tier, reason = dora_ext.last_tier()
+    assert tier == "fused_inference" and "epilogue" in reason, (tier, reason)
+    assert y.dtype == dtype and y.shape == (*batch, d_out)
+    err = rel_err(y, ref)
+    assert err < FWD_TOL[dtype]
+    assert err <= 2 * rel_err(_plain_torch(*args), ref) + 1e-6
+    assert rel_err(y, default) < FWD_TOL[dtype]
+
+    leaves = {k: t[k].clone().requires_grad_(True) for k in ("x", "A", "B", "m")}
+    if bias:
+        leaves["b"] = t["b"].clone().requires_grad_(True)
+    y = dora_ext.dora_linear(leaves["x"], t["W"], leaves.get("b"), leaves["A"], leaves["B"], leaves["m"], t["s"])
+    assert dora_ext.last_tier()[0] == "fused_training" and "epilogue" in dora_ext.last_tier()[1]
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    ref_leaves = {k: v.detach().double().cpu().requires_grad_(True) for k, v in leaves.items()}
+    Wp = t["W"].double().cpu() + t["s"] * ref_leaves["B"] @ ref_leaves["A"]
+    ref = (ref_leaves["x"] @ Wp.T) * (ref_leaves["m"] / Wp.norm(dim=1).detach())
+    if bias:
+        ref = ref + ref_leaves["b"]
+    ref.backward(gy.double().cpu())
+    assert rel_err(y, ref) < FWD_TOL[dtype]
+    for k in leaves:
+        assert leaves[k].grad.dtype == leaves[k].dtype
+        assert rel_err(leaves[k].grad, ref_leaves[k].grad) < 2e-2, k
+
+
+def test_lora_epilogue_leaves_fp32_on_cublas(monkeypatch):
+    t = _inputs(64, 96, 8, (16,), torch.float32)
+    monkeypatch.setenv("DORA_EXT_LORA_EPILOGUE", "1")
+    with torch.no_grad():
+        y = dora_ext.dora_linear(t["x"], t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])
+    tier, reason = dora_ext.last_tier()
+    assert tier == "fused_inference" and "epilogue" not in reason
+    assert rel_err(y, _ref(t["x"], t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])) < FWD_TOL[torch.float32]

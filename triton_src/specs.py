@@ -7,7 +7,8 @@ to size the grid, so block shapes live here and nowhere else.
 
 Variants:
   <dtype>            storage dtype of the activations: fp16, bf16 or fp32;
-  _bias / _nobias    (scale kernel) whether a bias is added;
+  _bias / _nobias    (scale and LoRA up-projection kernels) whether a bias is added;
+  _z / _noz          (LoRA up-projection) whether z is written back (training);
   _a16 / _any        _a16 promises 16-byte aligned pointers and row strides and a
                      column count divisible by 16 (vectorised loads); _any
                      promises nothing. The launcher checks and picks.
@@ -94,6 +95,29 @@ def _grad_prologue_specs() -> list[Spec]:
     return specs
 
 
+def _lora_up_specs() -> list[Spec]:
+    specs = []
+    for dt in ("fp16", "bf16"):  # fp32 keeps cuBLAS's addmm_ and the scale pass
+        for bias in (True, False):
+            for write_z in (True, False):
+                for a16 in (True, False):
+                    sig = {"z_ptr": f"*{dt}", "h_ptr": f"*{dt}", "b_ptr": f"*{dt}", "g_ptr": "*fp32",
+                           "bias_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n_rows": "i64", "n_cols": "i64",
+                           "rank": "i64", "stride_z": "i64", "stride_h": "i64", "stride_b": "i64",
+                           "stride_out": "i64", "scale": "fp32"}
+                    specs.append(Spec(
+                        module="lora_up", kernel="dora_lora_up_kernel",
+                        variant=f"{dt}_{'bias' if bias else 'nobias'}_{'z' if write_z else 'noz'}_"
+                                f"{'a16' if a16 else 'any'}",
+                        signature=sig,
+                        aligned=("z_ptr", "h_ptr", "b_ptr", "g_ptr", "bias_ptr", "out_ptr", "n_cols", "rank",
+                                 "stride_z", "stride_h", "stride_b", "stride_out") if a16 else (),
+                        constexprs={"HAS_BIAS": int(bias), "WRITE_Z": int(write_z), "BLOCK_M": 64, "BLOCK_N": 128,
+                                    "BLOCK_R": 32},
+                        num_warps=4, num_stages=3, tile=(64, 128)))
+    return specs
+
+
 # Archs whose blocks may opt in to at most ~99 KB of shared memory (consumer and
 # workstation parts); the others have 163 KB (sm_80) or more.
 SMALL_SMEM_ARCHS: tuple[int, ...] = (75, 86, 89, 120, 121)
@@ -150,5 +174,5 @@ def _norm_finish_specs() -> list[Spec]:
 # arch-specific ("sm_90a") and serve only their exact arch.
 DEFAULT_ARCHS: tuple[int, ...] = (80, 86, 89, 90, 100, 120)
 
-SPECS: tuple[Spec, ...] = tuple(_scale_specs() + _delta_specs() + _grad_prologue_specs() +
+SPECS: tuple[Spec, ...] = tuple(_scale_specs() + _delta_specs() + _grad_prologue_specs() + _lora_up_specs() +
                                 _norm_partials_specs() + _norm_finish_specs())
