@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward_gemms(
 // pass. Off by default until measured against that pair (scripts/bench_epilogue.py); 16-bit only.
 bool lora_epilogue_for(at::ScalarType dtype) {
   const char* env = std::getenv("DORA_EXT_LORA_EPILOGUE");
-  return env != nullptr && std::strcmp(env, "1") == 0 && (dtype == at::kHalf || dtype == at::kBFloat16);
+  return env != nullptr && std::strcmp(env, "1") == 0 && is_16bit_float(dtype);
 }
 
 // z += s h B^T (written back when `write_z`) and out = g * z + bias in one pass over
