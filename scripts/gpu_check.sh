@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command on a GPU machine: build dora_ext against the installed torch,
-# run the CUDA tests (FULL=1: the whole suite), the layer and the model benchmarks.
+# run the CUDA tests (FULL=1: the whole suite), the layer, epilogue and model benchmarks.
 #   bash scripts/gpu_check.sh [results-dir]        (default: gpu_results)
 # Environment: DORA_EXT_CUDA_ARCHS (arch list for the build), BENCH_ARGS
 # (extra arguments for scripts/bench.py), SKIP_BENCH=1 to only build and test, SKIP_NO_CUBIN=1 to
@@ -50,5 +50,7 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
   # shellcheck disable=SC2086
   python3 scripts/bench.py --out "$RESULTS" ${BENCH_ARGS:-} 2>&1 | tee "$RESULTS/bench.log"
   python3 scripts/bench_model.py --out "$RESULTS/model" 2>&1 | tee "$RESULTS/bench_model.log"
+  # the forward designs side by side, DORA_EXT_LORA_EPILOGUE included (issue 3's "measure both")
+  python3 scripts/bench_epilogue.py --out "$RESULTS/epilogue" 2>&1 | tee "$RESULTS/bench_epilogue.log"
 fi
 exit "$tests_rc"
