@@ -6,29 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 import dora_ext
-
-
-def _time_ms(fn, repeat: int) -> float:
-    """Median wall time of fn in milliseconds (CUDA events on a GPU)."""
-    times = []
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+from dora_ext._timing import median_ms
 
 
 def main() -> None:
@@ -60,7 +42,7 @@ def main() -> None:
         with torch.no_grad(), dora_ext.overrides(tier=tier):
             y = dora_ext.dora_linear(*args_dev, 2.0)
             err = ((y.double().cpu() - ref).norm() / ref.norm()).item()
-            ms = _time_ms(lambda: dora_ext.dora_linear(*args_dev, 2.0), repeat=20)
+            ms = median_ms(lambda: dora_ext.dora_linear(*args_dev, 2.0), reps=20)
             results[tier] = (dora_ext.last_tier()[0], err, ms)
     print(f"\nDoRA linear d_in={d_in} d_out={d_out} r={r} tokens={T} {args.dtype} on {device}")
     print(f"{'path':<8} {'tier':<16} {'rel. error vs float64':>22} {'median ms':>10}")

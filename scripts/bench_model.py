@@ -34,7 +34,6 @@ import gc
 import importlib.util
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -83,22 +82,9 @@ class Timer:
         self.device, self.warmup, self.reps = device, warmup, reps
 
     def median_ms(self, fn: Callable[[], Any]) -> float:
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.reps):
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        from dora_ext._timing import median_ms  # after the sys.path fallback above
+
+        return median_ms(fn, self.reps, self.warmup, cuda=self.device.type == "cuda")
 
 
 def build_base(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
