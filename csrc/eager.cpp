@@ -11,9 +11,9 @@ namespace dora_ext {
 namespace {
 
 // Rows of a low-precision weight upcast at a time (CPU; CUDA for a float16 weight
-// with float32 adapters): bounds the transient fp32 copy to kCpuChunkRows x d_in
+// with float32 adapters): bounds the transient fp32 copy to kUpcastChunkRows x d_in
 // instead of d_out x d_in.
-constexpr int64_t kCpuChunkRows = 1024;
+constexpr int64_t kUpcastChunkRows = 1024;
 
 // b (float32) as three bfloat16 parts whose sum is b exactly: 8 + 8 + 8 mantissa
 // bits hold float32's 24, and bfloat16 has float32's exponent range.
@@ -33,24 +33,19 @@ at::Tensor bf16_parts(const at::Tensor& b) {
 // exact bfloat16 parts of b in one tensor-core GEMM (bf16 x bf16 products are
 // exact in fp32), anything else takes the row-chunk path.
 at::Tensor matmul_nt_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc, at::Tensor* row_sq) {
-  if (a.scalar_type() == acc) {
+  const bool same_dtype = b.scalar_type() == a.scalar_type();
+  const bool bf16_with_fp32 = a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kFloat;
+  if (a.scalar_type() == acc || (a.is_cuda() && (same_dtype || bf16_with_fp32))) {  // one GEMM over all of a
     if (row_sq) *row_sq = at::linalg_vector_norm(a, 2, {1}, false, acc).square_();
-    return at::mm(a, b.t());
-  }
-  if (a.is_cuda() && b.scalar_type() == a.scalar_type()) {
-    if (row_sq) *row_sq = at::linalg_vector_norm(a, 2, {1}, false, acc).square_();
-    return at::mm(a, b.t(), acc);
-  }
-  if (a.is_cuda() && a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kFloat) {
-    if (row_sq) *row_sq = at::linalg_vector_norm(a, 2, {1}, false, acc).square_();
-    const int64_t rows = b.size(0);
-    return at::mm(a, bf16_parts(b).t(), acc).view({a.size(0), 3, rows}).sum(1);
+    if (a.scalar_type() == acc) return at::mm(a, b.t());
+    if (same_dtype) return at::mm(a, b.t(), acc);
+    return at::mm(a, bf16_parts(b).t(), acc).view({a.size(0), 3, b.size(0)}).sum(1);
   }
   const at::Tensor b_acc = b.to(acc);
   at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options().dtype(acc));
   if (row_sq) *row_sq = at::empty({a.size(0)}, a.options().dtype(acc));
-  for (int64_t start = 0; start < a.size(0); start += kCpuChunkRows) {
-    const int64_t len = std::min(kCpuChunkRows, a.size(0) - start);
+  for (int64_t start = 0; start < a.size(0); start += kUpcastChunkRows) {
+    const int64_t len = std::min(kUpcastChunkRows, a.size(0) - start);
     const at::Tensor chunk = a.narrow(0, start, len).to(acc);
     at::Tensor out_rows = out.narrow(0, start, len);
     at::mm_out(out_rows, chunk, b_acc.t());

@@ -89,6 +89,15 @@ bool lora_epilogue_for(at::ScalarType dtype) {
   return env != nullptr && std::strcmp(env, "1") == 0 && is_16bit_float(dtype);
 }
 
+// The forward's tier, chosen and recorded, and whether the LoRA epilogue runs (said in the reason).
+std::pair<Tier, bool> plan_forward(const at::Tensor& x, int64_t d_out, bool training) {
+  TierDecision decision = choose_tier(x, d_out, training);
+  const bool epilogue = decision.tier != Tier::Eager && lora_epilogue_for(x.scalar_type());
+  if (epilogue) decision.reason += "; LoRA up-projection in the output epilogue (DORA_EXT_LORA_EPILOGUE=1)";
+  record_tier(decision);
+  return {decision.tier, epilogue};
+}
+
 // z += s h B^T (written back when `write_z`) and out = g * z + bias in one pass over
 // [T, d_out]; out may be z when z is not written back.
 void launch_lora_up(const at::Tensor& z, const at::Tensor& h, const at::Tensor& lora_B, double scale,
@@ -107,6 +116,17 @@ void launch_lora_up(const at::Tensor& z, const at::Tensor& h, const at::Tensor& 
           h.stride(0), up.stride(0), out.stride(0), static_cast<float>(scale)});
 }
 
+// out = g * (x W^T + s h B^T) + bias from the GEMM stage's z: the LoRA epilogue adds s h B^T
+// (writing z back when out is another tensor, for backward), else z has it and the scale pass runs.
+void finish_forward(bool epilogue, const at::Tensor& z, const at::Tensor& h, const at::Tensor& lora_B, double scale,
+                    const at::Tensor& g, const std::optional<at::Tensor>& bias, const at::Tensor& out) {
+  if (epilogue) {
+    launch_lora_up(z, h, lora_B, scale, g, bias, out, /*write_z=*/!out.is_same(z));
+  } else {
+    launch_scale(z, g, bias, out);
+  }
+}
+
 // The public op: a copy of the cached norm, which the caller may write to. The
 // tier rules apply with the weight's rows in the place of tokens.
 at::Tensor row_norm_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
@@ -122,18 +142,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_c
     const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
   check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
   c10::cuda::CUDAGuard guard(x.device());
-  TierDecision decision = choose_tier(x, weight.size(0), /*training=*/true);
-  const bool epilogue = decision.tier != Tier::Eager && lora_epilogue_for(x.scalar_type());
-  if (epilogue) decision.reason += "; LoRA up-projection in the output epilogue (DORA_EXT_LORA_EPILOGUE=1)";
-  record_tier(decision);
-  if (decision.tier == Tier::Eager) return dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
+  const auto [tier, epilogue] = plan_forward(x, weight.size(0), /*training=*/true);
+  if (tier == Tier::Eager) return dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
   auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale, !epilogue);
   at::Tensor out = at::empty_like(z);
-  if (epilogue) {
-    launch_lora_up(z, h, lora_B, scale, g, bias, out, /*write_z=*/true);  // z is saved for backward
-  } else {
-    launch_scale(z, g, bias, out);
-  }
+  finish_forward(epilogue, z, h, lora_B, scale, g, bias, out);  // z (written back) is saved for backward
   return {out.view(output_shape(x, weight.size(0))), z, h, norm};
 }
 
@@ -142,17 +155,10 @@ at::Tensor dora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
                             double scale) {
   check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
   c10::cuda::CUDAGuard guard(x.device());
-  TierDecision decision = choose_tier(x, weight.size(0), /*training=*/false);
-  const bool epilogue = decision.tier != Tier::Eager && lora_epilogue_for(x.scalar_type());
-  if (epilogue) decision.reason += "; LoRA up-projection in the output epilogue (DORA_EXT_LORA_EPILOGUE=1)";
-  record_tier(decision);
-  if (decision.tier == Tier::Eager) return dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
+  const auto [tier, epilogue] = plan_forward(x, weight.size(0), /*training=*/false);
+  if (tier == Tier::Eager) return dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
   auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale, !epilogue);
-  if (epilogue) {
-    launch_lora_up(z, h, lora_B, scale, g, bias, z, /*write_z=*/false);  // in place: nothing else needs z
-  } else {
-    launch_scale(z, g, bias, z);  // in place: nothing else needs z
-  }
+  finish_forward(epilogue, z, h, lora_B, scale, g, bias, z);  // in place: nothing else needs z
   return z.view(output_shape(x, weight.size(0)));
 }
 

@@ -88,6 +88,14 @@ bool capturing(const at::Tensor& t) {
   return false;
 }
 
+// The entry of `weight` that holds `norm`, or nullptr (the caller holds the lock): g is only
+// stored alongside the norm it was computed from.
+Entry* entry_holding(Cache& c, const at::Tensor& weight, const at::Tensor& norm) {
+  auto it = c.entries.find(weight.unsafeGetTensorImpl());
+  if (it == c.entries.end() || !it->second.weight.matches(weight) || !it->second.norm.is_same(norm)) return nullptr;
+  return &it->second;
+}
+
 bool cacheable(std::initializer_list<const at::Tensor*> tensors) {
   if (disabled_by_env()) return false;
   for (const at::Tensor* t : tensors) {
@@ -143,22 +151,19 @@ at::Tensor cached_magnitude_scale(const at::Tensor& weight, const at::Tensor& ma
   const bool use_cache = cacheable({&weight, &magnitude});
   if (use_cache) {
     std::lock_guard<std::mutex> lock(c.mutex);
-    auto it = c.entries.find(weight.unsafeGetTensorImpl());
-    if (it != c.entries.end() && it->second.weight.matches(weight) && it->second.norm.is_same(norm) &&
-        it->second.g.defined() && it->second.magnitude.matches(magnitude)) {
+    const Entry* e = entry_holding(c, weight, norm);
+    if (e != nullptr && e->g.defined() && e->magnitude.matches(magnitude)) {
       ++c.stats.scale_hits;
-      return it->second.g;
+      return e->g;
     }
   }
   at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
   if (use_cache) {
     std::lock_guard<std::mutex> lock(c.mutex);
-    auto it = c.entries.find(weight.unsafeGetTensorImpl());
-    // Only alongside the norm it was computed from: a norm computed outside
-    // the cache has no entry to attach to.
-    if (it != c.entries.end() && it->second.weight.matches(weight) && it->second.norm.is_same(norm)) {
-      it->second.magnitude = Fingerprint::of(magnitude);
-      it->second.g = g;
+    // a norm computed outside the cache has no entry to attach g to
+    if (Entry* e = entry_holding(c, weight, norm)) {
+      e->magnitude = Fingerprint::of(magnitude);
+      e->g = g;
     }
   }
   return g;

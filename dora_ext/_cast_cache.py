@@ -1,8 +1,8 @@
 """Casts of adapter weights (small: r x (d_in + d_out)) that keep their identity while the source is unchanged.
 
-The row-norm cache (csrc/norm_cache.cpp) keys on tensor identity, storage and version. Where the
-PEFT integration casts float32 adapters to the compute dtype (under autocast), a fresh ``.to()``
-per forward is a new tensor every call, so the norm would be recomputed on every forward, eval
+The row-norm cache (csrc/norm_cache.cpp) keys on tensor identity, storage and version. Where
+dora_ext.nn and the PEFT integration cast float32 adapters to the compute dtype (under autocast),
+a fresh ``.to()`` per forward is a new tensor every call, so the norm would be recomputed on every forward, eval
 and decode included. Without recorded gradients the cast is reused while the source tensor's
 storage and version are unchanged; with gradients (training) it is made fresh, so autograd sees
 the cast.
@@ -26,13 +26,15 @@ def cast_for_forward(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     Bypassed (a plain ``.to``) where the norm cache is off (``DORA_EXT_NORM_CACHE=0``, set once
     torch.distributed is initialized: FSDP refills storage without version bumps), under
-    torch.compile, and in inference mode (inference tensors have no version counter).
+    torch.compile, in inference mode (inference tensors have no version counter) and for tensor
+    subclasses.
     """
     if t.dtype == dtype:
         return t
     _norm_cache_off_under_distributed()
     if (torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or t.is_inference()
-            or (torch.is_grad_enabled() and t.requires_grad) or os.environ.get(_CACHE_ENV) == "0"):
+            or (torch.is_grad_enabled() and t.requires_grad) or os.environ.get(_CACHE_ENV) == "0"
+            or type(t) not in (torch.Tensor, torch.nn.Parameter)):  # a subclass (DTensor) has no data_ptr
         return t.to(dtype)
     key = (t._version, t.data_ptr(), dtype)
     entry = _CASTS.get(id(t))

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._cast_cache import cast_for_forward
 from ._frozen import detach_if_frozen_view
 from .ops import compose_delta, dora_linear, row_norm
 
@@ -222,7 +223,7 @@ class DoRALinear(nn.Module):
         :func:`dora_ext.distributed.row_norm` (a DTensor, the weight is not gathered)."""
         weight = self.base_layer.weight
         dtype = weight.dtype
-        lora_A, lora_B = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
+        lora_A, lora_B = cast_for_forward(self.lora_A.weight, dtype), cast_for_forward(self.lora_B.weight, dtype)
         if _is_dtensor(weight):
             from .distributed import row_norm as distributed_row_norm
             return distributed_row_norm(weight, lora_A, lora_B, self.scaling)
@@ -248,8 +249,8 @@ class DoRALinear(nn.Module):
             x = x.to(dtype)
             weight = weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-            lora_A = self.lora_A.weight.to(dtype)
-            lora_B = self.lora_B.weight.to(dtype)
+            lora_A = cast_for_forward(self.lora_A.weight, dtype)
+            lora_B = cast_for_forward(self.lora_B.weight, dtype)
             magnitude = self.lora_magnitude_vector
             if self.training and isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.p > 0:
                 norm = row_norm(weight, lora_A, lora_B, self.scaling)
