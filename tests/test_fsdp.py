@@ -64,8 +64,10 @@ def torchrun(script: Path, *args: str, ok_codes: tuple[int, ...] = (0,)) -> str:
 def training(tmp_path_factory) -> dict[str, dict[str, Any]]:
     out_dir = tmp_path_factory.mktemp("fsdp_check")
     # exit status 1 means "a config failed its checks": the per-config tests say which and why
-    torchrun(ROOT / "scripts" / "fsdp_check.py", str(out_dir), "--device", "cpu", "--configs", ",".join(CONFIGS),
-             ok_codes=(0, 1))
+    log = torchrun(ROOT / "scripts" / "fsdp_check.py", str(out_dir), "--device", "cpu", "--configs",
+                   ",".join(CONFIGS), ok_codes=(0, 1))
+    if not (out_dir / "fsdp_check.json").exists():
+        pytest.fail(f"fsdp_check.py wrote no summary:\n{log[-6000:]}")
     summary = json.loads((out_dir / "fsdp_check.json").read_text())
     return {r["config"]: r for r in summary["results"]}
 
