@@ -113,11 +113,10 @@ at::Tensor magnitude_scale_minus_one(const at::Tensor& magnitude, const at::Tens
 }
 
 std::pair<at::Tensor, at::Tensor> lora_and_base(const at::Tensor& x2d, const at::Tensor& weight,
-                                                const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-                                                bool add_lora) {
+                                                const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
   at::Tensor h = at::mm(x2d, lora_A.t());
   at::Tensor z = at::mm(x2d, weight.t());
-  if (add_lora) z.addmm_(h, lora_B.t(), /*beta=*/1, /*alpha=*/scale);
+  z.addmm_(h, lora_B.t(), /*beta=*/1, /*alpha=*/scale);
   return {h, z};
 }
 

@@ -35,11 +35,9 @@ at::Tensor magnitude_scale(const at::Tensor& magnitude, const at::Tensor& norm);
 at::Tensor magnitude_scale_minus_one(const at::Tensor& magnitude, const at::Tensor& norm);
 
 // The GEMM stage of the forward on 2-D x [T, d_in]: h = x A^T [T, r] and
-// z = x W^T + s h B^T [T, d_out], both in x's dtype; with add_lora false z is
-// x W^T only (a fused epilogue adds the LoRA term).
+// z = x W^T + s h B^T [T, d_out], both in x's dtype.
 std::pair<at::Tensor, at::Tensor> lora_and_base(const at::Tensor& x2d, const at::Tensor& weight,
-                                                const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-                                                bool add_lora = true);
+                                                const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
 
 // The GEMM stage of the backward from gz = gy * g [T, d_out]: grad_x [T, d_in],
 // grad_A [r, d_in], grad_B [d_out, r] (each undefined when its mask entry is false).

@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <cstdlib>
-#include <cstring>
 
 
 namespace dora_ext {
@@ -69,62 +68,66 @@ at::Tensor row_norm_cached_cuda(const at::Tensor& weight, const at::Tensor& lora
   });
 }
 
-// The GEMM stage both fused forwards share: z = x W^T + s (x A^T) B^T [T, d_out]
-// (x W^T only when `add_lora` is false: the epilogue kernel adds the rest),
-// h = x A^T, the detached norm and g = m / n (fp32, contiguous for the kernel).
+// The GEMM stage of the fused forwards: z = x W^T + s (x A^T) B^T [T, d_out], h = x A^T,
+// the detached norm and g = m / n (fp32, contiguous for the kernel).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward_gemms(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    const at::Tensor& magnitude, double scale, bool add_lora) {
+    const at::Tensor& magnitude, double scale) {
   at::Tensor norm = row_norm_cached_cuda(weight, lora_A, lora_B, scale);
   at::Tensor g = cached_magnitude_scale(weight, magnitude, norm);
-  auto [h, z] = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale, add_lora);
+  auto [h, z] = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale);
   return {z, h, norm, g};
 }
 
-// DORA_EXT_LORA_EPILOGUE=1 (read per call): the LoRA up-projection runs as a Triton GEMM whose
-// epilogue finishes the output (triton_src/lora_up.py) instead of cuBLAS addmm_ plus the scale
-// pass. Off by default until measured against that pair (scripts/bench_epilogue.py); 16-bit only.
-bool lora_epilogue_for(at::ScalarType dtype) {
-  const char* env = std::getenv("DORA_EXT_LORA_EPILOGUE");
-  return env != nullptr && std::strcmp(env, "1") == 0 && is_16bit_float(dtype);
+// Inference calls with at most this many tokens run the decode kernel (triton_src/decode.py): one
+// tile of rows, where it beat cuBLAS + addmm_ + the scale pass on every layer shape measured
+// (docs/BENCHMARKS.md). DORA_EXT_DECODE_MAX_TOKENS (read per call) moves the limit; 0 turns it off.
+constexpr int64_t kDecodeMaxTokens = 16;
+
+int64_t decode_max_tokens() {
+  const char* env = std::getenv("DORA_EXT_DECODE_MAX_TOKENS");
+  if (env == nullptr || *env == '\0') return kDecodeMaxTokens;
+  char* end = nullptr;
+  const long long value = std::strtoll(env, &end, 10);
+  TORCH_CHECK(*end == '\0' && value >= 0, "DORA_EXT_DECODE_MAX_TOKENS must be a non-negative integer, got '",
+              env, "'");
+  return value;
 }
 
-// The forward's tier, chosen and recorded, and whether the LoRA epilogue runs (said in the reason).
-std::pair<Tier, bool> plan_forward(const at::Tensor& x, int64_t d_out, bool training) {
-  TierDecision decision = choose_tier(x, d_out, training);
-  const bool epilogue = decision.tier != Tier::Eager && lora_epilogue_for(x.scalar_type());
-  if (epilogue) decision.reason += "; LoRA up-projection in the output epilogue (DORA_EXT_LORA_EPILOGUE=1)";
-  record_tier(decision);
-  return {decision.tier, epilogue};
+// Whether the decode kernel serves these inputs: 16-bit, one dtype throughout, few tokens, and W
+// and B with unit stride along their K dimension (a copy of W would cost more than it saves).
+bool decode_serves(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                   const std::optional<at::Tensor>& bias) {
+  const at::ScalarType dtype = x.scalar_type();
+  const int64_t tokens = x.numel() / std::max<int64_t>(x.size(-1), 1);
+  return is_16bit_float(dtype) && tokens > 0 && weight.size(0) > 0 && tokens <= decode_max_tokens() && weight.scalar_type() == dtype &&
+         lora_A.scalar_type() == dtype && lora_B.scalar_type() == dtype &&
+         (!bias.has_value() || !bias->defined() || bias->scalar_type() == dtype) && weight.stride(1) == 1 &&
+         lora_B.stride(1) == 1;
 }
 
-// z += s h B^T (written back when `write_z`) and out = g * z + bias in one pass over
-// [T, d_out]; out may be z when z is not written back.
-void launch_lora_up(const at::Tensor& z, const at::Tensor& h, const at::Tensor& lora_B, double scale,
-                    const at::Tensor& g, const std::optional<at::Tensor>& bias, const at::Tensor& out, bool write_z) {
+// y = g * (x W^T + s (x A^T) B^T) + bias with h = x A^T from cuBLAS and the rest in one kernel.
+at::Tensor decode_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
+                          double scale) {
+  const at::Tensor norm = row_norm_cached_cuda(weight, lora_A, lora_B, scale);
+  const at::Tensor g = cached_magnitude_scale(weight, magnitude, norm);
+  const at::Tensor x2d = as_rows(x);
+  const at::Tensor h = at::mm(x2d, lora_A.t());
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  const at::Tensor up = lora_B.stride(1) == 1 ? lora_B : lora_B.contiguous();  // unit stride along r
-  const int64_t rows = z.size(0), cols = z.size(1), rank = up.size(1);
+  const int64_t rows = x2d.size(0), d_out = weight.size(0), d_in = weight.size(1), rank = lora_B.size(1);
+  at::Tensor y = at::empty({rows, d_out}, x.options());
   const std::string variant =
-      std::string(dtype_key(z.scalar_type())) + (b.defined() ? "_bias_" : "_nobias_") + (write_z ? "z_" : "noz_") +
-      alignment_key({&z, &h, &up, &g, &b, &out},
-                    {cols, rank, z.stride(0), h.stride(0), up.stride(0), out.stride(0)});
-  const c10::DeviceIndex device = z.device().index();
-  const KernelImage& k = kernel_for("dora_lora_up_kernel", variant, device);
-  launch(k, device, {cdiv(rows, k.tile_rows), cdiv(cols, k.tile_cols), 1},
-         {z, h, up, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), out, rows, cols, rank, z.stride(0),
-          h.stride(0), up.stride(0), out.stride(0), static_cast<float>(scale)});
-}
-
-// out = g * (x W^T + s h B^T) + bias from the GEMM stage's z: the LoRA epilogue adds s h B^T
-// (writing z back when out is another tensor, for backward), else z has it and the scale pass runs.
-void finish_forward(bool epilogue, const at::Tensor& z, const at::Tensor& h, const at::Tensor& lora_B, double scale,
-                    const at::Tensor& g, const std::optional<at::Tensor>& bias, const at::Tensor& out) {
-  if (epilogue) {
-    launch_lora_up(z, h, lora_B, scale, g, bias, out, /*write_z=*/!out.is_same(z));
-  } else {
-    launch_scale(z, g, bias, out);
-  }
+      std::string(dtype_key(x.scalar_type())) + (b.defined() ? "_bias_" : "_nobias_") +
+      alignment_key({&x2d, &weight, &h, &lora_B, &g, &b, &y},
+                    {d_out, d_in, rank, x2d.stride(0), weight.stride(0), h.stride(0), lora_B.stride(0), y.stride(0)});
+  const c10::DeviceIndex device = x.device().index();
+  const KernelImage& k = kernel_for("dora_decode_kernel", variant, device);
+  launch(k, device, {cdiv(d_out, k.tile_cols), cdiv(rows, k.tile_rows), 1},
+         {x2d, weight, h, lora_B, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), y, rows, d_out, d_in,
+          rank, x2d.stride(0), weight.stride(0), h.stride(0), lora_B.stride(0), y.stride(0),
+          static_cast<float>(scale)});
+  return y.view(output_shape(x, d_out));
 }
 
 // The public op: a copy of the cached norm, which the caller may write to. The
@@ -142,11 +145,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_c
     const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
   check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
   c10::cuda::CUDAGuard guard(x.device());
-  const auto [tier, epilogue] = plan_forward(x, weight.size(0), /*training=*/true);
-  if (tier == Tier::Eager) return dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
-  auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale, !epilogue);
+  TierDecision decision = choose_tier(x, weight.size(0), /*training=*/true);
+  record_tier(decision);
+  if (decision.tier == Tier::Eager) {
+    return dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
+  }
+  auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale);
   at::Tensor out = at::empty_like(z);
-  finish_forward(epilogue, z, h, lora_B, scale, g, bias, out);  // z (written back) is saved for backward
+  launch_scale(z, g, bias, out);  // z is saved for backward
   return {out.view(output_shape(x, weight.size(0))), z, h, norm};
 }
 
@@ -155,10 +161,19 @@ at::Tensor dora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
                             double scale) {
   check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
   c10::cuda::CUDAGuard guard(x.device());
-  const auto [tier, epilogue] = plan_forward(x, weight.size(0), /*training=*/false);
-  if (tier == Tier::Eager) return dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
-  auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale, !epilogue);
-  finish_forward(epilogue, z, h, lora_B, scale, g, bias, z);  // in place: nothing else needs z
+  TierDecision decision = choose_tier(x, weight.size(0), /*training=*/false);
+  if (decision.tier == Tier::Eager) {
+    record_tier(decision);
+    return dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
+  }
+  if (decode_serves(x, weight, lora_A, lora_B, bias)) {
+    decision.reason += "; decode kernel (tokens <= " + std::to_string(decode_max_tokens()) + ")";
+    record_tier(decision);
+    return decode_forward(x, weight, bias, lora_A, lora_B, magnitude, scale);
+  }
+  record_tier(decision);
+  auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale);
+  launch_scale(z, g, bias, z);  // in place: nothing else needs z
   return z.view(output_shape(x, weight.size(0)));
 }
 

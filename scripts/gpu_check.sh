@@ -50,7 +50,7 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
   # shellcheck disable=SC2086
   python3 scripts/bench.py --out "$RESULTS" ${BENCH_ARGS:-} 2>&1 | tee "$RESULTS/bench.log"
   python3 scripts/bench_model.py --out "$RESULTS/model" 2>&1 | tee "$RESULTS/bench_model.log"
-  # the forward designs side by side, DORA_EXT_LORA_EPILOGUE included (issue 3's "measure both")
+  # the forward designs side by side: cuBLAS + pass, one Triton GEMM, the decode kernel (issue 3's "measure both")
   python3 scripts/bench_epilogue.py --out "$RESULTS/epilogue" 2>&1 | tee "$RESULTS/bench_epilogue.log"
 fi
 exit "$tests_rc"

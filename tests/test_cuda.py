@@ -216,57 +216,65 @@ def test_no_triton_at_run_time(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# DORA_EXT_LORA_EPILOGUE=1: the LoRA up-projection in a Triton GEMM epilogue (triton_src/lora_up.py)
+# The decode kernel (triton_src/decode.py): inference calls with at most 16 tokens in 16-bit
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(64, 96, 16, (128,)), (37, 23, 1, (3, 5)), (256, 512, 100, (2, 100)),
-                                   (520, 300, 40, (67,)), (64, 96, 16, (1,))])
+@pytest.mark.parametrize("shape", [(64, 96, 16, (1,)), (37, 23, 1, (3, 5)), (520, 300, 40, (16,)),
+                                   (4096, 1000, 384, (2, 1)), (300, 257, 7, (1, 1, 1))])
 @pytest.mark.parametrize("bias", [True, False])
-def test_lora_epilogue_forward_and_gradients(dtype, shape, bias, monkeypatch):
+def test_decode_kernel_matches_reference(dtype, shape, bias):
     d_in, d_out, r, batch = shape
-    t = _inputs(d_in, d_out, r, batch, dtype, bias=bias, mag_dtype=torch.float32, seed=3)
-    if r > 1:  # a lora_B without unit stride along r: the launcher makes it contiguous
-        t["B"] = t["B"].t().contiguous().t()
+    t = _inputs(d_in, d_out, r, batch, dtype, bias=bias, mag_dtype=torch.float32, seed=5)
     args = (t["x"], t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])
     ref = _ref(*args)
     with torch.no_grad():
-        default = dora_ext.dora_linear(*args)
-        monkeypatch.setenv("DORA_EXT_LORA_EPILOGUE", "1")
         _poison_allocator()
         y = dora_ext.dora_linear(*args)
     tier, reason = dora_ext.last_tier()
-    assert tier == "fused_inference" and "epilogue" in reason, (tier, reason)
+    assert tier == "fused_inference" and "decode kernel" in reason, (tier, reason)
     assert y.dtype == dtype and y.shape == (*batch, d_out)
     err = rel_err(y, ref)
     assert err < FWD_TOL[dtype]
     assert err <= 2 * rel_err(_plain_torch(*args), ref) + 1e-6
-    assert rel_err(y, default) < FWD_TOL[dtype]
-
-    leaves = {k: t[k].clone().requires_grad_(True) for k in ("x", "A", "B", "m")}
-    if bias:
-        leaves["b"] = t["b"].clone().requires_grad_(True)
-    y = dora_ext.dora_linear(leaves["x"], t["W"], leaves.get("b"), leaves["A"], leaves["B"], leaves["m"], t["s"])
-    assert dora_ext.last_tier()[0] == "fused_training" and "epilogue" in dora_ext.last_tier()[1]
-    gy = torch.randn_like(y)
-    y.backward(gy)
-    ref_leaves = {k: v.detach().double().cpu().requires_grad_(True) for k, v in leaves.items()}
-    Wp = t["W"].double().cpu() + t["s"] * ref_leaves["B"] @ ref_leaves["A"]
-    ref = (ref_leaves["x"] @ Wp.T) * (ref_leaves["m"] / Wp.norm(dim=1).detach())
-    if bias:
-        ref = ref + ref_leaves["b"]
-    ref.backward(gy.double().cpu())
-    assert rel_err(y, ref) < FWD_TOL[dtype]
-    for k in leaves:
-        assert leaves[k].grad.dtype == leaves[k].dtype
-        assert rel_err(leaves[k].grad, ref_leaves[k].grad) < 2e-2, k
 
 
-def test_lora_epilogue_leaves_fp32_on_cublas(monkeypatch):
-    t = _inputs(64, 96, 8, (16,), torch.float32)
-    monkeypatch.setenv("DORA_EXT_LORA_EPILOGUE", "1")
+def test_decode_kernel_strided_inputs_and_limits(monkeypatch):
+    """A strided x row and a column slice of a wider x; 17 tokens and fp32 take the cuBLAS path;
+    DORA_EXT_DECODE_MAX_TOKENS moves the limit and 0 turns the kernel off; a bad value is an error."""
+    t = _inputs(200, 136, 12, (17,), torch.bfloat16, seed=6)
+    wide = torch.randn(17, 260, device="cuda", dtype=torch.bfloat16)
+    wide[:, 30:230] = t["x"]
+    x = wide[:, 30:230]  # rows strided by 260, pointer not 16-byte aligned
+    rest = (t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])
+    ref = _ref(x, *rest)
     with torch.no_grad():
-        y = dora_ext.dora_linear(t["x"], t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])
-    tier, reason = dora_ext.last_tier()
-    assert tier == "fused_inference" and "epilogue" not in reason
-    assert rel_err(y, _ref(t["x"], t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])) < FWD_TOL[torch.float32]
+        for tokens, want in ((x[:3], True), (x[::5], True), (x, False)):
+            y = dora_ext.dora_linear(tokens, *rest)
+            assert ("decode kernel" in dora_ext.last_tier()[1]) == want, (tokens.shape, dora_ext.last_tier())
+            assert rel_err(y, _ref(tokens, *rest)) < FWD_TOL[torch.bfloat16]
+        monkeypatch.setenv("DORA_EXT_DECODE_MAX_TOKENS", "32")
+        y = dora_ext.dora_linear(x, *rest)
+        assert "decode kernel (tokens <= 32)" in dora_ext.last_tier()[1]
+        assert rel_err(y, ref) < FWD_TOL[torch.bfloat16]
+        monkeypatch.setenv("DORA_EXT_DECODE_MAX_TOKENS", "0")
+        dora_ext.dora_linear(x[:1], *rest)
+        assert "decode kernel" not in dora_ext.last_tier()[1]
+        monkeypatch.setenv("DORA_EXT_DECODE_MAX_TOKENS", "few")
+        with pytest.raises(RuntimeError, match="DORA_EXT_DECODE_MAX_TOKENS must be a non-negative integer"):
+            dora_ext.dora_linear(x[:1], *rest)
+        monkeypatch.delenv("DORA_EXT_DECODE_MAX_TOKENS")
+        t32 = _inputs(64, 96, 8, (1,), torch.float32)
+        y = dora_ext.dora_linear(t32["x"], t32["W"], t32["b"], t32["A"], t32["B"], t32["m"], t32["s"])
+        assert "decode kernel" not in dora_ext.last_tier()[1]
+        assert rel_err(y, _ref(t32["x"], t32["W"], t32["b"], t32["A"], t32["B"], t32["m"], t32["s"])) < 1e-5
+
+
+def test_decode_kernel_not_used_for_training():
+    """With a gradient to record, decode-sized calls keep the training path (z saved for backward)."""
+    t = _inputs(64, 96, 8, (2,), torch.bfloat16, seed=7)
+    A = t["A"].clone().requires_grad_(True)
+    y = dora_ext.dora_linear(t["x"], t["W"], t["b"], A, t["B"], t["m"], t["s"])
+    assert dora_ext.last_tier()[0] == "fused_training" and "decode" not in dora_ext.last_tier()[1]
+    y.sum().backward()
+    assert A.grad is not None and torch.isfinite(A.grad).all()

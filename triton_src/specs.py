@@ -7,8 +7,7 @@ to size the grid, so block shapes live here and nowhere else.
 
 Variants:
   <dtype>            storage dtype of the activations: fp16, bf16 or fp32;
-  _bias / _nobias    (scale and LoRA up-projection kernels) whether a bias is added;
-  _z / _noz          (LoRA up-projection) whether z is written back (training);
+  _bias / _nobias    (scale and decode kernels) whether a bias is added;
   _a16 / _any        _a16 promises 16-byte aligned pointers and row strides and a
                      column count divisible by 16 (vectorised loads); _any
                      promises nothing. The launcher checks and picks.
@@ -95,26 +94,30 @@ def _grad_prologue_specs() -> list[Spec]:
     return specs
 
 
-def _lora_up_specs() -> list[Spec]:
+# The decode kernel's tile: 16 token rows (the smallest tensor-core tile), 32 output columns so that
+# d_out / 32 programs stream W (128 for d_out = 4096), K tiles of 256. The best of the configs that
+# scripts/bench_epilogue.py timed at T = 1 on an H100 (2026-11-28) for four of the five layer shapes;
+# its 3 stages take 72 KiB of shared memory, which every arch in DEFAULT_ARCHS has.
+DECODE_TILE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256}
+
+
+def _decode_specs() -> list[Spec]:
     specs = []
-    for dt in ("fp16", "bf16"):  # fp32 keeps cuBLAS's addmm_ and the scale pass
+    for dt in ("fp16", "bf16"):  # fp32 keeps cuBLAS (tl.dot on fp32 would round through tf32)
         for bias in (True, False):
-            for write_z in (True, False):
-                for a16 in (True, False):
-                    sig = {"z_ptr": f"*{dt}", "h_ptr": f"*{dt}", "b_ptr": f"*{dt}", "g_ptr": "*fp32",
-                           "bias_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n_rows": "i64", "n_cols": "i64",
-                           "rank": "i64", "stride_z": "i64", "stride_h": "i64", "stride_b": "i64",
-                           "stride_out": "i64", "scale": "fp32"}
-                    specs.append(Spec(
-                        module="lora_up", kernel="dora_lora_up_kernel",
-                        variant=f"{dt}_{'bias' if bias else 'nobias'}_{'z' if write_z else 'noz'}_"
-                                f"{'a16' if a16 else 'any'}",
-                        signature=sig,
-                        aligned=("z_ptr", "h_ptr", "b_ptr", "g_ptr", "bias_ptr", "out_ptr", "n_cols", "rank",
-                                 "stride_z", "stride_h", "stride_b", "stride_out") if a16 else (),
-                        constexprs={"HAS_BIAS": int(bias), "WRITE_Z": int(write_z), "BLOCK_M": 64, "BLOCK_N": 128,
-                                    "BLOCK_R": 32},
-                        num_warps=4, num_stages=3, tile=(64, 128)))
+            for a16 in (True, False):
+                sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "h_ptr": f"*{dt}", "b_ptr": f"*{dt}", "g_ptr": "*fp32",
+                       "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", "n_rows": "i64", "n_cols": "i64", "d_in": "i64",
+                       "rank": "i64", "stride_x": "i64", "stride_w": "i64", "stride_h": "i64", "stride_b": "i64",
+                       "stride_y": "i64", "scale": "fp32"}
+                specs.append(Spec(
+                    module="decode", kernel="dora_decode_kernel",
+                    variant=f"{dt}_{'bias' if bias else 'nobias'}_{'a16' if a16 else 'any'}",
+                    signature=sig,
+                    aligned=("x_ptr", "w_ptr", "h_ptr", "b_ptr", "g_ptr", "bias_ptr", "y_ptr", "n_cols", "d_in",
+                             "rank", "stride_x", "stride_w", "stride_h", "stride_b", "stride_y") if a16 else (),
+                    constexprs={"HAS_BIAS": int(bias), **DECODE_TILE},
+                    num_warps=4, num_stages=3, tile=(DECODE_TILE["BLOCK_M"], DECODE_TILE["BLOCK_N"])))
     return specs
 
 
@@ -174,5 +177,5 @@ def _norm_finish_specs() -> list[Spec]:
 # arch-specific ("sm_90a") and serve only their exact arch.
 DEFAULT_ARCHS: tuple[int, ...] = (80, 86, 89, 90, 100, 120)
 
-SPECS: tuple[Spec, ...] = tuple(_scale_specs() + _delta_specs() + _grad_prologue_specs() + _lora_up_specs() +
+SPECS: tuple[Spec, ...] = tuple(_scale_specs() + _delta_specs() + _grad_prologue_specs() + _decode_specs() +
                                 _norm_partials_specs() + _norm_finish_specs())

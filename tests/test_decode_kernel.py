@@ -1,0 +1,58 @@
+"""triton_src/decode.py's kernel under Triton's interpreter on the CPU, against float64.
+
+The AOT cubins of this kernel run on the GPU (tests/test_cuda.py, the decode tests); this checks
+its arithmetic where no GPU is: masks for odd sizes and for rows past the batch, both K loops
+(rank and d_in, each longer than one K tile), strided rows, bias on and off. Triton's interpreter
+computes bf16 dots wrongly on the CPU, so fp16 and fp32 inputs are checked here.
+"""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fresh_process import run_python
+
+pytest.importorskip("triton")
+
+_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, triton
+    sys.path.insert(0, sys.argv[1])
+    from triton_src.decode import dora_decode_kernel
+    out = []
+    for dtype, T, d_in, N, R, bias in [
+        (torch.float32, 1, 70, 45, 5, True),
+        (torch.float32, 17, 33, 16, 1, False),
+        (torch.float16, 5, 48, 40, 37, True),
+        (torch.float16, 16, 64, 33, 16, False),
+    ]:
+        gen = torch.Generator().manual_seed(T * 100 + N)
+        x = torch.randn(T, d_in + 3, generator=gen).to(dtype)[:, :d_in]  # rows strided past d_in
+        W, h = torch.randn(N, d_in, generator=gen).to(dtype), torch.randn(T, R, generator=gen).to(dtype)
+        B = torch.randn(N, R, generator=gen).to(dtype)
+        g = torch.rand(N, generator=gen) + 0.5
+        b = torch.randn(N, generator=gen).to(dtype)
+        y = torch.full((T, N), float("nan"), dtype=dtype)
+        BM, BN, BK = 16, 16, 16
+        grid = (triton.cdiv(N, BN), triton.cdiv(T, BM))
+        dora_decode_kernel[grid](x, W, h, B, g, b if bias else g, y, T, N, d_in, R, x.stride(0), W.stride(0),
+                                 h.stride(0), B.stride(0), y.stride(0), 0.7, HAS_BIAS=bias,
+                                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+        ref = (x.double() @ W.double().t() + 0.7 * h.double() @ B.double().t()) * g.double()
+        ref = ref + (b.double() if bias else 0)
+        out.append({"case": [str(dtype), T, d_in, N, R, bias], "dtype_ok": y.dtype == dtype,
+                    "err": ((y.double() - ref).norm() / ref.norm()).item()})
+    print(json.dumps(out))
+""")
+
+
+def test_decode_kernel_matches_float64_under_the_interpreter():
+    proc = run_python(["-c", _SCRIPT, str(Path(__file__).resolve().parents[1])], timeout=300, TRITON_INTERPRET="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(cases) == 4
+    for case in cases:
+        assert case["dtype_ok"], case
+        assert case["err"] < (1e-6 if case["case"][0] == "torch.float32" else 1e-3), case  # NaN fails too

@@ -1,0 +1,53 @@
+"""The whole DoRA inference forward for a few tokens (decode) in one pass over W.
+
+At decode sizes the GEMMs are memory-bound matrix-vector products and the launches between them
+cost as much as the reads: cuBLAS ``x W^T``, ``addmm_`` of ``s h B^T`` and the scale pass are three
+launches and a [T, d_out] round trip each. Here one program owns a [BLOCK_M, BLOCK_N] output tile:
+it accumulates ``s * h B^T`` (K = r) and then ``x W^T`` (K = d_in) in one fp32 accumulator on
+tensor cores and stores ``y = g * acc + bias`` (``h = x A^T`` comes from cuBLAS). With narrow
+column tiles, d_out / BLOCK_N programs stream W once. 16-bit inputs only; every operand has unit
+stride along its K dimension. The output is rounded once, where the cuBLAS path rounds z first.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _accumulate_abt(acc, a_ptr, b_ptr, offs_m, offs_n, m_ok, n_ok, stride_a, stride_b, K,
+                    BLOCK_K: tl.constexpr):
+    """acc + a[offs_m, :K] @ b[offs_n, :K]^T (unit stride along K)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_a + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_n[:, None] * stride_b + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc)
+    return acc
+
+
+@triton.jit
+def dora_decode_kernel(
+    x_ptr, w_ptr, h_ptr, b_ptr, g_ptr, bias_ptr, y_ptr,
+    n_rows, n_cols, d_in, rank, stride_x, stride_w, stride_h, stride_b, stride_y, scale,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[T, N] = g * (scale * h B^T + x W^T) + bias; x [T, d_in], W [N, d_in], h [T, r], B [N, r].
+
+    Grid: (column tiles, row tiles); the LoRA term is scaled in fp32 before the base is added.
+    """
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    m_ok = offs_m < n_rows
+    n_ok = offs_n < n_cols
+    rows_w = offs_n.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulate_abt(acc, h_ptr, b_ptr, offs_m, rows_w, m_ok, n_ok, stride_h, stride_b, rank, BLOCK_K)
+    acc = acc * scale
+    acc = _accumulate_abt(acc, x_ptr, w_ptr, offs_m, rows_w, m_ok, n_ok, stride_x, stride_w, d_in, BLOCK_K)
+    g = tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)
+    y = acc * g[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
