@@ -2,8 +2,9 @@
 # Which workload makes racecheck fail? (debugging aid for scripts/sanitize.sh; see racecheck_probe.py)
 #   bash scripts/racecheck_probe.sh RESULTS_DIR
 # Runs each probe of scripts/racecheck_probe.py under compute-sanitizer's racecheck, the dora_ext
-# ones once per kernel (--kernel-name), and writes RESULTS_DIR/probe.md: exit code, whether the
-# sanitizer reported an internal error, and its hazard summary, per run.
+# ones once per kernel (--kernel-name), RACECHECK_TIMEOUT seconds each (default 120), and writes
+# RESULTS_DIR/probe.md: exit code, whether the sanitizer reported an internal error, and its hazard
+# summary, per run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: bash scripts/racecheck_probe.sh RESULTS_DIR" >&2; exit 2; }
@@ -16,14 +17,18 @@ run() {  # probe, kernel filter ("" = all)
   local probe=$1 filter=$2 log="$OUT/${1}_${2:-all}.log"
   local args=(--tool racecheck --racecheck-report all)
   [ -n "$filter" ] && args+=(--kernel-name "kns=$filter")
-  (cd tests && timeout 120 "$SAN" "${args[@]}" python3 ../scripts/racecheck_probe.py "$probe") > "$log" 2>&1
+  (cd tests && timeout "${RACECHECK_TIMEOUT:-120}" "$SAN" "${args[@]}" python3 ../scripts/racecheck_probe.py "$probe") > "$log" 2>&1
   local rc=$?
   local internal; internal=$(grep -c "Internal Sanitizer Error" "$log")
   local summary; summary=$(grep -o "RACECHECK SUMMARY: .*" "$log" | tail -1)
   echo "| $probe | ${filter:-all} | $rc | $internal | ${summary:-none} |" | tee -a "$OUT/probe.md"
 }
-for probe in cublas jit_add jit_dot; do run "$probe" ""; done
-for kernel in dora_norm_partials_kernel dora_norm_finish_kernel dora_scale_kernel dora_grad_prologue_kernel; do
-  run aot_backward "$kernel"
+for probe in cublas jit_add jit_dot jit_loop1 jit_loop3 jit_norm_nowsq_a16 jit_norm_wsq_a16 jit_norm_nowsq_any \
+    jit_norm_wsq_any; do
+  run "$probe" ""
 done
-run aot_scale dora_scale_kernel
+for kernel in dora_norm_partials_kernel dora_norm_finish_kernel; do run aot_norm "$kernel"; done
+run aot_scale ""
+run aot_decode ""
+run aot_backward ""
+run aot_delta ""
