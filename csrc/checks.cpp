@@ -112,4 +112,14 @@ void check_compose_delta_args(const char* op, const at::Tensor& base, const at::
   TORCH_CHECK(norm.size(0) == d_out, op, ": norm must be [d_out] = [", d_out, "], got ", norm.sizes());
 }
 
+void check_grad_out(const char* op, const at::Tensor& grad_out, at::IntArrayRef sizes, at::ScalarType dtype,
+                    const at::Device& device) {
+  TORCH_CHECK(grad_out.sizes() == sizes, op, ": grad_out must have the output's shape ", sizes, ", got ",
+              grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == dtype, op, ": grad_out must have the output's dtype ", dtype, ", got ",
+              grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device() == device, op, ": grad_out must be on the output's device ", device, ", got ",
+              grad_out.device());
+}
+
 }  // namespace dora_ext

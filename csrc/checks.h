@@ -18,6 +18,11 @@ void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Ten
 void check_compose_delta_args(const char* op, const at::Tensor& base, const at::Tensor& lora,
                               const at::Tensor& magnitude, const at::Tensor& norm);
 
+// The incoming gradient of an op's output (the backward ops may also be called directly):
+// the output's sizes, dtype and device, else an error naming them.
+void check_grad_out(const char* op, const at::Tensor& grad_out, at::IntArrayRef sizes, at::ScalarType dtype,
+                    const at::Device& device);
+
 // float16 or bfloat16: the dtypes that may meet float32 adapters (row_norm, compose_delta).
 inline bool is_16bit_float(at::ScalarType dtype) {
   return dtype == at::kHalf || dtype == at::kBFloat16;

@@ -39,6 +39,18 @@ void launch_scale(const at::Tensor& z, const at::Tensor& g, const std::optional<
          {z, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), out, rows, cols, z.stride(0), out.stride(0)});
 }
 
+// Row programs of a kernel that walks row tiles and writes one fp32 row of column partial sums
+// per program: enough to fill the GPU a few times over, so the partial buffer stays small.
+int64_t partial_sum_programs(int64_t rows, int64_t col_tiles, int64_t tile_rows, c10::DeviceIndex device) {
+  const int64_t sms = device_info(device).multiprocessors;
+  return std::max<int64_t>(1, std::min(cdiv(rows, tile_rows), cdiv(4 * sms, col_tiles)));
+}
+
+// "<base dtype>_<lora dtype>_": the delta kernels' dtype key (a 16-bit base may come with fp32 lora).
+std::string delta_variant(const at::Tensor& base, const at::Tensor& lora) {
+  return std::string(dtype_key(base.scalar_type())) + "_" + dtype_key(lora.scalar_type()) + "_";
+}
+
 // gz = gy * g and the fp32 magnitude gradient colsum(gy * z) / norm in one pass.
 std::pair<at::Tensor, at::Tensor> launch_grad_prologue(const at::Tensor& gy, const at::Tensor& z,
                                                        const at::Tensor& g, const at::Tensor& norm) {
@@ -49,10 +61,7 @@ std::pair<at::Tensor, at::Tensor> launch_grad_prologue(const at::Tensor& gy, con
                               alignment_key({&gy, &z, &g, &gz}, {cols, gy.stride(0), z.stride(0), gz.stride(0)});
   const KernelImage& k = kernel_for("dora_grad_prologue_kernel", variant, device);
   const int64_t col_tiles = cdiv(cols, k.tile_cols);
-  // Enough row programs to fill the GPU a few times over; each loops over its
-  // share of the rows, so the partial-sum buffer stays [programs, cols].
-  const int64_t sms = device_info(device).multiprocessors;
-  const int64_t row_programs = std::max<int64_t>(1, std::min(cdiv(rows, k.tile_rows), cdiv(4 * sms, col_tiles)));
+  const int64_t row_programs = partial_sum_programs(rows, col_tiles, k.tile_rows, device);
   at::Tensor partial = at::empty({row_programs, cols}, gy.options().dtype(at::kFloat));
   launch(k, device, {row_programs, col_tiles, 1}, {gy, z, g, gz, partial, rows, cols, gy.stride(0), z.stride(0), gz.stride(0)});
   return {gz, partial.sum(0).div_(norm)};
@@ -181,6 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_line
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z,
     const at::Tensor& h, double scale, std::array<bool, 5> mask) {
+  check_grad_out("dora_linear_backward", grad_out, output_shape(x, weight.size(0)), z.scalar_type(), x.device());
   c10::cuda::CUDAGuard guard(x.device());
   TierDecision decision = choose_tier(grad_out, weight.size(0), /*training=*/true);
   record_tier(decision);
@@ -208,16 +218,15 @@ at::Tensor compose_delta_cuda(const at::Tensor& base, const at::Tensor& lora, co
   TierDecision decision = choose_tier(base, d_out, /*training=*/false);
   record_tier(decision);
   if (decision.tier == Tier::Eager) return compose_delta_eager(base, lora, magnitude, norm, scale);
-  // A 16-bit base with a float32 lora: the float32 kernel on a transient float32 copy of base
-  // (autograd saved the 16-bit base itself).
-  const at::Tensor base2d = as_rows(base.to(lora.scalar_type())), lora2d = as_rows(lora);
+  // base may be 16-bit with a float32 lora: the kernel reads it as it is (delta_variant).
+  const at::Tensor base2d = as_rows(base), lora2d = as_rows(lora);
   const at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
   const at::Tensor gm1 = magnitude_scale_minus_one(magnitude, norm).contiguous();
   at::Tensor out = at::empty({base2d.size(0), d_out}, lora.options());
   const int64_t rows = out.size(0);
   const c10::DeviceIndex device = base.device().index();
   const std::string variant =
-      std::string(dtype_key(lora.scalar_type())) + "_" +
+      delta_variant(base, lora) +
       alignment_key({&base2d, &lora2d, &g, &gm1, &out}, {d_out, base2d.stride(0), lora2d.stride(0), out.stride(0)});
   const KernelImage& k = kernel_for("dora_delta_kernel", variant, device);
   launch(k, device, {cdiv(rows, k.tile_rows), cdiv(d_out, k.tile_cols), 1},
@@ -229,8 +238,42 @@ at::Tensor compose_delta_cuda(const at::Tensor& base, const at::Tensor& lora, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
     const at::Tensor& norm, double scale, std::array<bool, 3> mask) {
+  check_compose_delta_args("compose_delta_backward", base, lora, magnitude, norm);
+  check_grad_out("compose_delta_backward", grad_out, base.sizes(), lora.scalar_type(), base.device());
   c10::cuda::CUDAGuard guard(base.device());
-  return compose_delta_backward_eager(grad_out, base, lora, magnitude, norm, scale, mask);
+  const int64_t d_out = base.size(-1);
+  TierDecision decision = choose_tier(grad_out, d_out, /*training=*/true);
+  // One pass computes the lora and the magnitude gradients together (both are trained in
+  // practice, the base gradient when the layer input needs one); other masks run the eager ops.
+  if (decision.tier != Tier::Eager && !(mask[1] && mask[2])) {
+    decision = {Tier::Eager, "compose_delta backward needs both the lora and the magnitude gradient to fuse"};
+  }
+  record_tier(decision);
+  if (decision.tier == Tier::Eager) {
+    return compose_delta_backward_eager(grad_out, base, lora, magnitude, norm, scale, mask);
+  }
+  const at::Tensor gy = as_rows(grad_out), base2d = as_rows(base), lora2d = as_rows(lora);
+  const at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
+  const at::Tensor gm1 = magnitude_scale_minus_one(magnitude, norm).contiguous();
+  const int64_t rows = gy.size(0);
+  at::Tensor grad_base = mask[0] ? at::empty({rows, d_out}, base.options()) : at::Tensor();
+  at::Tensor grad_lora = at::empty({rows, d_out}, lora.options());
+  const c10::DeviceIndex device = base.device().index();
+  const std::string variant =
+      delta_variant(base, lora) + (mask[0] ? "gbase_" : "nogbase_") +
+      alignment_key({&gy, &base2d, &lora2d, &g, &gm1, &grad_base, &grad_lora},
+                    {d_out, gy.stride(0), base2d.stride(0), lora2d.stride(0), mask[0] ? grad_base.stride(0) : 0,
+                     grad_lora.stride(0)});
+  const KernelImage& k = kernel_for("dora_delta_backward_kernel", variant, device);
+  const int64_t col_tiles = cdiv(d_out, k.tile_cols);
+  const int64_t row_programs = partial_sum_programs(rows, col_tiles, k.tile_rows, device);
+  at::Tensor partial = at::empty({row_programs, d_out}, gy.options().dtype(at::kFloat));
+  launch(k, device, {row_programs, col_tiles, 1},
+         {gy, base2d, lora2d, g, gm1, grad_base, grad_lora, partial,
+          rows, d_out, gy.stride(0), base2d.stride(0), lora2d.stride(0), mask[0] ? grad_base.stride(0) : 0,
+          grad_lora.stride(0), static_cast<float>(scale)});
+  at::Tensor grad_m = partial.sum(0).div_(norm).to(magnitude.scalar_type());
+  return {mask[0] ? grad_base.view(base.sizes()) : no_grad_placeholder(base), grad_lora.view(lora.sizes()), grad_m};
 }
 
 }  // namespace

@@ -57,7 +57,7 @@ def test_aot_compiles_without_a_gpu_or_driver(tmp_path, monkeypatch):
     """One spec for sm_90 through the offline driver: a cubin, the entry point and its argument kinds."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    spec = next(s for s in SPECS if s.kernel == "dora_delta_kernel" and s.variant == "bf16_a16")
+    spec = next(s for s in SPECS if s.kernel == "dora_delta_kernel" and s.variant == "bf16_bf16_a16")
     image = compile_one(spec, 90)
     assert image["cubin"][:4] == b"\x7fELF"
     assert image["params"] == "ppppplllllf"

@@ -180,6 +180,71 @@ def test_compose_delta_fused_is_stable_near_g_equal_one(dtype):
     assert rel_err(delta, ref) < tol
 
 
+@pytest.mark.parametrize("base_dtype, dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.float16, torch.float32)])
+@pytest.mark.parametrize("batch", [(1,), (3, 37), (1000,)])
+@pytest.mark.parametrize("need_base", [True, False])
+def test_compose_delta_fused_forward_and_backward(base_dtype, dtype, batch, need_base):
+    """The delta and its one-pass backward (triton_src/compose.py) against float64: one dtype or a
+    16-bit base with a float32 lora (read as it is), strided base rows, the base gradient on or off."""
+    d_out = 203
+    gen = torch.Generator().manual_seed(11)
+    wide = torch.randn(*batch, d_out + 9, generator=gen, dtype=torch.float64)
+    base = wide.to("cuda", base_dtype)[..., 4:4 + d_out].requires_grad_(need_base)  # strided, misaligned rows
+    lora = (0.3 * torch.randn(*batch, d_out, generator=gen, dtype=torch.float64)).to("cuda", dtype).requires_grad_()
+    norm = (torch.rand(d_out, generator=gen, dtype=torch.float64) + 0.5).to("cuda", torch.float32)
+    m = (norm.double().cpu() * (1 + 0.2 * torch.randn(d_out, generator=gen, dtype=torch.float64))).to(
+        "cuda", torch.float32).requires_grad_()
+    s = 0.7
+    _poison_allocator()
+    delta = dora_ext.compose_delta(base, lora, m, norm, s)
+    assert dora_ext.last_tier()[0] == "fused_inference" and delta.dtype == dtype and delta.shape == base.shape
+    gy = torch.randn(delta.shape, generator=gen, dtype=torch.float64).to("cuda", dtype)
+    _poison_allocator()
+    grads = torch.autograd.grad(delta, [base, lora, m] if need_base else [lora, m], gy)
+    assert dora_ext.last_tier()[0] == "fused_training", dora_ext.last_tier()
+    b64, l64, m64, n64 = (t.detach().double().cpu().requires_grad_() for t in (base, lora, m, norm))
+    g = m64 / n64.detach()
+    ref = (g - 1) * b64 + g * s * l64
+    want = torch.autograd.grad(ref, [b64, l64, m64], gy.double().cpu())
+    tol_out = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(delta, ref) < tol_out
+    got = dict(zip(["base", "lora", "m"] if need_base else ["lora", "m"], grads))
+    for (name, w), t in zip(zip(["base", "lora", "m"], want), (base, lora, m)):
+        if name not in got:
+            continue
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        tol = 1e-5 if t.dtype == torch.float32 else 1e-2
+        assert rel_err(got[name], w) < tol, name
+
+
+def test_compose_delta_backward_partial_masks_and_bad_grad_out():
+    """Only one of the lora / magnitude gradients: the eager ops, said in the reason; a grad_out that
+    is not the output's shape or dtype is an error naming it (the op may be called directly)."""
+    base = torch.randn(8, 40, device="cuda", dtype=torch.bfloat16)
+    lora = torch.randn(8, 40, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    m, norm = torch.rand(40, device="cuda") + 0.5, torch.rand(40, device="cuda") + 0.5
+    delta = dora_ext.compose_delta(base, lora, m, norm, 0.5)
+    (grad_lora,) = torch.autograd.grad(delta, [lora], torch.ones_like(delta))
+    tier, reason = dora_ext.last_tier()
+    assert tier == "eager" and "both the lora and the magnitude gradient" in reason
+    g = (m / norm).cpu().double()
+    assert rel_err(grad_lora, torch.ones(8, 40, dtype=torch.float64) * g * 0.5) < 1e-2
+    op = torch.ops.dora_ext.compose_delta_backward
+    with pytest.raises(RuntimeError, match="grad_out must have the output's shape"):
+        op(torch.ones(7, 40, device="cuda", dtype=torch.bfloat16), base, lora.detach(), m, norm, 0.5,
+           [True, True, True])
+    with pytest.raises(RuntimeError, match="grad_out must have the output's dtype"):
+        op(torch.ones(8, 40, device="cuda"), base, lora.detach(), m, norm, 0.5, [True, True, True])
+    t = _inputs(16, 24, 4, (5,), torch.float16)
+    _, z, h, n = torch.ops.dora_ext.dora_linear_forward(t["x"], t["W"], None, t["A"], t["B"], t["m"], t["s"])
+    with pytest.raises(RuntimeError, match="grad_out must have the output's shape"):
+        torch.ops.dora_ext.dora_linear_backward(torch.ones(5, 23, device="cuda", dtype=torch.float16), t["x"],
+                                                t["W"], t["A"], t["B"], t["m"], n, z, h, t["s"],
+                                                [True, True, True, True, False])
+
+
 def test_forced_fused_tier_and_eager_reason(monkeypatch):
     t = _inputs(32, 32, 2, (4,), torch.float64)
     assert dora_ext.select_tier(t["x"], t["W"], t["A"], False)[0] == "eager"

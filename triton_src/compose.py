@@ -1,4 +1,4 @@
-"""Elementwise DoRA kernels: output compose, stable delta, and the gradient prologue.
+"""Elementwise DoRA kernels: output compose, stable delta and its backward, and the gradient prologue.
 
 All arithmetic is fp32 whatever the storage dtype; row offsets are 64-bit so that
 tensors past 2**31 elements index correctly. Tiles are [BLOCK_M rows, BLOCK_N cols]
@@ -49,7 +49,8 @@ def dora_delta_kernel(
     """out = (g - 1) * base + g * scale * lora, the cancellation-free DoRA delta.
 
     g - 1 arrives precomputed as (m - n) / n: fp32(m / n) - 1 would lose the
-    low bits of g exactly where trained magnitudes sit (g close to 1).
+    low bits of g exactly where trained magnitudes sit (g close to 1). base may be
+    16-bit with an fp32 lora and out (PEFT's default fp32 adapters): read as it is.
     """
     rows, cols, mask = _tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
     g = tl.load(g_ptr + cols, mask=cols < n_cols, other=1.0)
@@ -87,4 +88,41 @@ def dora_grad_prologue_kernel(
         acc += tl.sum(gy * z, axis=0)
         gz = gy * g[None, :]
         tl.store(gz_ptr + rows[:, None] * stride_gz + cols[None, :], gz.to(gz_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_ptr + pid_m.to(tl.int64) * n_cols + cols, acc, mask=col_mask)
+
+
+@triton.jit
+def dora_delta_backward_kernel(
+    gy_ptr, base_ptr, lora_ptr, g_ptr, gm1_ptr, grad_base_ptr, grad_lora_ptr, partial_ptr,
+    n_rows, n_cols, stride_gy, stride_base, stride_lora, stride_grad_base, stride_grad_lora, scale,
+    WRITE_GRAD_BASE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The delta's backward in one pass: grad_base = gy * (g - 1) (when ``WRITE_GRAD_BASE``),
+    grad_lora = gy * g * scale, and per-program fp32 partial column sums of gy * (base + scale * lora).
+
+    Rows are walked as in ``dora_grad_prologue_kernel``: program (i, j) writes ``partial[i, cols]``;
+    the caller sums the rows and divides by the norm for the magnitude gradient. Each gradient is
+    stored in its input's dtype; nothing fp32 of size [rows, cols] is written.
+    """
+    pid_m = tl.program_id(0)
+    num_pid_m = tl.num_programs(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    g = tl.load(g_ptr + cols, mask=col_mask, other=0.0)
+    gm1 = tl.load(gm1_ptr + cols, mask=col_mask, other=0.0)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(pid_m * BLOCK_M, n_rows, num_pid_m * BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask = (rows[:, None] < n_rows) & col_mask[None, :]
+        gy = tl.load(gy_ptr + rows[:, None] * stride_gy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        lora = tl.load(lora_ptr + rows[:, None] * stride_lora + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(gy * (base + scale * lora), axis=0)
+        if WRITE_GRAD_BASE:
+            grad_base = gy * gm1[None, :]
+            tl.store(grad_base_ptr + rows[:, None] * stride_grad_base + cols[None, :],
+                     grad_base.to(grad_base_ptr.dtype.element_ty), mask=mask)
+        grad_lora = gy * (g * scale)[None, :]
+        tl.store(grad_lora_ptr + rows[:, None] * stride_grad_lora + cols[None, :],
+                 grad_lora.to(grad_lora_ptr.dtype.element_ty), mask=mask)
     tl.store(partial_ptr + pid_m.to(tl.int64) * n_cols + cols, acc, mask=col_mask)

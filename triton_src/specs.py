@@ -6,7 +6,9 @@ a cubin by ``(kernel, variant, arch)`` and reads the tile sizes from the table
 to size the grid, so block shapes live here and nowhere else.
 
 Variants:
-  <dtype>            storage dtype of the activations: fp16, bf16 or fp32;
+  <dtype>            storage dtype of the activations: fp16, bf16 or fp32 (the delta
+                     kernels: <base dtype>_<lora dtype>);
+  _gbase / _nogbase  (delta backward) whether the base gradient is written;
   _bias / _nobias    (scale and decode kernels) whether a bias is added;
   _a16 / _any        _a16 promises 16-byte aligned pointers and row strides and a
                      column count divisible by 16 (vectorised loads); _any
@@ -57,22 +59,49 @@ def _scale_specs() -> list[Spec]:
     return specs
 
 
+# (base dtype, lora dtype) pairs of the delta kernels: one dtype, or a 16-bit base with an fp32
+# lora (PEFT's default fp32 adapters on a 16-bit model); the delta has the lora's dtype.
+DELTA_DTYPES = (("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"))
+
+
 def _delta_specs() -> list[Spec]:
     specs = []
-    for dt in DTYPES:
+    for base_dt, dt in DELTA_DTYPES:
         for a16 in (True, False):
-            sig = {"base_ptr": f"*{dt}", "lora_ptr": f"*{dt}", "g_ptr": "*fp32", "gm1_ptr": "*fp32",
+            sig = {"base_ptr": f"*{base_dt}", "lora_ptr": f"*{dt}", "g_ptr": "*fp32", "gm1_ptr": "*fp32",
                    "out_ptr": f"*{dt}",
                    "n_rows": "i64", "n_cols": "i64", "stride_base": "i64", "stride_lora": "i64",
                    "stride_out": "i64", "scale": "fp32"}
             specs.append(Spec(
                 module="compose", kernel="dora_delta_kernel",
-                variant=f"{dt}_{'a16' if a16 else 'any'}",
+                variant=f"{base_dt}_{dt}_{'a16' if a16 else 'any'}",
                 signature=sig,
                 aligned=("base_ptr", "lora_ptr", "g_ptr", "gm1_ptr", "out_ptr", "n_cols", "stride_base", "stride_lora",
                          "stride_out") if a16 else (),
                 constexprs={"BLOCK_M": 16, "BLOCK_N": 256},
                 num_warps=4, tile=(16, 256)))
+    return specs
+
+
+def _delta_backward_specs() -> list[Spec]:
+    specs = []
+    for base_dt, dt in DELTA_DTYPES:
+        for write_grad_base in (True, False):
+            for a16 in (True, False):
+                sig = {"gy_ptr": f"*{dt}", "base_ptr": f"*{base_dt}", "lora_ptr": f"*{dt}", "g_ptr": "*fp32",
+                       "gm1_ptr": "*fp32", "grad_base_ptr": f"*{base_dt}", "grad_lora_ptr": f"*{dt}",
+                       "partial_ptr": "*fp32", "n_rows": "i64", "n_cols": "i64", "stride_gy": "i64",
+                       "stride_base": "i64", "stride_lora": "i64", "stride_grad_base": "i64",
+                       "stride_grad_lora": "i64", "scale": "fp32"}
+                specs.append(Spec(
+                    module="compose", kernel="dora_delta_backward_kernel",
+                    variant=f"{base_dt}_{dt}_{'gbase' if write_grad_base else 'nogbase'}_{'a16' if a16 else 'any'}",
+                    signature=sig,
+                    aligned=("gy_ptr", "base_ptr", "lora_ptr", "g_ptr", "gm1_ptr", "grad_base_ptr", "grad_lora_ptr",
+                             "partial_ptr", "n_cols", "stride_gy", "stride_base", "stride_lora", "stride_grad_base",
+                             "stride_grad_lora") if a16 else (),
+                    constexprs={"WRITE_GRAD_BASE": int(write_grad_base), "BLOCK_M": 32, "BLOCK_N": 128},
+                    num_warps=4, tile=(32, 128)))
     return specs
 
 
@@ -177,5 +206,5 @@ def _norm_finish_specs() -> list[Spec]:
 # arch-specific ("sm_90a") and serve only their exact arch.
 DEFAULT_ARCHS: tuple[int, ...] = (80, 86, 89, 90, 100, 120)
 
-SPECS: tuple[Spec, ...] = tuple(_scale_specs() + _delta_specs() + _grad_prologue_specs() + _decode_specs() +
-                                _norm_partials_specs() + _norm_finish_specs())
+SPECS: tuple[Spec, ...] = tuple(_scale_specs() + _delta_specs() + _delta_backward_specs() + _grad_prologue_specs() +
+                                _decode_specs() + _norm_partials_specs() + _norm_finish_specs())

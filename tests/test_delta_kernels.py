@@ -1,0 +1,77 @@
+"""triton_src/compose.py's delta kernels under Triton's interpreter on the CPU, against float64.
+
+The AOT cubins run on the GPU (the compose_delta CUDA tests); this checks the arithmetic where no
+GPU is: a 16-bit base with a float32 lora read as it is, masks for odd sizes, strided rows, the
+row walk of the backward's partial column sums over several programs, and its base gradient
+written or not.
+"""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fresh_process import run_python
+
+pytest.importorskip("triton")
+
+_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, triton
+    sys.path.insert(0, sys.argv[1])
+    from triton_src.compose import dora_delta_kernel, dora_delta_backward_kernel
+    out = []
+    for base_dtype, dtype, T, N, write_gbase in [
+        (torch.float32, torch.float32, 37, 45, True),
+        (torch.float16, torch.float32, 70, 33, True),
+        (torch.float16, torch.float16, 5, 130, False),
+        (torch.float16, torch.float32, 1, 17, False),
+    ]:
+        gen = torch.Generator().manual_seed(T * 100 + N)
+        base = torch.randn(T, N + 5, generator=gen).to(base_dtype)[:, :N]  # rows strided past N
+        lora, gy = torch.randn(T, N, generator=gen).to(dtype), torch.randn(T, N, generator=gen).to(dtype)
+        m, n = torch.rand(N, generator=gen).double() + 0.5, torch.rand(N, generator=gen).double() + 0.5
+        g, gm1 = (m / n).float(), ((m - n) / n).float()
+        s = 0.7
+        BM, BN = 16, 32
+        delta = torch.full((T, N), float("nan"), dtype=dtype)
+        dora_delta_kernel[(triton.cdiv(T, BM), triton.cdiv(N, BN))](
+            base, lora, g, gm1, delta, T, N, base.stride(0), lora.stride(0), delta.stride(0), s,
+            BLOCK_M=BM, BLOCK_N=BN)
+        ref = ((m - n) / n) * base.double() + (m / n) * s * lora.double()
+        programs = 3  # row programs, each walking every third row tile
+        grad_base = torch.full((T, N), float("nan"), dtype=base_dtype)
+        grad_lora = torch.full((T, N), float("nan"), dtype=dtype)
+        partial = torch.full((programs, N), float("nan"))
+        dora_delta_backward_kernel[(programs, triton.cdiv(N, BN))](
+            gy, base, lora, g, gm1, grad_base if write_gbase else g, grad_lora, partial, T, N, gy.stride(0),
+            base.stride(0), lora.stride(0), grad_base.stride(0), grad_lora.stride(0), s,
+            WRITE_GRAD_BASE=write_gbase, BLOCK_M=BM, BLOCK_N=BN)
+        gy64 = gy.double()
+        want_base = gy64 * ((m - n) / n)
+        want_lora = gy64 * (m / n) * s
+        want_m = (gy64 * (base.double() + s * lora.double())).sum(0) / n
+        err = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+        out.append({"case": [str(base_dtype), str(dtype), T, N, write_gbase],
+                    "delta": err(delta, ref), "delta_dtype_ok": delta.dtype == dtype,
+                    "grad_base": err(grad_base, want_base) if write_gbase else (0.0 if grad_base.isnan().all() else 1.0),
+                    "grad_lora": err(grad_lora, want_lora), "grad_m": err(partial.sum(0).double() / n, want_m)})
+    print(json.dumps(out))
+""")
+
+
+def test_delta_kernels_match_float64_under_the_interpreter():
+    proc = run_python(["-c", _SCRIPT, str(Path(__file__).resolve().parents[1])], timeout=300, TRITON_INTERPRET="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(cases) == 4
+    for case in cases:
+        assert case["delta_dtype_ok"], case
+        fp32_out = case["case"][1] == "torch.float32"
+        tol_out = 1e-6 if fp32_out else 1e-3
+        tol_base = 1e-6 if case["case"][0] == "torch.float32" else 1e-3
+        assert case["delta"] < tol_out, case  # NaN (a row or column left unwritten) fails too
+        assert case["grad_lora"] < tol_out, case
+        assert case["grad_base"] < tol_base, case  # written when asked, untouched otherwise
+        assert case["grad_m"] < 1e-5, case  # fp32 partial sums of exact products
