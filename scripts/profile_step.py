@@ -5,6 +5,8 @@
 Square layers d x d in bf16; before every step the adapter's version is bumped, as an optimizer
 step does, so the norm is recomputed (||W||^2 stays cached). Prints and writes the host time per
 step (launch only, and with a final sync) and the profiler's kernel table sorted by CUDA time.
+With ``--ncu`` it instead runs, per size and tier, warm-up steps and then exactly one step between
+``cudaProfilerStart`` / ``cudaProfilerStop``, for Nsight Compute to measure (scripts/ncu_step.sh).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", type=int, default=[4096, 8192])
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--rank", type=int, default=384)
+    p.add_argument("--ncu", action="store_true", help="one step per size and tier inside a profiler range")
     args = p.parse_args()
     with open(args.out, "w") as out:
         def emit(text: str) -> None:
@@ -48,6 +51,13 @@ def main() -> None:
                     for _ in range(5):
                         step()
                     torch.cuda.synchronize()
+                    if args.ncu:
+                        torch.cuda.profiler.start()
+                        step()
+                        torch.cuda.synchronize()
+                        torch.cuda.profiler.stop()
+                        emit(f"{d}x{d} {tier}: one step profiled")
+                        continue
                     n = 50
                     t0 = time.perf_counter()
                     for _ in range(n):
