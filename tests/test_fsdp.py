@@ -42,7 +42,9 @@ CONFIGS = ["nn-fsdp2-fp32", "nn-fsdp1-fp32", "peft-fsdp2-fp32", "peftlate-fsdp2-
 
 def torchrun(script: Path, *args: str, ok_codes: tuple[int, ...] = (0,)) -> str:
     """Runs ``script`` on 2 CPU processes; returns its output; fails on another exit code or a hang."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # CPU processes whatever the host has: on a GPU host FSDP's CPU runs crashed (rank 0 SIGSEGV in
+    # gloo, cause not found); the GPU runs are scripts/fsdp_check.sh's, with NCCL.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("DORA_EXT_TIER", None)
     # no PYTHONPATH change: the scripts append the checkout themselves, so an installed dora_ext wins
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
