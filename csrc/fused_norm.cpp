@@ -39,8 +39,8 @@ at::Tensor row_norm_fused(const at::Tensor& weight, const at::Tensor& lora_A, co
   const int64_t block_r = rank_tile(rank);
   const bool want_wsq = !cached_weight_sq.defined();
   // "a16" also promises r, B's row stride and B's pointer 16-aligned (vector loads
-  // of B and G in the Gram epilogue); the rarely run WSQ pass exists as "any" only.
-  const bool a16 = !want_wsq && all_aligned16({&lora_B}, {rank, lora_B.stride(0)});
+  // of B and G in the Gram epilogue).
+  const bool a16 = all_aligned16({&lora_B}, {rank, lora_B.stride(0)});
   const KernelImage* partials =
       find_kernel("dora_norm_partials_kernel",
                   std::string(dtype_key(dtype)) + "_r" + std::to_string(block_r) + (want_wsq ? "_wsq" : "_nowsq") +

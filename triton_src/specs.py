@@ -176,10 +176,11 @@ def _norm_partials_specs() -> list[Spec]:
             sig = {"w_ptr": f"*{dt}", "a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "gram_ptr": "*fp32",
                    "cross_ptr": "*fp32", "wsq_ptr": "*fp32", "d_out": "i64", "d_in": "i64", "rank": "i64",
                    "stride_w": "i64", "stride_a": "i64", "stride_b": "i64", "k_per_split": "i64", "scale": "fp32"}
-            # The steady state (||W||^2 cached) comes in two alignments: "a16" also
-            # promises r, B's row stride and B's pointer 16-aligned, which vectorises the
-            # Gram epilogue's loads of B and G; the once-per-weight WSQ pass is "any" only.
-            for wsq, a16 in ((False, True), (False, False), (True, False)):
+            # Both passes (||W||^2 computed once per weight, then cached) come in two
+            # alignments: "a16" also promises r, B's row stride and B's pointer 16-aligned,
+            # which vectorises the Gram epilogue's loads of B and G ("any" loads them with
+            # 4-byte async copies).
+            for wsq, a16 in ((False, True), (False, False), (True, True), (True, False)):
                 extra = ("b_ptr", "gram_ptr", "rank", "stride_b") if a16 else ()
                 specs.append(Spec(
                     module="norm", kernel="dora_norm_partials_kernel",
