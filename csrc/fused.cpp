@@ -77,13 +77,21 @@ at::Tensor row_norm_cached_cuda(const at::Tensor& weight, const at::Tensor& lora
   });
 }
 
+// The detached norm (through the cache) and g = m / n (fp32, contiguous for the kernels).
+std::pair<at::Tensor, at::Tensor> norm_and_magnitude_scale(const at::Tensor& weight, const at::Tensor& lora_A,
+                                                           const at::Tensor& lora_B, const at::Tensor& magnitude,
+                                                           double scale) {
+  at::Tensor norm = row_norm_cached_cuda(weight, lora_A, lora_B, scale);
+  at::Tensor g = cached_magnitude_scale(weight, magnitude, norm);
+  return {norm, g};
+}
+
 // The GEMM stage of the fused forwards: z = x W^T + s (x A^T) B^T [T, d_out], h = x A^T,
-// the detached norm and g = m / n (fp32, contiguous for the kernel).
+// the detached norm and g = m / n.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward_gemms(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
     const at::Tensor& magnitude, double scale) {
-  at::Tensor norm = row_norm_cached_cuda(weight, lora_A, lora_B, scale);
-  at::Tensor g = cached_magnitude_scale(weight, magnitude, norm);
+  auto [norm, g] = norm_and_magnitude_scale(weight, lora_A, lora_B, magnitude, scale);
   auto [h, z] = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale);
   return {z, h, norm, g};
 }
@@ -103,15 +111,12 @@ int64_t decode_max_tokens() {
   return value;
 }
 
-// Whether the decode kernel serves these inputs: 16-bit, one dtype throughout, few tokens, and W
-// and B with unit stride along their K dimension (a copy of W would cost more than it saves).
-bool decode_serves(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                   const std::optional<at::Tensor>& bias) {
-  const at::ScalarType dtype = x.scalar_type();
-  const int64_t tokens = x.numel() / std::max<int64_t>(x.size(-1), 1);
-  return is_16bit_float(dtype) && tokens > 0 && weight.size(0) > 0 && tokens <= decode_max_tokens() && weight.scalar_type() == dtype &&
-         lora_A.scalar_type() == dtype && lora_B.scalar_type() == dtype &&
-         (!bias.has_value() || !bias->defined() || bias->scalar_type() == dtype) && weight.stride(1) == 1 &&
+// Whether the decode kernel serves validated inputs (one dtype throughout, d_out >= 1): 16-bit,
+// 1..max_tokens tokens, and W and B with unit stride along their K dimension (a copy of W would
+// cost more than it saves).
+bool decode_serves(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_B, int64_t max_tokens) {
+  const int64_t tokens = x.numel() / x.size(-1);  // d_in >= 1 (validated)
+  return is_16bit_float(x.scalar_type()) && tokens > 0 && tokens <= max_tokens && weight.stride(1) == 1 &&
          lora_B.stride(1) == 1;
 }
 
@@ -119,8 +124,7 @@ bool decode_serves(const at::Tensor& x, const at::Tensor& weight, const at::Tens
 at::Tensor decode_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
                           double scale) {
-  const at::Tensor norm = row_norm_cached_cuda(weight, lora_A, lora_B, scale);
-  const at::Tensor g = cached_magnitude_scale(weight, magnitude, norm);
+  const at::Tensor g = norm_and_magnitude_scale(weight, lora_A, lora_B, magnitude, scale).second;
   const at::Tensor x2d = as_rows(x);
   const at::Tensor h = at::mm(x2d, lora_A.t());
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
@@ -175,8 +179,9 @@ at::Tensor dora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
     record_tier(decision);
     return dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
   }
-  if (decode_serves(x, weight, lora_A, lora_B, bias)) {
-    decision.reason += "; decode kernel (tokens <= " + std::to_string(decode_max_tokens()) + ")";
+  const int64_t max_decode_tokens = decode_max_tokens();
+  if (decode_serves(x, weight, lora_B, max_decode_tokens)) {
+    decision.reason += "; decode kernel (tokens <= " + std::to_string(max_decode_tokens) + ")";
     record_tier(decision);
     return decode_forward(x, weight, bias, lora_A, lora_B, magnitude, scale);
   }

@@ -254,6 +254,14 @@ def _single_call(layer: "DoraExtLinear", x: torch.Tensor, adapter: str) -> Optio
         )
 
 
+def _to_compute_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, except a 16-bit ``t`` meeting float32 compute stays as it is: row_norm takes a
+    16-bit weight and compose_delta a 16-bit base next to float32 adapters (no float32 copy)."""
+    if dtype == torch.float32 and t.dtype in (torch.float16, torch.bfloat16):
+        return t
+    return t.to(dtype)
+
+
 def _dora_delta(layer: "DoraExtLinear", adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """PEFT's ``DoraLinearLayer.forward``: the DoRA delta to add to ``result`` (the running output)."""
     lora_A = layer.lora_A[adapter]
@@ -269,16 +277,14 @@ def _dora_delta(layer: "DoraExtLinear", adapter: str, x: torch.Tensor, result: t
         b_bias = lora_B.bias.to(dtype) if lora_B.bias is not None else None
         # float32 adapters on a 16-bit base (PEFT's default): row_norm takes the weight as it is, so
         # there is no float32 copy of W and the norm cache keys on the parameter itself
-        keep_weight = dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16)
-        norm = row_norm(weight if keep_weight else weight.to(dtype), a, b, scaling)
+        norm = row_norm(_to_compute_dtype(weight, dtype), a, b, scaling)
         if _dropout_active(layer, adapter):
             x = layer.lora_dropout[adapter](x).to(dtype)
             base_result = F.linear(x, weight.to(dtype))
         else:
             x = x.to(dtype)
             base_result = result if base.bias is None else result - base.bias
-            if not (dtype == torch.float32 and base_result.dtype in (torch.float16, torch.bfloat16)):
-                base_result = base_result.to(dtype)  # else compose_delta takes it as it is: saved in 16 bits
+            base_result = _to_compute_dtype(base_result, dtype)  # a 16-bit one is saved for backward as it is
         lora_result = F.linear(F.linear(x, a), b, b_bias)
         return compose_delta(base_result, lora_result, layer.lora_magnitude_vector[adapter].weight, norm, scaling)
 

@@ -2,12 +2,15 @@
 (installed or in-place build): for what is once per process (warnings, cold loaders, captures)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import dora_ext
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def child_env(**variables: str | None) -> dict[str, str]:
@@ -28,3 +31,11 @@ def run_python(args: list[str], timeout: float, **variables: str | None) -> subp
     """``python args...`` in a fresh process with :func:`child_env`; output captured as text."""
     return subprocess.run([sys.executable, *args], env=child_env(**variables), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def interpreted_cases(script: str, timeout: float = 300) -> list:
+    """Runs ``script`` under Triton's interpreter (``TRITON_INTERPRET=1``) in a fresh process, with the
+    repository root as ``sys.argv[1]`` (to import triton_src); returns the JSON list it prints last."""
+    proc = run_python(["-c", script, str(REPO_ROOT)], timeout=timeout, TRITON_INTERPRET="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -7,13 +7,11 @@ written or not.
 """
 from __future__ import annotations
 
-import json
 import textwrap
-from pathlib import Path
 
 import pytest
 
-from fresh_process import run_python
+from fresh_process import interpreted_cases
 
 pytest.importorskip("triton")
 
@@ -62,9 +60,7 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_delta_kernels_match_float64_under_the_interpreter():
-    proc = run_python(["-c", _SCRIPT, str(Path(__file__).resolve().parents[1])], timeout=300, TRITON_INTERPRET="1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cases = json.loads(proc.stdout.strip().splitlines()[-1])
+    cases = interpreted_cases(_SCRIPT)
     assert len(cases) == 4
     for case in cases:
         assert case["delta_dtype_ok"], case
