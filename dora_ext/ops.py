@@ -95,7 +95,12 @@ def select_tier(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, tra
 
 
 def last_tier() -> tuple[str, str]:
-    """The tier and reason of the last DoRA op run by the C++ dispatcher on this thread."""
+    """The tier and reason of the last DoRA op run by the C++ dispatcher on this thread.
+
+    Per thread, so concurrent callers each see their own. Autograd runs CUDA backward passes on its
+    own device thread: after ``.backward()`` this thread still shows the forward's tier; call the
+    backward op (``torch.ops.dora_ext.*_backward``) directly to see the backward's.
+    """
     return _ops.last_tier.default()
 
 

@@ -203,6 +203,10 @@ def test_compose_delta_fused_forward_and_backward(base_dtype, dtype, batch, need
     gy = torch.randn(delta.shape, generator=gen, dtype=torch.float64).to("cuda", dtype)
     _poison_allocator()
     grads = torch.autograd.grad(delta, [base, lora, m] if need_base else [lora, m], gy)
+    # CUDA backward runs on autograd's device thread and last_tier() is per thread: ask for the
+    # tier by calling the backward op here, with the mask autograd passed.
+    torch.ops.dora_ext.compose_delta_backward(gy, base.detach(), lora.detach(), m.detach(), norm, s,
+                                              [need_base, True, True])
     assert dora_ext.last_tier()[0] == "fused_training", dora_ext.last_tier()
     b64, l64, m64, n64 = (t.detach().double().cpu().requires_grad_() for t in (base, lora, m, norm))
     g = m64 / n64.detach()
@@ -227,11 +231,12 @@ def test_compose_delta_backward_partial_masks_and_bad_grad_out():
     m, norm = torch.rand(40, device="cuda") + 0.5, torch.rand(40, device="cuda") + 0.5
     delta = dora_ext.compose_delta(base, lora, m, norm, 0.5)
     (grad_lora,) = torch.autograd.grad(delta, [lora], torch.ones_like(delta))
+    op = torch.ops.dora_ext.compose_delta_backward
+    op(torch.ones_like(delta), base, lora.detach(), m, norm, 0.5, [False, True, False])  # on this thread
     tier, reason = dora_ext.last_tier()
     assert tier == "eager" and "both the lora and the magnitude gradient" in reason
     g = (m / norm).cpu().double()
     assert rel_err(grad_lora, torch.ones(8, 40, dtype=torch.float64) * g * 0.5) < 1e-2
-    op = torch.ops.dora_ext.compose_delta_backward
     with pytest.raises(RuntimeError, match="grad_out must have the output's shape"):
         op(torch.ones(7, 40, device="cuda", dtype=torch.bfloat16), base, lora.detach(), m, norm, 0.5,
            [True, True, True])
