@@ -2,19 +2,23 @@
 """One small CUDA workload per process, to find what makes compute-sanitizer's racecheck fail.
 
 racecheck stopped with "Internal Sanitizer Error: The Sanitizer failed to handle a hardware
-exception" whenever dora_ext's kernels were instrumented (docs/RELIABILITY.md). Each probe below
-isolates one suspect; ``scripts/sanitize.sh`` is the real check, this is its debugging aid, run
-under racecheck once per probe (and per dora_ext kernel) by
+exception" once dora_ext's norm kernels ran (docs/RELIABILITY.md §5). Each probe below isolates
+one suspect; the answer (H100, compute-sanitizer 2025.3, 2026-11-28): only runs with a
+``--kernel-name`` filter fail; unfiltered, every probe runs with 0 hazards. ``scripts/sanitize.sh``
+is the real check, this is its debugging aid, run under racecheck once per probe by
 
     bash scripts/racecheck_probe.sh RESULTS_DIR
 
-Probes: ``cublas`` (no Triton: torch.matmul only, the control); ``jit_add`` (a Triton JIT
+Probes: ``cublas`` (no Triton: torch.matmul only, the control); ``cublas_gram`` (the Gram matrices
+of the norm tests exactly as the fused row_norm makes them: ``mm(A, Aᵀ, out_dtype=float32)``, cuBLAS
+only); ``jit_add`` (a Triton JIT
 elementwise kernel: does racecheck handle Triton at all?); ``jit_dot`` (one tl.dot tile, no loop:
 tensor-core code, wgmma on sm_90); ``jit_loop1`` / ``jit_loop3`` (a tl.dot K loop compiled with 1
 and with 3 pipeline stages: the software pipelining of our GEMM-shaped kernels); ``jit_norm_{nowsq,wsq}_{a16,any}`` (triton_src/norm.py's partials kernel through Triton's JIT with
 sm_90's rank-16 config, without / with the ||W||^2 accumulation, on an aligned W and on a W with an
 odd row stride and a 2-byte offset: the norm kernel's code without our AOT build and loader). dora_ext's AOT
-kernels, one each: ``aot_norm`` (row_norm: the norm kernels), and, with the norm computed on the
+kernels, one each: ``aot_norm`` (row_norm: the norm kernels), ``aot_norm_fp32`` (the same on
+fp32 tensors, whose Gram matrix is a plain fp32 cuBLAS GEMM), and, with the norm computed on the
 eager path first so that only the named kernel runs from the cache on: ``aot_scale`` (fused
 inference, 256 tokens: the scale pass), ``aot_decode`` (fused inference, 4 tokens: the decode
 kernel), ``aot_backward`` (the fused training step: scale pass and gradient prologue),
@@ -26,8 +30,8 @@ import argparse
 
 import torch
 
-PROBES = ("cublas", "jit_add", "jit_dot", "jit_loop1", "jit_loop3", "jit_norm_nowsq_a16", "jit_norm_wsq_a16",
-          "jit_norm_nowsq_any", "jit_norm_wsq_any", "aot_norm", "aot_scale", "aot_decode",
+PROBES = ("cublas", "cublas_gram", "jit_add", "jit_dot", "jit_loop1", "jit_loop3", "jit_norm_nowsq_a16", "jit_norm_wsq_a16",
+          "jit_norm_nowsq_any", "jit_norm_wsq_any", "aot_norm", "aot_norm_fp32", "aot_scale", "aot_decode",
           "aot_backward", "aot_delta")
 
 
@@ -132,6 +136,14 @@ def main() -> None:
     if args.probe == "cublas":
         a = torch.randn(512, 512, device="cuda", dtype=torch.bfloat16)
         (a @ a).sum().item()
+    elif args.probe == "cublas_gram":
+        # the Gram GEMMs of tests/test_cuda_norm.py (A = [r, d_in]), cuBLAS only: on the H100 some
+        # (split-K, N = 8 tiles) draw racecheck's "potential WAR" reports without dora_ext loaded
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            for r, d_in in ((16, 512), (64, 2048), (48, 1024), (17, 4096), (100, 2048)):
+                A = torch.randn(r, d_in, device="cuda", dtype=dt)
+                gram = torch.mm(A, A.t(), out_dtype=torch.float32) if dt != torch.float32 else A @ A.t()
+                torch.testing.assert_close(gram, A.float() @ A.float().t(), rtol=1e-3, atol=1e-2)
     elif args.probe == "jit_add":
         _jit_add()
     elif args.probe == "jit_dot":
@@ -145,7 +157,9 @@ def main() -> None:
         import dora_ext
 
         x, W, A, B, m = _layer(args.probe == "aot_backward")
-        if args.probe == "aot_norm":
+        if args.probe.startswith("aot_norm"):
+            if args.probe == "aot_norm_fp32":
+                W, A, B = W.float(), A.float(), B.float()
             with dora_ext.overrides(tier="fused", norm_cache=False):
                 dora_ext.row_norm(W, A, B, 0.5)
         else:

@@ -2,7 +2,7 @@
 # Which workload makes racecheck fail? (debugging aid for scripts/sanitize.sh; see racecheck_probe.py)
 #   bash scripts/racecheck_probe.sh RESULTS_DIR
 # Runs each probe of scripts/racecheck_probe.py under compute-sanitizer's racecheck, the dora_ext
-# ones once per kernel (--kernel-name), RACECHECK_TIMEOUT seconds each (default 120), and writes
+# ones unfiltered (plus aot_norm once with a --kernel-name filter), RACECHECK_TIMEOUT seconds each (default 120), and writes
 # RESULTS_DIR/probe.md: exit code, whether the sanitizer reported an internal error, and its hazard
 # summary, per run.
 set -uo pipefail
@@ -23,11 +23,15 @@ run() {  # probe, kernel filter ("" = all)
   local summary; summary=$(grep -o "RACECHECK SUMMARY: .*" "$log" | tail -1)
   echo "| $probe | ${filter:-all} | $rc | $internal | ${summary:-none} |" | tee -a "$OUT/probe.md"
 }
-for probe in cublas jit_add jit_dot jit_loop1 jit_loop3 jit_norm_nowsq_a16 jit_norm_wsq_a16 jit_norm_nowsq_any \
+for probe in cublas cublas_gram jit_add jit_dot jit_loop1 jit_loop3 jit_norm_nowsq_a16 jit_norm_wsq_a16 jit_norm_nowsq_any \
     jit_norm_wsq_any; do
   run "$probe" ""
 done
-for kernel in dora_norm_partials_kernel dora_norm_finish_kernel; do run aot_norm "$kernel"; done
+run aot_norm ""
+run aot_norm_fp32 ""
+# The same workload with a --kernel-name filter: this is what made compute-sanitizer 2025.3 fail
+# ("Internal Sanitizer Error", then error 700 at the next module load) on the H100, 2026-11-28.
+run aot_norm dora_norm_partials_kernel
 run aot_scale ""
 run aot_decode ""
 run aot_backward ""
