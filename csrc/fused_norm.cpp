@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <limits>
 
 namespace dora_ext {
 namespace {
@@ -18,8 +19,29 @@ constexpr int64_t kSplitQuantum = 128;
 // A split of d_in shorter than this spends more time in its epilogue than in its loop.
 constexpr int64_t kMinSplitColumns = 512;
 
+// A program's fixed cost in columns of d_in: its pipeline fills (stages x BLOCK_K, 192-256
+// columns in triton_src/specs.py) before the first MMA, and its epilogue runs after the last.
+constexpr int64_t kProgramOverheadColumns = 256;
+
 int64_t rank_tile(int64_t rank) {
   return rank <= 16 ? 16 : rank <= 32 ? 32 : rank <= 64 ? 64 : 128;
+}
+
+// How many ways to split d_in. Every program of a launch does the same work, so the launch
+// takes ceil(programs / slots) waves of one program each (slots: the programs the GPU runs at
+// once); pick the split count with the least waves x (columns per program + fixed cost), the
+// fewest splits on ties. E.g. 96 tiles on 132 one-program SMs: 3 splits (288 programs, 2.2
+// waves) cost 3 x (2816 + 256) columns of an 8192-wide W; 4 splits (3 waves of 2048) cost
+// 3 x (2048 + 256).
+int64_t choose_splits(int64_t d_in, int64_t tiles, int64_t slots) {
+  const int64_t max_splits = std::max<int64_t>(1, d_in / kMinSplitColumns);
+  int64_t best = 1, best_cost = std::numeric_limits<int64_t>::max();
+  for (int64_t splits = 1; splits <= max_splits; ++splits) {
+    const int64_t columns = cdiv(cdiv(d_in, splits), kSplitQuantum) * kSplitQuantum;
+    const int64_t cost = cdiv(tiles * cdiv(d_in, columns), slots) * (columns + kProgramOverheadColumns);
+    if (cost < best_cost) best = splits, best_cost = cost;
+  }
+  return best;
 }
 
 }  // namespace
@@ -52,13 +74,17 @@ at::Tensor row_norm_fused(const at::Tensor& weight, const at::Tensor& lora_A, co
   c10::cuda::CUDAGuard guard(weight.device());
   const int64_t row_tiles = cdiv(d_out, partials->tile_rows);
   const int64_t rank_tiles = cdiv(rank, block_r);
-  // Split d_in until the grid covers every SM about twice: at small ranks the
-  // pass is a read of W, and a read needs the whole GPU to reach HBM bandwidth.
-  const int64_t sms = device_info(device).multiprocessors;
-  int64_t splits = std::clamp<int64_t>(cdiv(2 * sms, row_tiles * rank_tiles), 1,
-                                       std::max<int64_t>(1, d_in / kMinSplitColumns));
-  const int64_t k_per_split = cdiv(cdiv(d_in, splits), kSplitQuantum) * kSplitQuantum;
-  splits = cdiv(d_in, k_per_split);
+  // Split d_in so that the programs fill whole waves of the GPU: at small ranks the pass is
+  // a read of W, which needs every SM to reach HBM bandwidth; at large ones a last wave
+  // that is mostly idle costs as much as a full one. Programs per SM: as many as shared
+  // memory and threads allow (registers permitting).
+  const DeviceInfo& info = device_info(device);
+  const int64_t per_sm = std::clamp<int64_t>(
+      std::min<int64_t>(info.shared_per_sm / std::max(partials->shared_bytes, 1), 64 / partials->num_warps), 1, 32);
+  const int64_t slots = info.multiprocessors * per_sm;
+  const int64_t k_per_split =
+      cdiv(cdiv(d_in, choose_splits(d_in, row_tiles * rank_tiles, slots)), kSplitQuantum) * kSplitQuantum;
+  const int64_t splits = cdiv(d_in, k_per_split);
 
   const at::TensorOptions f32 = weight.options().dtype(at::kFloat);
   // G = A A^T [r, r] in fp32: one small cuBLAS GEMM (split over d_in where r is tiny).

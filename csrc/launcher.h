@@ -39,6 +39,7 @@ struct DeviceInfo {
   int arch;              // compute capability as 10 * major + minor (90 for sm_90)
   int multiprocessors;
   int shared_optin;      // most shared memory one block may opt in to, bytes
+  int shared_per_sm;     // shared memory of one multiprocessor, bytes
 };
 const DeviceInfo& device_info(c10::DeviceIndex device);
 

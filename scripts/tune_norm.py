@@ -5,9 +5,10 @@ Runs triton_src/norm.py's ``dora_norm_partials_kernel`` through Triton's JIT (th
 script only: the library itself ships AOT cubins) for every candidate config of each
 rank tile (the steady-state variant, ||W||^2 cached), on the layer shapes of the benchmark, and prints per rank tile the config
 with the lowest total time next to the cuBLAS ``W A^T`` GEMM and the FLOP/byte floor.
-Copy the winners into NORM_CONFIGS_* in triton_src/specs.py.
+Copy the winners into NORM_CONFIGS_* in triton_src/specs.py. With ``--compare-split-rules`` it
+only times the shipped configs with csrc/fused_norm.cpp's split rule next to the previous one.
 
-    python scripts/tune_norm.py --out tune_results [--dtype bf16]
+    python scripts/tune_norm.py --out tune_results [--dtype bf16] [--compare-split-rules]
 """
 from __future__ import annotations
 
@@ -35,40 +36,97 @@ CANDIDATES = {  # rank tile -> [(BLOCK_M, BLOCK_K, warps, stages)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def splits_for(d_in: int, tiles: int, sms: int) -> tuple[int, int]:
-    """The same split rule as csrc/fused_norm.cpp."""
-    splits = max(1, min(-(-2 * sms // tiles), max(1, d_in // 512)))
-    k_per = -(-(-(-d_in // splits)) // 128) * 128
+PROGRAM_OVERHEAD_COLUMNS = 256  # csrc/fused_norm.cpp's kProgramOverheadColumns
+
+
+def _columns(d_in: int, splits: int) -> int:
+    return -(-(-(-d_in // splits)) // 128) * 128
+
+
+def splits_for(d_in: int, tiles: int, slots: int) -> tuple[int, int]:
+    """csrc/fused_norm.cpp's choose_splits: the split count with the least waves x (columns per
+    program + fixed cost); returns (splits, columns per split)."""
+    def cost(splits: int) -> int:
+        columns = _columns(d_in, splits)
+        return -(-tiles * -(-d_in // columns) // slots) * (columns + PROGRAM_OVERHEAD_COLUMNS)
+    best = min(range(1, max(1, d_in // 512) + 1), key=lambda s: (cost(s), s))
+    k_per = _columns(d_in, best)
     return -(-d_in // k_per), k_per
 
 
-def run(w, a, b, block_r, cfg, sms):
+def splits_two_per_sm(d_in: int, tiles: int, sms: int) -> tuple[int, int]:
+    """The rule before 2026-11-28: split until the grid holds about two programs per SM
+    (kept for --compare-split-rules)."""
+    splits = max(1, min(-(-2 * sms // tiles), max(1, d_in // 512)))
+    k_per = _columns(d_in, splits)
+    return -(-d_in // k_per), k_per
+
+
+def slots_for(compiled, sms: int) -> int:
+    """Programs the GPU runs at once, as csrc/fused_norm.cpp counts them: per SM, as many as
+    shared memory and 64 warps allow."""
+    props = torch.cuda.get_device_properties(0)
+    per_sm_smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    per_sm = min(per_sm_smem // max(compiled.metadata.shared, 1), 64 // compiled.metadata.num_warps)
+    return sms * max(1, min(per_sm, 32))
+
+
+def run(w, a, b, block_r, cfg, sms, rule=splits_for):
+    """A launcher of the norm-partials kernel (||W||^2 cached) with the splits of ``rule``."""
     block_m, block_k, warps, stages = cfg
     d_out, d_in = w.shape
     rank = a.shape[0]
     rank_tiles, row_tiles = -(-rank // block_r), -(-d_out // block_m)
-    splits, k_per = splits_for(d_in, rank_tiles * row_tiles, sms)
-    cross = torch.empty(splits * rank_tiles, d_out, device="cuda", dtype=torch.float32)
     gram = (a.float() @ a.float().t()).contiguous()
-    wsq = torch.empty(splits, d_out, device="cuda", dtype=torch.float32)
 
-    def launch():
-        dora_norm_partials_kernel[(rank_tiles, row_tiles, splits)](
+    def launch_with(splits, k_per, cross, wsq):
+        return dora_norm_partials_kernel[(rank_tiles, row_tiles, splits)](
             w, a, b, gram, cross, wsq, d_out, d_in, rank, w.stride(0), a.stride(0), b.stride(0), k_per, 0.5,
             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_J=32,
             INPUT_KIND={torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[w.dtype],
             WSQ=False, num_warps=warps, num_stages=stages)
-    return launch
+
+    scratch = torch.empty(rank_tiles, d_out, device="cuda", dtype=torch.float32)
+    compiled = launch_with(1, _columns(d_in, 1), scratch, scratch)  # compiles; gives the shared memory size
+    tiles = rank_tiles * row_tiles
+    splits, k_per = rule(d_in, tiles, sms if rule is splits_two_per_sm else slots_for(compiled, sms))
+    cross = torch.empty(splits * rank_tiles, d_out, device="cuda", dtype=torch.float32)
+    wsq = torch.empty(splits, d_out, device="cuda", dtype=torch.float32)
+    return lambda: launch_with(splits, k_per, cross, wsq)
+
+
+def compare_split_rules(dtype: torch.dtype, sms: int, out: Path, name: str) -> None:
+    """The shipped large-smem 16-bit configs with the old and the current split rule, side by side."""
+    from triton_src.specs import NORM_CONFIGS
+
+    configs = NORM_CONFIGS[("16bit", False)]
+    lines = ["| d_in×d_out | r | two per SM ms | waves ms | waves / two per SM |", "|---|---|---|---|---|"]
+    for (d_in, d_out), rank in itertools.product(SHAPES, (16, 64, 384, 768)):
+        block_r = min(128, max(16, 1 << (rank - 1).bit_length()))
+        w = torch.randn(d_out, d_in, device="cuda", dtype=dtype)
+        a = torch.randn(rank, d_in, device="cuda", dtype=dtype)
+        b = torch.randn(d_out, rank, device="cuda", dtype=dtype)
+        old = do_bench(run(w, a, b, block_r, configs[block_r], sms, splits_two_per_sm), return_mode="median")
+        new = do_bench(run(w, a, b, block_r, configs[block_r], sms), return_mode="median")
+        lines.append(f"| {d_in}×{d_out} | {rank} | {old:.4f} | {new:.4f} | {new / old:.2f} |")
+        print(lines[-1], flush=True)
+        del w, a, b
+    (out / f"split_rules_{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("tune_results"))
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--compare-split-rules", action="store_true",
+                        help="only time the shipped configs with the old and the current split rule")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[args.dtype]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if args.compare_split_rules:
+        compare_split_rules(dtype, sms, args.out, args.dtype)
+        return
     n = 8192
     x, y = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
     gemm_rate = 2 * n ** 3 / (do_bench(lambda: x @ y, return_mode="median") * 1e-3)
