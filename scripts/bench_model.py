@@ -19,6 +19,8 @@ a GPU, perf_counter on the CPU):
               transients included)
   logits_cos  cosine of the logits against PEFT DoRA of the same adapter dtype (same weights)
   grad_cos    cosine of all adapter gradients (concatenated) against PEFT DoRA, same adapter dtype
+  logits_cos_fp64  cosine of the logits against a float64 copy of the PEFT DoRA model (same
+              weights, PEFT's own code run in float64): which of the two is closer to exact
 
     python scripts/bench_model.py --out model_bench                # one H100/H200, defaults above
     python scripts/bench_model.py --autocast --out model_bench_amp # the same under torch.autocast
@@ -30,6 +32,7 @@ magnitude perturbed (seeded), so DoRA differs from the base model and the cosine
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import importlib.util
 import json
@@ -122,6 +125,16 @@ def adapter_grads(model: torch.nn.Module) -> Optional[torch.Tensor]:
     return torch.cat(grads) if grads else None
 
 
+def float64_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of a float64 copy of ``model`` (eval mode, no autocast); the copy is freed."""
+    exact = copy.deepcopy(model).to(torch.float64).eval()
+    with torch.no_grad():
+        logits = exact(input_ids=ids).logits.detach().clone()
+    del exact
+    free(ids.device)
+    return logits
+
+
 def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -186,6 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def record(name: str, label: str, m: dict[str, Any], ref: Optional[dict[str, Any]], extra: dict[str, Any]) -> None:
         row = {"config": name, "label": label, **{k: m.get(k) for k in ("fwd_ms", "step_ms", "step_peak_gib")}}
         row["logits_cos"] = cosine(m["logits"], ref["logits"]) if ref is not None else None
+        row["logits_cos_fp64"] = cosine(m["logits"], ref["logits_fp64"]) if ref is not None else None
         row["grad_cos"] = (cosine(m["grads"], ref["grads"]) if ref is not None and m.get("grads") is not None
                            and ref.get("grads") is not None else None)
         row.update(extra)
@@ -220,6 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dora = peft.get_peft_model(base, dora_cfg, autocast_adapter_dtype=autocast_adapter_dtype)
         perturb_adapters(dora, seed=3)
         ref = measure(dora, ids, timer, args, train=True)
+        ref["logits_fp64"] = float64_logits(dora, ids)
         record(f"peft_dora_{adapter_dtype}", f"PEFT DoRA, {what}", ref, ref, {})
         free(device)
 
@@ -263,12 +278,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"{', under torch.autocast(bf16)' if s['autocast'] else ''}; median ms of {s['reps']} runs.",
         "",
         "| config | inference fwd ms | gradient step ms | peak GiB (step) | logits cos vs PEFT DoRA "
-        "| grad cos vs PEFT DoRA |",
-        "|---|---|---|---|---|---|",
+        "| grad cos vs PEFT DoRA | logits cos vs float64 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
         lines.append(f"| {r['label']} | {fmt(r['fwd_ms'], 2)} | {fmt(r['step_ms'], 2)} | "
-                     f"{fmt(r['step_peak_gib'], 2)} | {fmt(r['logits_cos'], 6)} | {fmt(r['grad_cos'], 6)} |")
+                     f"{fmt(r['step_peak_gib'], 2)} | {fmt(r['logits_cos'], 6)} | {fmt(r['grad_cos'], 6)} | "
+                     f"{fmt(r.get('logits_cos_fp64'), 6)} |")
     by_name = {r["config"]: r for r in result["results"]}
     speedups = []
     for a in ("fp32", "bf16"):

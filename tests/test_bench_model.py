@@ -38,7 +38,12 @@ def test_bench_model_tiny_cpu(tmp_path):
         assert ours["logits_cos"] >= (0.99999 if a == "fp32" else 0.9999), a
         assert ours["grad_cos"] >= 0.9999, a
         assert rows[f"peft_dora_{a}"]["logits_cos"] == pytest.approx(1.0)
+        # both against a float64 copy of the PEFT DoRA model: close, and not the value itself
+        for name in (f"peft_dora_{a}", f"dora_ext_{a}"):
+            assert 0.9999 <= rows[name]["logits_cos_fp64"] < 1.0, name
+        assert rows[f"peft_lora_{a}"]["logits_cos_fp64"] is None
     saved = json.loads((tmp_path / "bench_model.json").read_text())
     assert [r["config"] for r in saved["results"]] == list(rows)
     table = (tmp_path / "bench_model.md").read_text()
     assert "PEFT DoRA + dora_ext.peft.accelerate, bf16 adapters" in table and "faster than PEFT DoRA" in table
+    assert "logits cos vs float64" in table
