@@ -46,6 +46,11 @@ int64_t partial_sum_programs(int64_t rows, int64_t col_tiles, int64_t tile_rows,
   return std::max<int64_t>(1, std::min(cdiv(rows, tile_rows), cdiv(4 * sms, col_tiles)));
 }
 
+// g = m / n and g - 1 = (m - n) / n for the delta kernels, fp32 and contiguous.
+std::pair<at::Tensor, at::Tensor> delta_scales(const at::Tensor& magnitude, const at::Tensor& norm) {
+  return {magnitude_scale(magnitude, norm).contiguous(), magnitude_scale_minus_one(magnitude, norm).contiguous()};
+}
+
 // "<base dtype>_<lora dtype>_": the delta kernels' dtype key (a 16-bit base may come with fp32 lora).
 std::string delta_variant(const at::Tensor& base, const at::Tensor& lora) {
   return std::string(dtype_key(base.scalar_type())) + "_" + dtype_key(lora.scalar_type()) + "_";
@@ -225,8 +230,7 @@ at::Tensor compose_delta_cuda(const at::Tensor& base, const at::Tensor& lora, co
   if (decision.tier == Tier::Eager) return compose_delta_eager(base, lora, magnitude, norm, scale);
   // base may be 16-bit with a float32 lora: the kernel reads it as it is (delta_variant).
   const at::Tensor base2d = as_rows(base), lora2d = as_rows(lora);
-  const at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
-  const at::Tensor gm1 = magnitude_scale_minus_one(magnitude, norm).contiguous();
+  const auto [g, gm1] = delta_scales(magnitude, norm);
   at::Tensor out = at::empty({base2d.size(0), d_out}, lora.options());
   const int64_t rows = out.size(0);
   const c10::DeviceIndex device = base.device().index();
@@ -258,25 +262,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_cuda(
     return compose_delta_backward_eager(grad_out, base, lora, magnitude, norm, scale, mask);
   }
   const at::Tensor gy = as_rows(grad_out), base2d = as_rows(base), lora2d = as_rows(lora);
-  const at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
-  const at::Tensor gm1 = magnitude_scale_minus_one(magnitude, norm).contiguous();
+  const auto [g, gm1] = delta_scales(magnitude, norm);
   const int64_t rows = gy.size(0);
   at::Tensor grad_base = mask[0] ? at::empty({rows, d_out}, base.options()) : at::Tensor();
   at::Tensor grad_lora = at::empty({rows, d_out}, lora.options());
+  const int64_t grad_base_stride = mask[0] ? grad_base.stride(0) : 0;
   const c10::DeviceIndex device = base.device().index();
   const std::string variant =
       delta_variant(base, lora) + (mask[0] ? "gbase_" : "nogbase_") +
       alignment_key({&gy, &base2d, &lora2d, &g, &gm1, &grad_base, &grad_lora},
-                    {d_out, gy.stride(0), base2d.stride(0), lora2d.stride(0), mask[0] ? grad_base.stride(0) : 0,
-                     grad_lora.stride(0)});
+                    {d_out, gy.stride(0), base2d.stride(0), lora2d.stride(0), grad_base_stride, grad_lora.stride(0)});
   const KernelImage& k = kernel_for("dora_delta_backward_kernel", variant, device);
   const int64_t col_tiles = cdiv(d_out, k.tile_cols);
   const int64_t row_programs = partial_sum_programs(rows, col_tiles, k.tile_rows, device);
   at::Tensor partial = at::empty({row_programs, d_out}, gy.options().dtype(at::kFloat));
   launch(k, device, {row_programs, col_tiles, 1},
          {gy, base2d, lora2d, g, gm1, grad_base, grad_lora, partial,
-          rows, d_out, gy.stride(0), base2d.stride(0), lora2d.stride(0), mask[0] ? grad_base.stride(0) : 0,
-          grad_lora.stride(0), static_cast<float>(scale)});
+          rows, d_out, gy.stride(0), base2d.stride(0), lora2d.stride(0), grad_base_stride, grad_lora.stride(0),
+          static_cast<float>(scale)});
   at::Tensor grad_m = partial.sum(0).div_(norm).to(magnitude.scalar_type());
   return {mask[0] ? grad_base.view(base.sizes()) : no_grad_placeholder(base), grad_lora.view(lora.sizes()), grad_m};
 }
