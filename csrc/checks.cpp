@@ -21,7 +21,8 @@ void check_same_dtype(const char* op, const char* name, const at::Tensor& t, con
                       const char* ref_name) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
               ref_name, " has dtype ", ref.scalar_type(),
-              "; they must match (only the magnitude may differ, e.g. float32 with bfloat16 activations)");
+              "; they must match (except the magnitude, any float dtype, and lora_A/lora_B, which may both be "
+              "float32 with float16/bfloat16 x and weight)");
 }
 
 void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim, const char* shape) {
@@ -35,12 +36,12 @@ at::ScalarType accumulate_type(at::ScalarType dtype) {
 }
 
 void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Tensor& lora_A,
-                         const at::Tensor& lora_B, bool fp32_adapters) {
+                         const at::Tensor& lora_B) {
   check_dim(op, "weight", weight, 2, "[d_out, d_in]");
   check_dim(op, "lora_A", lora_A, 2, "[r, d_in]");
   check_dim(op, "lora_B", lora_B, 2, "[d_out, r]");
   check_float(op, "weight", weight);
-  if (fp32_adapters && is_16bit_float(weight.scalar_type()) && lora_A.scalar_type() == at::kFloat) {
+  if (is_16bit_float(weight.scalar_type()) && lora_A.scalar_type() == at::kFloat) {
     check_same_dtype(op, "lora_B", lora_B, lora_A, "lora_A");
   } else {
     check_same_dtype(op, "lora_A", lora_A, weight, "weight");

@@ -10,10 +10,10 @@ void check_dora_linear_args(const char* op, const at::Tensor& x, const at::Tenso
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                             const at::Tensor& lora_B, const at::Tensor& magnitude);
 
-// `fp32_adapters`: lora_A and lora_B may also be float32 with a float16/bfloat16
-// weight (row_norm's promotion rule: PEFT keeps adapters in float32 by default).
+// lora_A and lora_B have the weight's dtype, or are both float32 with a float16/bfloat16
+// weight (PEFT keeps adapters in float32 by default).
 void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Tensor& lora_A,
-                         const at::Tensor& lora_B, bool fp32_adapters = false);
+                         const at::Tensor& lora_B);
 
 void check_compose_delta_args(const char* op, const at::Tensor& base, const at::Tensor& lora,
                               const at::Tensor& magnitude, const at::Tensor& norm);
@@ -23,7 +23,7 @@ void check_compose_delta_args(const char* op, const at::Tensor& base, const at::
 void check_grad_out(const char* op, const at::Tensor& grad_out, at::IntArrayRef sizes, at::ScalarType dtype,
                     const at::Device& device);
 
-// float16 or bfloat16: the dtypes that may meet float32 adapters (row_norm, compose_delta).
+// float16 or bfloat16: the dtypes that may meet float32 adapters (every op).
 inline bool is_16bit_float(at::ScalarType dtype) {
   return dtype == at::kHalf || dtype == at::kBFloat16;
 }

@@ -2,6 +2,7 @@
 
 #include "checks.h"
 #include "dispatch.h"
+#include "fp32_adapters.h"
 #include "norm_cache.h"
 
 #include <ATen/ATen.h>
@@ -14,16 +15,6 @@ namespace {
 // with float32 adapters): bounds the transient fp32 copy to kUpcastChunkRows x d_in
 // instead of d_out x d_in.
 constexpr int64_t kUpcastChunkRows = 1024;
-
-// b (float32) as three bfloat16 parts whose sum is b exactly: 8 + 8 + 8 mantissa
-// bits hold float32's 24, and bfloat16 has float32's exponent range.
-at::Tensor bf16_parts(const at::Tensor& b) {
-  const at::Tensor hi = b.to(at::kBFloat16);
-  const at::Tensor rest = b - hi.to(at::kFloat);
-  const at::Tensor mid = rest.to(at::kBFloat16);
-  const at::Tensor lo = (rest - mid.to(at::kFloat)).to(at::kBFloat16);
-  return at::cat({hi, mid, lo});
-}
 
 // (a b^T) with products accumulated and returned in `acc`, never materialising
 // an upcast copy of `a`: cuBLAS takes 16-bit inputs with fp32 output; CPU
@@ -39,7 +30,7 @@ at::Tensor matmul_nt_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarTyp
     if (row_sq) *row_sq = at::linalg_vector_norm(a, 2, {1}, false, acc).square_();
     if (a.scalar_type() == acc) return at::mm(a, b.t());
     if (same_dtype) return at::mm(a, b.t(), acc);
-    return at::mm(a, bf16_parts(b).t(), acc).view({a.size(0), 3, b.size(0)}).sum(1);
+    return at::mm(a, bf16_parts(b, 0).t(), acc).view({a.size(0), 3, b.size(0)}).sum(1);
   }
   const at::Tensor b_acc = b.to(acc);
   at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options().dtype(acc));
@@ -114,17 +105,22 @@ at::Tensor magnitude_scale_minus_one(const at::Tensor& magnitude, const at::Tens
 
 std::pair<at::Tensor, at::Tensor> lora_and_base(const at::Tensor& x2d, const at::Tensor& weight,
                                                 const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  if (has_fp32_adapters(x2d, lora_A)) return lora_and_base_fp32_adapters(x2d, weight, lora_A, lora_B, scale);
   at::Tensor h = at::mm(x2d, lora_A.t());
   at::Tensor z = at::mm(x2d, weight.t());
   z.addmm_(h, lora_B.t(), /*beta=*/1, /*alpha=*/scale);
   return {h, z};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemms(const at::Tensor& gz, const at::Tensor& x2d,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemms(const at::Tensor& gy, const at::Tensor& gz,
+                                                                const at::Tensor& g, const at::Tensor& x2d,
                                                                 const at::Tensor& weight, const at::Tensor& lora_A,
                                                                 const at::Tensor& lora_B, const at::Tensor& h,
                                                                 double scale, bool need_x, bool need_A,
                                                                 bool need_B) {
+  if (has_fp32_adapters(x2d, lora_A)) {
+    return backward_gemms_fp32_adapters(gy, gz, g, x2d, weight, lora_A, lora_B, h, scale, need_x, need_A, need_B);
+  }
   at::Tensor grad_x, grad_A, grad_B;
   if (need_x || need_A) {
     const at::Tensor gz_b = at::mm(gz, lora_B);  // [T, r]
@@ -161,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_line
   const at::Tensor g = magnitude_scale(magnitude, norm);
   const at::Tensor gz = (gy * g).to(x.scalar_type());
   const at::Tensor x2d = as_rows(x);
-  auto [grad_x, grad_A, grad_B] = backward_gemms(gz, x2d, weight, lora_A, lora_B, h, scale, mask[0], mask[1], mask[2]);
+  auto [grad_x, grad_A, grad_B] = backward_gemms(gy, gz, g, x2d, weight, lora_A, lora_B, h, scale, mask[0], mask[1], mask[2]);
   at::Tensor grad_m, grad_bias;
   if (mask[3]) {
     const at::ScalarType acc = norm.scalar_type();
@@ -205,7 +201,7 @@ namespace {
 
 // The public op: through the cache, returned as a copy the caller may write to.
 at::Tensor row_norm_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
-  check_row_norm_args("row_norm", weight, lora_A, lora_B, /*fp32_adapters=*/true);
+  check_row_norm_args("row_norm", weight, lora_A, lora_B);
   return row_norm_cached_eager(weight, lora_A, lora_B, scale).clone();
 }
 

@@ -35,13 +35,16 @@ at::Tensor magnitude_scale(const at::Tensor& magnitude, const at::Tensor& norm);
 at::Tensor magnitude_scale_minus_one(const at::Tensor& magnitude, const at::Tensor& norm);
 
 // The GEMM stage of the forward on 2-D x [T, d_in]: h = x A^T [T, r] and
-// z = x W^T + s h B^T [T, d_out], both in x's dtype.
+// z = x W^T + s h B^T [T, d_out], both in x's dtype (h in float32 for float32
+// adapters on 16-bit x: fp32_adapters.h).
 std::pair<at::Tensor, at::Tensor> lora_and_base(const at::Tensor& x2d, const at::Tensor& weight,
                                                 const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
 
-// The GEMM stage of the backward from gz = gy * g [T, d_out]: grad_x [T, d_in],
-// grad_A [r, d_in], grad_B [d_out, r] (each undefined when its mask entry is false).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemms(const at::Tensor& gz, const at::Tensor& x2d,
+// The GEMM stage of the backward from the output gradient gy [T, d_out], gz = gy * g in x's
+// dtype and g = m / n: grad_x [T, d_in], grad_A [r, d_in], grad_B [d_out, r] (each undefined
+// when its mask entry is false). Same-dtype adapters use gz only.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemms(const at::Tensor& gy, const at::Tensor& gz,
+                                                                const at::Tensor& g, const at::Tensor& x2d,
                                                                 const at::Tensor& weight, const at::Tensor& lora_A,
                                                                 const at::Tensor& lora_B, const at::Tensor& h,
                                                                 double scale, bool need_x, bool need_A,

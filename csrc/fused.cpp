@@ -116,12 +116,12 @@ int64_t decode_max_tokens() {
   return value;
 }
 
-// Whether the decode kernel serves validated inputs (one dtype throughout, d_out >= 1): 16-bit,
-// 1..max_tokens tokens, and W and B with unit stride along their K dimension (a copy of W would
-// cost more than it saves).
+// Whether the decode kernel serves validated inputs (d_out >= 1): 16-bit x and adapters of the same
+// dtype, 1..max_tokens tokens, and W and B with unit stride along their K dimension (a copy of W
+// would cost more than it saves).
 bool decode_serves(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_B, int64_t max_tokens) {
   const int64_t tokens = x.numel() / x.size(-1);  // d_in >= 1 (validated)
-  return is_16bit_float(x.scalar_type()) && tokens > 0 && tokens <= max_tokens && weight.stride(1) == 1 &&
+  return is_16bit_float(x.scalar_type()) && lora_B.scalar_type() == x.scalar_type() && tokens > 0 && tokens <= max_tokens && weight.stride(1) == 1 &&
          lora_B.stride(1) == 1;
 }
 
@@ -151,7 +151,7 @@ at::Tensor decode_forward(const at::Tensor& x, const at::Tensor& weight, const s
 // The public op: a copy of the cached norm, which the caller may write to. The
 // tier rules apply with the weight's rows in the place of tokens.
 at::Tensor row_norm_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
-  check_row_norm_args("row_norm", weight, lora_A, lora_B, /*fp32_adapters=*/true);
+  check_row_norm_args("row_norm", weight, lora_A, lora_B);
   c10::cuda::CUDAGuard guard(weight.device());
   TierDecision decision = choose_tier(weight, weight.size(0), /*training=*/false);
   record_tier(decision);
@@ -211,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_line
   const at::Tensor g = cached_magnitude_scale(weight, magnitude, norm);
   auto [gz, grad_m] = launch_grad_prologue(gy, as_rows(z), g, norm);
   auto [grad_x, grad_A, grad_B] =
-      backward_gemms(gz, as_rows(x), weight, lora_A, lora_B, h, scale, mask[0], mask[1], mask[2]);
+      backward_gemms(gy, gz, g, as_rows(x), weight, lora_A, lora_B, h, scale, mask[0], mask[1], mask[2]);
   at::Tensor grad_bias;
   if (mask[4]) grad_bias = gy.sum(0, false, at::kFloat).to(gy.scalar_type());
   return {mask[0] ? grad_x.view(x.sizes()) : no_grad_placeholder(x), mask[1] ? grad_A : no_grad_placeholder(x),

@@ -64,7 +64,10 @@ def dora_linear(
         x: activations ``[..., d_in]``.
         weight: frozen base weight ``[d_out, d_in]``, same dtype as x.
         bias: optional ``[d_out]``, same dtype as x.
-        lora_A: ``[r, d_in]``; lora_B: ``[d_out, r]``, same dtype as x.
+        lora_A: ``[r, d_in]``; lora_B: ``[d_out, r]``, same dtype as x, or both float32 with
+            float16/bfloat16 x (PEFT's default adapters): their products are then computed to
+            float32 accuracy (x upcast, as PEFT does; on CUDA bf16, tensor-core GEMMs over exact
+            bfloat16 parts of the float32 operands) and their gradients are float32.
         magnitude: ``[d_out]``, any float dtype (fp32 under mixed precision).
         scale: LoRA scaling ``s`` (alpha / r).
 
@@ -168,7 +171,7 @@ def _dora_linear_forward_fake(x, weight, bias, lora_A, lora_B, magnitude, scale)
     return (
         x.new_empty((*x.shape[:-1], d_out)),
         x.new_empty((tokens, d_out)),
-        x.new_empty((tokens, lora_A.shape[0])),
+        lora_A.new_empty((tokens, lora_A.shape[0])),  # h: float32 for float32 adapters on 16-bit x
         x.new_empty((d_out,), dtype=accumulate_dtype(x.dtype)),
     )
 
@@ -179,8 +182,8 @@ def _dora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, magnitude, n
     # outputs must not alias each other, as in the real kernels).
     return (
         x.new_empty(x.shape if output_mask[0] else (0,)),
-        x.new_empty(lora_A.shape if output_mask[1] else (0,)),
-        x.new_empty(lora_B.shape if output_mask[2] else (0,)),
+        lora_A.new_empty(lora_A.shape) if output_mask[1] else x.new_empty((0,)),
+        lora_B.new_empty(lora_B.shape) if output_mask[2] else x.new_empty((0,)),
         magnitude.new_empty(magnitude.shape if output_mask[3] else (0,)),
         x.new_empty((weight.shape[0],) if output_mask[4] else (0,)),
     )

@@ -13,10 +13,11 @@ that only overrides ``forward`` (parameters, buffers, adapters, state dict, ``me
 The new forward reproduces PEFT's ``Linear.forward`` + ``DoraLinearVariant.forward`` semantics:
 
 * one active DoRA adapter, unmerged, no dropout in training (or eval), no ``lora_bias``, a frozen
-  base weight, and either autocast or one dtype for x/W/A/B: the whole layer is **one
-  ``dora_ext.dora_linear`` call** (the base GEMM is not run separately);
-* otherwise (several adapters, dropout in training, fp32 adapters on a bf16 base without autocast,
-  ``lora_bias``, a trainable base weight, hooks on the base layer): the base layer runs as in PEFT and
+  base weight, and either autocast, one dtype for x/W/A/B, or PEFT's default float32 adapters on a
+  16-bit x/W: the whole layer is **one ``dora_ext.dora_linear`` call** (the base GEMM is not run
+  separately; float32 adapters' products at float32 accuracy, as PEFT computes them);
+* otherwise (several adapters, dropout in training, ``lora_bias``, a trainable base weight, hooks
+  on the base layer): the base layer runs as in PEFT and
   each DoRA adapter adds ``dora_ext.compose_delta(base_result, lora_result, m, row_norm(...), s)``
   (the norm in factored form, no ``[d_out, d_in]`` product); vanilla LoRA adapters active in the same
   layer add ``B A dropout(x) s`` as in PEFT;
@@ -236,19 +237,23 @@ def _single_call(layer: "DoraExtLinear", x: torch.Tensor, adapter: str) -> Optio
         return None
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+        dtype = adapter_dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = weight.dtype
-        if x.dtype != dtype or lora_A.weight.dtype != dtype or lora_B.weight.dtype != dtype:
-            return None  # PEFT runs base and LoRA in different dtypes here: compose path
+        adapter_dtype = lora_A.weight.dtype
+        # one dtype throughout, or PEFT's default mix: float32 adapters on a 16-bit base, whose
+        # LoRA products PEFT computes in float32 (so does dora_linear for this mix)
+        fp32_adapters = dtype in (torch.float16, torch.bfloat16) and adapter_dtype == torch.float32
+        if x.dtype != dtype or lora_B.weight.dtype != adapter_dtype or (adapter_dtype != dtype and not fp32_adapters):
+            return None  # dtypes dora_linear does not take: the compose path, as PEFT computes them
     bias = detach_if_frozen_view(base.bias)
     with torch.autocast(device_type, enabled=False):
         return dora_linear(
             x.to(dtype),
             weight.to(dtype),  # not cached: a lasting copy of every base weight would cost memory
             bias.to(dtype) if bias is not None else None,
-            cast_for_forward(lora_A.weight, dtype),
-            cast_for_forward(lora_B.weight, dtype),
+            cast_for_forward(lora_A.weight, adapter_dtype),
+            cast_for_forward(lora_B.weight, adapter_dtype),
             layer.lora_magnitude_vector[adapter].weight,
             layer.scaling[adapter],
         )

@@ -135,18 +135,20 @@ def test_lora_A_dtype(inp, op):
 
 @pytest.mark.parametrize("op", ["dora_linear", "row_norm"])
 def test_float32_adapters_on_a_bf16_weight(op):
-    """row_norm takes float32 adapters with a 16-bit weight (both of them float32); dora_linear does not."""
+    """Both ops take float32 lora_A and lora_B with a 16-bit weight (PEFT's default adapters; both
+    of them float32, nothing wider)."""
     a = make_inputs(D_IN, D_OUT, R, (T,), torch.bfloat16)
-    if op == "dora_linear":
-        with pytest.raises(RuntimeError, match=r"lora_A has dtype (Float|float32) but weight has dtype"):
-            dora_ext.dora_linear(**dict(a, lora_A=a["lora_A"].float(), lora_B=a["lora_B"].float()))
-        return
     W, A, B, s = a["weight"], a["lora_A"].float(), a["lora_B"].float(), a["scale"]
-    assert dora_ext.row_norm(W, A, B, s).shape == (D_OUT,)
+    if op == "dora_linear":
+        call = lambda A, B: dora_ext.dora_linear(**dict(a, lora_A=A, lora_B=B))  # noqa: E731
+        assert call(A, B).dtype == torch.bfloat16
+    else:
+        call = lambda A, B: dora_ext.row_norm(W, A, B, s)  # noqa: E731
+        assert call(A, B).shape == (D_OUT,)
     with pytest.raises(RuntimeError, match=r"lora_B has dtype (BFloat16|bfloat16) but lora_A has dtype (Float|float32)"):
-        dora_ext.row_norm(W, A, B.bfloat16(), s)
+        call(A, B.bfloat16())
     with pytest.raises(RuntimeError, match=r"lora_A has dtype (Double|float64) but weight has dtype"):
-        dora_ext.row_norm(W, A.double(), B.double(), s)
+        call(A.double(), B.double())
 
 
 @pytest.mark.parametrize("op", ["dora_linear", "row_norm"])

@@ -18,6 +18,9 @@ from reference import make_inputs
 
 OPS = torch.ops.dora_ext
 
+# bfloat16 x, weight and bias with float32 lora_A, lora_B and magnitude (PEFT's default mix)
+FP32_ADAPTERS = "bf16 with fp32 adapters"
+
 # (d_in, d_out, r, batch_shape, bias)
 LINEAR_SHAPES = [
     pytest.param(16, 12, 4, (5,), True, id="2d"),
@@ -31,6 +34,21 @@ DTYPES = [
     pytest.param(torch.float64, None, id="fp64"),
     pytest.param(torch.bfloat16, torch.float32, id="bf16-fp32mag"),
 ]
+LINEAR_DTYPES = DTYPES + [pytest.param(FP32_ADAPTERS, None, id="bf16-fp32adapters")]
+
+
+def _linear_inputs(d_in, d_out, r, batch, dtype, mag_dtype, bias, requires_grad=False):
+    if dtype != FP32_ADAPTERS:
+        return make_inputs(d_in, d_out, r, batch, dtype, bias=bias, requires_grad=requires_grad,
+                           mag_dtype=mag_dtype)
+    inp = make_inputs(d_in, d_out, r, batch, torch.float32, bias=bias)
+    for k in ("x", "weight", "bias"):
+        if inp[k] is not None:
+            inp[k] = inp[k].bfloat16()
+    for k in ("x", "bias", "lora_A", "lora_B", "magnitude"):
+        if inp[k] is not None:
+            inp[k].requires_grad_(requires_grad)
+    return inp
 
 
 def _linear_args(inp):
@@ -42,10 +60,10 @@ def _linear_args(inp):
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
-@pytest.mark.parametrize("dtype, mag_dtype", DTYPES)
+@pytest.mark.parametrize("dtype, mag_dtype", LINEAR_DTYPES)
 @pytest.mark.parametrize("d_in, d_out, r, batch, bias", LINEAR_SHAPES)
 def test_opcheck_dora_linear(d_in, d_out, r, batch, bias, dtype, mag_dtype, requires_grad):
-    inp = make_inputs(d_in, d_out, r, batch, dtype, bias=bias, requires_grad=requires_grad, mag_dtype=mag_dtype)
+    inp = _linear_inputs(d_in, d_out, r, batch, dtype, mag_dtype, bias, requires_grad)
     opcheck(OPS.dora_linear.default, _linear_args(inp))
 
 
@@ -90,10 +108,10 @@ def test_opcheck_compose_delta(batch, dtype, mag_dtype, requires_grad):
 # internal ops (no requires_grad: they are the insides of the autograd functions)
 
 
-@pytest.mark.parametrize("dtype, mag_dtype", DTYPES)
+@pytest.mark.parametrize("dtype, mag_dtype", LINEAR_DTYPES)
 @pytest.mark.parametrize("d_in, d_out, r, batch, bias", LINEAR_SHAPES)
 def test_opcheck_dora_linear_forward(d_in, d_out, r, batch, bias, dtype, mag_dtype):
-    inp = make_inputs(d_in, d_out, r, batch, dtype, bias=bias, mag_dtype=mag_dtype)
+    inp = _linear_inputs(d_in, d_out, r, batch, dtype, mag_dtype, bias)
     opcheck(OPS.dora_linear_forward.default, _linear_args(inp))
 
 
@@ -110,18 +128,18 @@ MASKS = [
 BACKWARD_CASES = [
     pytest.param(*shape.values, *dt.values, [True] * 5, id=f"{shape.id}-{dt.id}-all")
     for shape in LINEAR_SHAPES
-    for dt in DTYPES
+    for dt in LINEAR_DTYPES
 ] + [
     pytest.param(*shape.values, *dt.values, *mask.values, id=f"{shape.id}-{dt.id}-{mask.id}")
     for shape in (LINEAR_SHAPES[0], LINEAR_SHAPES[3])
-    for dt in (DTYPES[0], DTYPES[2])
+    for dt in (LINEAR_DTYPES[0], LINEAR_DTYPES[2], LINEAR_DTYPES[3])
     for mask in MASKS[1:]
 ]
 
 
 @pytest.mark.parametrize("d_in, d_out, r, batch, bias, dtype, mag_dtype, mask", BACKWARD_CASES)
 def test_opcheck_dora_linear_backward(d_in, d_out, r, batch, bias, dtype, mag_dtype, mask):
-    inp = make_inputs(d_in, d_out, r, batch, dtype, bias=bias, mag_dtype=mag_dtype)
+    inp = _linear_inputs(d_in, d_out, r, batch, dtype, mag_dtype, bias)
     out, z, h, norm = OPS.dora_linear_forward(*_linear_args(inp))
     assert z.shape == (out.numel() // d_out, d_out) and h.shape == (z.shape[0], r)
     grad_out = torch.randn_like(out)

@@ -1,0 +1,94 @@
+#include "fp32_adapters.h"
+
+#include "checks.h"
+
+#include <ATen/ATen.h>
+
+#include <array>
+
+namespace dora_ext {
+namespace {
+
+// Tensor cores through exact bfloat16 parts where the activations are bfloat16 on CUDA
+// (see the header); plain float32 GEMMs elsewhere.
+bool use_bf16_parts(const at::Tensor& x) {
+  return x.is_cuda() && x.scalar_type() == at::kBFloat16;
+}
+
+std::array<at::Tensor, 3> split3(const at::Tensor& t) {
+  const at::Tensor hi = t.to(at::kBFloat16);
+  const at::Tensor rest = t - hi.to(at::kFloat);
+  const at::Tensor mid = rest.to(at::kBFloat16);
+  const at::Tensor lo = (rest - mid.to(at::kFloat)).to(at::kBFloat16);
+  return {hi, mid, lo};
+}
+
+// The operands of one GEMM whose reduction dimension holds the six leading part products of two
+// float32 factors: [a_hi a_hi a_hi a_mid a_mid a_lo] along a's reduction dim against
+// [b_hi b_mid b_lo b_hi b_mid b_hi] along b's.
+std::pair<at::Tensor, at::Tensor> six_products(const at::Tensor& a, int64_t a_dim, const at::Tensor& b,
+                                               int64_t b_dim) {
+  const auto pa = split3(a);
+  const auto pb = split3(b);
+  return {at::cat({pa[0], pa[0], pa[0], pa[1], pa[1], pa[2]}, a_dim),
+          at::cat({pb[0], pb[1], pb[2], pb[0], pb[1], pb[0]}, b_dim)};
+}
+
+// A 2-D GEMM result holding three blocks along `dim` (one per part), summed: [.., 3n, ..] -> [.., n, ..].
+at::Tensor sum_blocks(const at::Tensor& t, int64_t dim) {
+  return dim == 0 ? t.view({3, t.size(0) / 3, t.size(1)}).sum(0) : t.view({t.size(0), 3, t.size(1) / 3}).sum(1);
+}
+
+}  // namespace
+
+bool has_fp32_adapters(const at::Tensor& x, const at::Tensor& lora_A) {
+  return is_16bit_float(x.scalar_type()) && lora_A.scalar_type() == at::kFloat;
+}
+
+at::Tensor bf16_parts(const at::Tensor& b, int64_t dim) {
+  const auto parts = split3(b);
+  return at::cat({parts[0], parts[1], parts[2]}, dim);
+}
+
+std::pair<at::Tensor, at::Tensor> lora_and_base_fp32_adapters(const at::Tensor& x2d, const at::Tensor& weight,
+                                                              const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                              double scale) {
+  at::Tensor z = at::mm(x2d, weight.t());
+  if (use_bf16_parts(x2d)) {
+    // x is exact in bfloat16: its products with A's three parts are A's float32 products
+    const at::Tensor h = sum_blocks(at::mm(x2d, bf16_parts(lora_A, 0).t(), at::kFloat), 1);
+    const auto [h6, b6] = six_products(h, 1, lora_B, 1);
+    z.addmm_(h6, b6.t(), /*beta=*/1, /*alpha=*/scale);  // one rounding of x W^T + s h B^T
+    return {h, z};
+  }
+  const at::Tensor h = at::mm(x2d.to(at::kFloat), lora_A.t());
+  z = z.to(at::kFloat).addmm_(h, lora_B.t(), /*beta=*/1, /*alpha=*/scale).to(x2d.scalar_type());
+  return {h, z};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemms_fp32_adapters(
+    const at::Tensor& gy, const at::Tensor& gz, const at::Tensor& g, const at::Tensor& x2d, const at::Tensor& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& h, double scale, bool need_x, bool need_A,
+    bool need_B) {
+  // The gradient of h B^T is s g gy: gy is exact in x's dtype, so s g goes onto B's rows (grad of h)
+  // and onto grad_B's rows instead of onto a float32 copy of gy.
+  const at::Tensor sg = (g * scale).unsqueeze(1);  // [d_out, 1] float32
+  at::Tensor grad_x, grad_A, grad_B, gh;
+  if (use_bf16_parts(x2d)) {
+    if (need_B) grad_B = sum_blocks(at::mm(gy.t(), bf16_parts(h, 1), at::kFloat), 1).mul_(sg);
+    if (need_x || need_A) gh = sum_blocks(at::mm(gy, bf16_parts(lora_B * sg, 1), at::kFloat), 1);  // [T, r]
+    if (need_A) grad_A = sum_blocks(at::mm(bf16_parts(gh, 1).t(), x2d, at::kFloat), 0);
+    if (need_x) {
+      const auto [gh6, a6] = six_products(gh, 1, lora_A, 0);
+      grad_x = at::mm(gz, weight).addmm_(gh6, a6);
+    }
+    return {grad_x, grad_A, grad_B};
+  }
+  if (need_B) grad_B = at::mm(gy.t().to(at::kFloat), h).mul_(sg);
+  if (need_x || need_A) gh = at::mm(gy.to(at::kFloat), lora_B * sg);
+  if (need_A) grad_A = at::mm(gh.t(), x2d.to(at::kFloat));
+  if (need_x) grad_x = at::mm(gz, weight).to(at::kFloat).addmm_(gh, lora_A).to(x2d.scalar_type());
+  return {grad_x, grad_A, grad_B};
+}
+
+}  // namespace dora_ext

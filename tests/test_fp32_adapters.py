@@ -1,0 +1,125 @@
+"""dora_linear with float32 adapters on float16/bfloat16 activations (PEFT's default mix).
+
+The contract (csrc/fp32_adapters.h): the output keeps x's dtype; the adapters' products and their
+gradients are float32-accurate, as PEFT computes them (x upcast, float32 GEMMs); on CUDA with
+bfloat16 they run as tensor-core GEMMs over exact bfloat16 parts of the float32 operands. Checked
+against the float64 reference on CPU, CUDA eager and CUDA fused, and against the plain-PyTorch
+float32 computation (DESIGN.md section 6's 2x rule).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dora_ext
+from reference import make_inputs, ref_dora_linear, rel_err
+
+SHAPES = [(64, 96, 16, (128,)), (37, 23, 1, (3, 5)), (130, 70, 12, (2, 9))]  # odd sizes, r = 1, 3-D
+
+
+def _mixed(d_in, d_out, r, batch, dtype, device, g_noise=0.3):
+    """16-bit x, weight and bias; float32 lora_A, lora_B and magnitude."""
+    inp = make_inputs(d_in, d_out, r, batch, torch.float32, device=device, g_noise=g_noise)
+    for k in ("x", "weight", "bias"):
+        inp[k] = inp[k].to(dtype)
+    return inp
+
+
+def _detached(inp):
+    return {k: (v.detach() if torch.is_tensor(v) else v) for k, v in inp.items()}
+
+
+def _as_ref(inp):
+    """float64 CPU leaves of the same values, for the reference's gradients."""
+    return {k: (v.detach().double().cpu().requires_grad_(True) if torch.is_tensor(v) else v)
+            for k, v in inp.items()}
+
+
+def _leaves(inp):
+    return {k: (v.clone().requires_grad_(True) if k in ("x", "bias", "lora_A", "lora_B", "magnitude") else v)
+            for k, v in inp.items()}
+
+
+def _plain_fp32(inp):
+    """PEFT's computation of the mix in plain PyTorch: base GEMM in x's dtype, LoRA in float32."""
+    x, W, A, B, m, s = (inp[k] for k in ("x", "weight", "lora_A", "lora_B", "magnitude", "scale"))
+    n = torch.linalg.vector_norm(W.float() + s * (B @ A), dim=1).detach()
+    g = m / n
+    base = x @ W.T
+    y = g * base.float() + g * s * ((x.float() @ A.T) @ B.T) + inp["bias"].float()
+    return y.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:3])))
+def test_forward_and_gradients_against_float64(any_device, dtype, shape):
+    d_in, d_out, r, batch = shape
+    inp = _leaves(_mixed(d_in, d_out, r, batch, dtype, any_device))
+    y = dora_ext.dora_linear(**inp)
+    assert y.dtype == dtype and y.shape == (*batch, d_out)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    ref_in = _as_ref(inp)
+    ref = ref_dora_linear(ref_in["x"], ref_in["weight"], ref_in["bias"], ref_in["lora_A"], ref_in["lora_B"],
+                          ref_in["magnitude"], ref_in["scale"])
+    ref.backward(gy.double().cpu())
+    assert rel_err(y, ref) < 1e-2
+    assert rel_err(y, ref) <= 2 * rel_err(_plain_fp32(_detached(inp)), ref) + 1e-6
+    for k in ("x", "bias", "lora_A", "lora_B", "magnitude"):
+        assert inp[k].grad.dtype == inp[k].dtype, k
+        assert torch.isfinite(inp[k].grad).all(), k
+    # the adapters' gradients are float32-accurate: gy is exact in x's dtype and nothing on their
+    # path is rounded to 16 bits (bfloat16 adapters would be ~1e-3 off)
+    for k in ("lora_A", "lora_B"):
+        assert rel_err(inp[k].grad, ref_in[k].grad) < 1e-5, k
+    for k in ("x", "bias", "magnitude"):  # through the 16-bit base output: 16-bit bounds
+        assert rel_err(inp[k].grad, ref_in[k].grad) < 1e-2, k
+
+
+def test_float32_accuracy_is_discriminating():
+    """The 1e-5 bound above fails for adapters rounded to bfloat16: it tests float32 accuracy."""
+    inp = _leaves(_mixed(64, 96, 16, (128,), torch.bfloat16, "cpu"))
+    rounded = {k: (v.detach().bfloat16().float().requires_grad_(True) if k in ("lora_A", "lora_B") else v)
+               for k, v in inp.items()}
+    y = dora_ext.dora_linear(**rounded)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    ref_in = _as_ref(inp)
+    ref_dora_linear(ref_in["x"], ref_in["weight"], ref_in["bias"], ref_in["lora_A"], ref_in["lora_B"],
+                    ref_in["magnitude"], ref_in["scale"]).backward(gy.double())
+    assert rel_err(rounded["lora_B"].grad, ref_in["lora_B"].grad) > 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_magnitude_near_one_and_no_grad(any_device, dtype):
+    """g close to 1 (trained magnitudes) and the inference path (no autograd, cached norm)."""
+    inp = _mixed(65, 47, 5, (33,), dtype, any_device, g_noise=1e-4)
+    ref = ref_dora_linear(*(inp[k] for k in ("x", "weight", "bias", "lora_A", "lora_B", "magnitude", "scale")))
+    with torch.no_grad():
+        y = dora_ext.dora_linear(**inp)
+        again = dora_ext.dora_linear(**inp)
+    assert y.dtype == dtype
+    assert rel_err(y, ref) < 1e-2 and torch.equal(y, again)
+
+
+def test_non_contiguous_input(any_device):
+    inp = _mixed(48, 40, 8, (6, 10), torch.bfloat16, any_device)
+    x_t = inp["x"].transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided
+    assert not x_t.is_contiguous()
+    y = dora_ext.dora_linear(**dict(inp, x=x_t))
+    assert torch.equal(y, dora_ext.dora_linear(**inp))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tiers_and_no_decode_kernel(monkeypatch):
+    """The fused tiers serve the mix (cuBLAS with the scale and gradient kernels); the decode kernel,
+    which reads 16-bit adapters, does not."""
+    monkeypatch.setenv("DORA_EXT_TIER", "fused")
+    inp = _leaves(_mixed(64, 96, 16, (4,), torch.bfloat16, "cuda"))
+    with torch.no_grad():
+        dora_ext.dora_linear(**inp)
+    tier, reason = dora_ext.last_tier()
+    assert tier == "fused_inference" and "decode" not in reason
+    dora_ext.dora_linear(**inp).sum().backward()
+    assert dora_ext.last_tier()[0] == "fused_training"
