@@ -105,7 +105,6 @@ at::Tensor magnitude_scale_minus_one(const at::Tensor& magnitude, const at::Tens
 
 std::pair<at::Tensor, at::Tensor> lora_and_base(const at::Tensor& x2d, const at::Tensor& weight,
                                                 const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
-  if (has_fp32_adapters(x2d, lora_A)) return lora_and_base_fp32_adapters(x2d, weight, lora_A, lora_B, scale);
   at::Tensor h = at::mm(x2d, lora_A.t());
   at::Tensor z = at::mm(x2d, weight.t());
   z.addmm_(h, lora_B.t(), /*beta=*/1, /*alpha=*/scale);
@@ -131,22 +130,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemms(const at::Tensor& 
   return {grad_x, grad_A, grad_B};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_eager(
+namespace {
+
+// The eager forward: {y, z, h, norm}; z only when `need_z` (the backward's magnitude gradient).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_eager(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale, bool need_z) {
   check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
   const at::Tensor norm = row_norm_cached_eager(weight, lora_A, lora_B, scale);
+  const std::vector<int64_t> y_shape = output_shape(x, weight.size(0));
+  if (has_fp32_adapters(x, lora_A)) {
+    auto [y, z, h] = forward_fp32_adapters(as_rows(x), weight, bias, lora_A, lora_B,
+                                           magnitude_scale(magnitude, norm), scale, need_z);
+    return {y.view(y_shape), z, h, norm};
+  }
   auto [h, z] = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale);
   at::Tensor out = z * magnitude_scale(magnitude, norm);  // promotes to the accumulate dtype
   if (bias.has_value() && bias->defined()) out.add_(*bias);
-  out = out.to(x.scalar_type()).view(output_shape(x, weight.size(0)));
-  return {out, z, h, norm};
+  return {out.to(x.scalar_type()).view(y_shape), z, h, norm};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_eager(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+  return forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale, /*need_z=*/true);
 }
 
 at::Tensor dora_linear_eager(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
                              double scale) {
-  return std::get<0>(dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale));
+  return std::get<0>(forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale, /*need_z=*/false));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_eager(

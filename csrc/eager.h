@@ -35,7 +35,7 @@ at::Tensor magnitude_scale(const at::Tensor& magnitude, const at::Tensor& norm);
 at::Tensor magnitude_scale_minus_one(const at::Tensor& magnitude, const at::Tensor& norm);
 
 // The GEMM stage of the forward on 2-D x [T, d_in]: h = x A^T [T, r] and
-// z = x W^T + s h B^T [T, d_out], both in x's dtype (h in float32 for float32
+// z = x W^T + s h B^T [T, d_out], both in x's dtype (one dtype throughout; float32
 // adapters on 16-bit x: fp32_adapters.h).
 std::pair<at::Tensor, at::Tensor> lora_and_base(const at::Tensor& x2d, const at::Tensor& weight,
                                                 const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);

@@ -5,14 +5,23 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <optional>
 
 namespace dora_ext {
 namespace {
 
-// Tensor cores through exact bfloat16 parts where the activations are bfloat16 on CUDA
-// (see the header); plain float32 GEMMs elsewhere.
-bool use_bf16_parts(const at::Tensor& x) {
-  return x.is_cuda() && x.scalar_type() == at::kBFloat16;
+// Below this many tokens making the parts (elementwise passes over A, B and a [d_out, 6r] copy of
+// B's, per call) costs more than the tensor cores save: plain float32 GEMMs there. Measured on the
+// H100 at r = 384 (scripts/bench_fp32_adapters.py, docs/BENCHMARKS.md): float32 GEMMs faster on
+// every layer shape up to 512 tokens, either one by up to 1.4x at 1024, the parts 1.1-1.8x faster
+// at 4096. DORA_EXT_FP32_PARTS_MIN_TOKENS (read per call) moves the limit.
+constexpr int64_t kPartsMinTokens = 2048;
+
+// Tensor cores through exact bfloat16 parts where the activations are bfloat16 on CUDA and there
+// are enough tokens (see the header); plain float32 GEMMs elsewhere.
+bool use_bf16_parts(const at::Tensor& x2d) {
+  return x2d.is_cuda() && x2d.scalar_type() == at::kBFloat16 &&
+         x2d.size(0) >= nonnegative_env("DORA_EXT_FP32_PARTS_MIN_TOKENS", kPartsMinTokens);
 }
 
 std::array<at::Tensor, 3> split3(const at::Tensor& t) {
@@ -50,20 +59,30 @@ at::Tensor bf16_parts(const at::Tensor& b, int64_t dim) {
   return at::cat({parts[0], parts[1], parts[2]}, dim);
 }
 
-std::pair<at::Tensor, at::Tensor> lora_and_base_fp32_adapters(const at::Tensor& x2d, const at::Tensor& weight,
-                                                              const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                              double scale) {
-  at::Tensor z = at::mm(x2d, weight.t());
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_fp32_adapters(const at::Tensor& x2d, const at::Tensor& weight,
+                                                                       const std::optional<at::Tensor>& bias,
+                                                                       const at::Tensor& lora_A,
+                                                                       const at::Tensor& lora_B, const at::Tensor& g,
+                                                                       double scale, bool need_z) {
+  const at::Tensor base = at::mm(x2d, weight.t());  // rounded to x's dtype, as PEFT's base layer output
+  at::Tensor h, lora;
   if (use_bf16_parts(x2d)) {
     // x is exact in bfloat16: its products with A's three parts are A's float32 products
-    const at::Tensor h = sum_blocks(at::mm(x2d, bf16_parts(lora_A, 0).t(), at::kFloat), 1);
+    h = sum_blocks(at::mm(x2d, bf16_parts(lora_A, 0).t(), at::kFloat), 1);
     const auto [h6, b6] = six_products(h, 1, lora_B, 1);
-    z.addmm_(h6, b6.t(), /*beta=*/1, /*alpha=*/scale);  // one rounding of x W^T + s h B^T
-    return {h, z};
+    lora = at::mm(h6, b6.t(), at::kFloat);
+  } else {
+    h = at::mm(x2d.to(at::kFloat), lora_A.t());
+    lora = at::mm(h, lora_B.t());
   }
-  const at::Tensor h = at::mm(x2d.to(at::kFloat), lora_A.t());
-  z = z.to(at::kFloat).addmm_(h, lora_B.t(), /*beta=*/1, /*alpha=*/scale).to(x2d.scalar_type());
-  return {h, z};
+  at::Tensor z = at::add_out(lora, base, lora, scale);  // z = base + s lora in float32, in lora's storage
+  at::Tensor y = at::empty_like(base);
+  if (bias.has_value() && bias->defined()) {
+    at::addcmul_out(y, *bias, z, g);  // one rounding: g z + bias
+  } else {
+    at::mul_out(y, z, g);
+  }
+  return {y, need_z ? z.to(x2d.scalar_type()) : at::Tensor(), h};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemms_fp32_adapters(

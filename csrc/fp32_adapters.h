@@ -11,11 +11,12 @@
 // three parts of a float32 one is the float32 product, and two float32 operands
 // keep the six part products down to 2^-16 relative (hi*hi, hi*mid, mid*hi,
 // hi*lo, mid*mid, lo*hi); the three dropped ones are below 2^-24, float32's own
-// rounding. Elsewhere (CPU, float16) the adapters' GEMMs run in float32.
+// rounding. Elsewhere (CPU, float16, fewer than 2048 tokens) the adapters' GEMMs run
+// in float32.
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
-#include <utility>
 
 namespace dora_ext {
 
@@ -25,10 +26,15 @@ bool has_fp32_adapters(const at::Tensor& x, const at::Tensor& lora_A);
 // b (float32) as its three exact bfloat16 parts hi, mid, lo concatenated along `dim`.
 at::Tensor bf16_parts(const at::Tensor& b, int64_t dim);
 
-// h = x A^T [T, r] (float32) and z = x W^T + s h B^T [T, d_out] (x's dtype) on 2-D x.
-std::pair<at::Tensor, at::Tensor> lora_and_base_fp32_adapters(const at::Tensor& x2d, const at::Tensor& weight,
-                                                              const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                              double scale);
+// The forward on 2-D x with g = m / n (float32): y = g (x W^T + s (x A^T) B^T) + bias in x's dtype
+// with x W^T rounded to x's dtype and everything after it in float32, rounded once, as PEFT
+// computes it (its base layer's output, plus a float32 delta); z = x W^T + s h B^T rounded to
+// x's dtype when `need_z` (the magnitude gradient), and h = x A^T [T, r] in float32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_fp32_adapters(const at::Tensor& x2d, const at::Tensor& weight,
+                                                                       const std::optional<at::Tensor>& bias,
+                                                                       const at::Tensor& lora_A,
+                                                                       const at::Tensor& lora_B, const at::Tensor& g,
+                                                                       double scale, bool need_z);
 
 // The backward GEMMs from the output gradient gy [T, d_out] (x's dtype), gz = gy * g rounded
 // to x's dtype (the base GEMM's gradient, as PEFT's base layer receives it) and g = m / n

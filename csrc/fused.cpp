@@ -5,6 +5,7 @@
 #include "dispatch.h"
 #include "eager.h"
 #include "fused_common.h"
+#include "fp32_adapters.h"
 #include "fused_norm.h"
 #include "launcher.h"
 #include "norm_cache.h"
@@ -12,9 +13,6 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-
-#include <cstdlib>
-
 
 namespace dora_ext {
 namespace {
@@ -106,22 +104,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward_gemms(
 // (docs/BENCHMARKS.md). DORA_EXT_DECODE_MAX_TOKENS (read per call) moves the limit; 0 turns it off.
 constexpr int64_t kDecodeMaxTokens = 16;
 
-int64_t decode_max_tokens() {
-  const char* env = std::getenv("DORA_EXT_DECODE_MAX_TOKENS");
-  if (env == nullptr || *env == '\0') return kDecodeMaxTokens;
-  char* end = nullptr;
-  const long long value = std::strtoll(env, &end, 10);
-  TORCH_CHECK(*end == '\0' && value >= 0, "DORA_EXT_DECODE_MAX_TOKENS must be a non-negative integer, got '",
-              env, "'");
-  return value;
-}
+// What the tier reason adds when float32 adapters on 16-bit x take the ATen forward.
+constexpr const char* kFp32AdaptersForward = "; float32 adapters: cuBLAS GEMMs and a float32 compose in ATen";
 
-// Whether the decode kernel serves validated inputs (d_out >= 1): 16-bit x and adapters of the same
-// dtype, 1..max_tokens tokens, and W and B with unit stride along their K dimension (a copy of W
-// would cost more than it saves).
+// Whether the decode kernel serves validated inputs (one dtype throughout, d_out >= 1): 16-bit,
+// 1..max_tokens tokens, and W and B with unit stride along their K dimension (a copy of W would
+// cost more than it saves).
 bool decode_serves(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_B, int64_t max_tokens) {
   const int64_t tokens = x.numel() / x.size(-1);  // d_in >= 1 (validated)
-  return is_16bit_float(x.scalar_type()) && lora_B.scalar_type() == x.scalar_type() && tokens > 0 && tokens <= max_tokens && weight.stride(1) == 1 &&
+  return is_16bit_float(x.scalar_type()) && tokens > 0 && tokens <= max_tokens && weight.stride(1) == 1 &&
          lora_B.stride(1) == 1;
 }
 
@@ -164,8 +155,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_c
   check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
   c10::cuda::CUDAGuard guard(x.device());
   TierDecision decision = choose_tier(x, weight.size(0), /*training=*/true);
+  // float32 adapters on 16-bit x: the forward composes in float32 after the GEMMs, as PEFT does
+  // (fp32_adapters.h), which no fused pass does; their backward takes the fused kernels
+  const bool fp32_adapters = decision.tier != Tier::Eager && has_fp32_adapters(x, lora_A);
+  if (fp32_adapters) decision.reason += kFp32AdaptersForward;
   record_tier(decision);
-  if (decision.tier == Tier::Eager) {
+  if (decision.tier == Tier::Eager || fp32_adapters) {
     return dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
   }
   auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale);
@@ -180,11 +175,13 @@ at::Tensor dora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
   c10::cuda::CUDAGuard guard(x.device());
   TierDecision decision = choose_tier(x, weight.size(0), /*training=*/false);
-  if (decision.tier == Tier::Eager) {
+  const bool fp32_adapters = decision.tier != Tier::Eager && has_fp32_adapters(x, lora_A);
+  if (fp32_adapters) decision.reason += kFp32AdaptersForward;
+  if (decision.tier == Tier::Eager || fp32_adapters) {
     record_tier(decision);
     return dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
   }
-  const int64_t max_decode_tokens = decode_max_tokens();
+  const int64_t max_decode_tokens = nonnegative_env("DORA_EXT_DECODE_MAX_TOKENS", kDecodeMaxTokens);
   if (decode_serves(x, weight, lora_B, max_decode_tokens)) {
     decision.reason += "; decode kernel (tokens <= " + std::to_string(max_decode_tokens) + ")";
     record_tier(decision);

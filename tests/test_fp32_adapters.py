@@ -17,6 +17,14 @@ from reference import make_inputs, ref_dora_linear, rel_err
 SHAPES = [(64, 96, 16, (128,)), (37, 23, 1, (3, 5)), (130, 70, 12, (2, 9))]  # odd sizes, r = 1, 3-D
 
 
+@pytest.fixture(autouse=True, params=["bf16_parts", "fp32_gemms"])
+def route(request, monkeypatch) -> str:
+    """Both CUDA bfloat16 routes at test sizes: tensor cores over exact parts from the first token,
+    or float32 GEMMs throughout (the default switches at 2048 tokens). No effect elsewhere."""
+    monkeypatch.setenv("DORA_EXT_FP32_PARTS_MIN_TOKENS", "0" if request.param == "bf16_parts" else "1000000000")
+    return request.param
+
+
 def _mixed(d_in, d_out, r, batch, dtype, device, g_noise=0.3):
     """16-bit x, weight and bias; float32 lora_A, lora_B and magnitude."""
     inp = make_inputs(d_in, d_out, r, batch, torch.float32, device=device, g_noise=g_noise)
@@ -123,3 +131,12 @@ def test_cuda_tiers_and_no_decode_kernel(monkeypatch):
     assert tier == "fused_inference" and "decode" not in reason
     dora_ext.dora_linear(**inp).sum().backward()
     assert dora_ext.last_tier()[0] == "fused_training"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_parts_min_tokens_variable_is_checked(monkeypatch):
+    monkeypatch.setenv("DORA_EXT_FP32_PARTS_MIN_TOKENS", "many")
+    inp = _mixed(64, 96, 16, (4,), torch.bfloat16, "cuda")
+    with pytest.raises(RuntimeError, match="DORA_EXT_FP32_PARTS_MIN_TOKENS must be a non-negative integer"):
+        dora_ext.dora_linear(**inp)
