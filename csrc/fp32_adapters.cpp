@@ -13,8 +13,8 @@ namespace {
 // Below this many tokens making the parts (elementwise passes over A, B and a [d_out, 6r] copy of
 // B's, per call) costs more than the tensor cores save: plain float32 GEMMs there. Measured on the
 // H100 at r = 384 (scripts/bench_fp32_adapters.py, docs/BENCHMARKS.md): float32 GEMMs faster on
-// every layer shape up to 512 tokens, either one by up to 1.4x at 1024, the parts 1.1-1.8x faster
-// at 4096. DORA_EXT_FP32_PARTS_MIN_TOKENS (read per call) moves the limit.
+// every layer shape up to 512 tokens, mixed at 1024 and 2048, the parts 1.3-1.8x faster at 4096.
+// DORA_EXT_FP32_PARTS_MIN_TOKENS (read per call) moves the limit.
 constexpr int64_t kPartsMinTokens = 2048;
 
 // Tensor cores through exact bfloat16 parts where the activations are bfloat16 on CUDA and there

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command on a GPU machine: build dora_ext against the installed torch,
-# run the CUDA tests (FULL=1: the whole suite), the layer, epilogue and model benchmarks.
+# run the CUDA tests (FULL=1: the whole suite), the layer, epilogue, float32-adapter and model benchmarks.
 #   bash scripts/gpu_check.sh [results-dir]        (default: gpu_results)
 # Environment: DORA_EXT_CUDA_ARCHS (arch list for the build), BENCH_ARGS
 # (extra arguments for scripts/bench.py), SKIP_BENCH=1 to only build and test, SKIP_NO_CUBIN=1 to
@@ -50,6 +50,8 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
   # shellcheck disable=SC2086
   python3 scripts/bench.py --out "$RESULTS" ${BENCH_ARGS:-} 2>&1 | tee "$RESULTS/bench.log"
   python3 scripts/bench_model.py --out "$RESULTS/model" 2>&1 | tee "$RESULTS/bench_model.log"
+  # float32 adapters on a bf16 layer: the exact-parts route vs fp32 GEMMs by token count
+  python3 scripts/bench_fp32_adapters.py --out "$RESULTS/fp32_adapters" 2>&1 | tee "$RESULTS/bench_fp32_adapters.log"
   # the forward designs side by side: cuBLAS + pass, one Triton GEMM, the decode kernel (issue 3's "measure both")
   python3 scripts/bench_epilogue.py --out "$RESULTS/epilogue" 2>&1 | tee "$RESULTS/bench_epilogue.log"
 fi
