@@ -20,12 +20,12 @@ SCALE = 0.5
 class DoRALinear(torch.nn.Module):
     """Minimal DoRA layer around dora_ext.dora_linear (frozen weight, trainable adapter)."""
 
-    def __init__(self, d_in, d_out, r, bias=True, dtype=torch.float32, mag_dtype=None):
+    def __init__(self, d_in, d_out, r, bias=True, dtype=torch.float32, mag_dtype=None, adapter_dtype=None):
         super().__init__()
         self.weight = torch.nn.Parameter((torch.randn(d_out, d_in) * d_in**-0.5).to(dtype), requires_grad=False)
         self.bias = torch.nn.Parameter(torch.randn(d_out).to(dtype)) if bias else None
-        self.lora_A = torch.nn.Parameter((torch.randn(r, d_in) * d_in**-0.5).to(dtype))
-        self.lora_B = torch.nn.Parameter((torch.randn(d_out, r) * 0.3).to(dtype))
+        self.lora_A = torch.nn.Parameter((torch.randn(r, d_in) * d_in**-0.5).to(adapter_dtype or dtype))
+        self.lora_B = torch.nn.Parameter((torch.randn(d_out, r) * 0.3).to(adapter_dtype or dtype))
         with torch.no_grad():
             n = dora_ext.row_norm(self.weight, self.lora_A, self.lora_B, SCALE)
             m = n * (1 + 0.2 * torch.randn_like(n))
@@ -147,3 +147,19 @@ def test_compiled_inference_bf16_with_fp32_magnitude():
         y = compiled(x)
     assert y.dtype == torch.bfloat16
     _assert_same(y.float(), y_ref.float(), torch.bfloat16)
+
+
+def test_compiled_training_bf16_with_fp32_adapters():
+    """PEFT's default mix (fp32 adapters and magnitude on bf16 x/W) compiles without graph breaks;
+    forward and backward match eager, the adapters' gradients stay float32."""
+    torch.manual_seed(4)
+    mod = DoRALinear(24, 16, 4, dtype=torch.bfloat16, mag_dtype=torch.float32, adapter_dtype=torch.float32)
+    compiled = torch.compile(mod, backend="inductor", fullgraph=True)
+    x = torch.randn(2, 5, 24, dtype=torch.bfloat16, requires_grad=True)
+    y_ref, g_ref, gy = _run(mod, x)
+    y, g, _ = _run(compiled, x, gy)
+    assert y.dtype == torch.bfloat16
+    assert [t.dtype for t in g] == [torch.bfloat16, torch.float32, torch.float32, torch.float32, torch.bfloat16]
+    _assert_same(y.float(), y_ref.float(), torch.bfloat16)
+    for a, b in zip(g, g_ref):
+        _assert_same(a.float(), b.float(), torch.bfloat16)

@@ -494,6 +494,21 @@ def test_torch_compile_fullgraph_of_accelerated_model():
     del stock_layer
 
 
+def test_torch_compile_fullgraph_bf16_model_with_default_fp32_adapters():
+    """PEFT's default on a bf16 model (fp32 adapters, no autocast) compiles with fullgraph=True
+    and gives the eager accelerated model's logits and adapter gradients."""
+    model = dora_model(dtype=torch.bfloat16)
+    dp.accelerate(model)
+    eager = step(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.base_model.model, fullgraph=True, backend="aot_eager")
+    ours = step(compiled)
+    prefix = "base_model.model."
+    assert ours[0].dtype == torch.bfloat16
+    assert_same_step(ours, (eager[0], {k.removeprefix(prefix): v for k, v in eager[1].items()}),
+                     tol=1e-2, n_grads=3 * N_LINEAR)
+
+
 # ------------------------------------------------------------------------------------- other PEFT API
 
 

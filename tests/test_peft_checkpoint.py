@@ -30,9 +30,10 @@ def assert_same_gradients(ours, theirs, rtol: float = 1e-6) -> None:
         torch.testing.assert_close(g_ours[name], g_theirs[name], rtol=rtol, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-fp32adapters"])
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_transformers_gradient_checkpointing(monkeypatch, use_reentrant):
-    model = dora_model(seed=2)
+def test_transformers_gradient_checkpointing(monkeypatch, use_reentrant, dtype):
+    model = dora_model(seed=2, dtype=dtype)  # bf16: PEFT's default fp32 adapters on a bf16 model
     model.train()
     dp.accelerate(model)
     plain = step(model)
@@ -47,9 +48,10 @@ def test_transformers_gradient_checkpointing(monkeypatch, use_reentrant):
     # and the checkpointed accelerated model agrees with checkpointed stock PEFT
     dp.restore(model)
     stock_ckpt = step(model)
-    assert rel(ckpt[0], stock_ckpt[0]) < 1e-5
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # DESIGN.md section 6: bf16 rounds differently
+    assert rel(ckpt[0], stock_ckpt[0]) < tol
     for name in stock_ckpt[1]:
-        assert rel(ckpt[1][name], stock_ckpt[1][name]) < 1e-5, name
+        assert rel(ckpt[1][name], stock_ckpt[1][name]) < tol, name
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
