@@ -23,21 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_model  # noqa: E402
 
 
-def wall_ms(fn: Callable[[], None], reps: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[reps // 2]
-
-
 def kernel_table(fn: Callable[[], None]) -> tuple[float, list[tuple[float, int, str]]]:
     """Summed kernel ms of one call and (ms, count, name) per kernel name, largest first."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -52,6 +37,7 @@ def main() -> None:
     import peft
 
     import dora_ext.peft
+    from dora_ext._timing import median_ms
 
     args = bench_model.parse_args()
     out = Path(args.out)
@@ -70,7 +56,7 @@ def main() -> None:
         cells = []
         for kind, fn, train in (("step", step, True), ("fwd", forward, False)):
             model.train(train)
-            wall = wall_ms(fn)
+            wall = median_ms(fn, reps=10, warmup=3)
             kernels, rows = kernel_table(fn)
             lines = [f"{name} {kind}: median wall {wall:.2f} ms, kernels {kernels:.2f} ms in "
                      f"{sum(r[1] for r in rows)} launches", "",
