@@ -140,8 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_eager(
   const at::Tensor norm = row_norm_cached_eager(weight, lora_A, lora_B, scale);
   const std::vector<int64_t> y_shape = output_shape(x, weight.size(0));
   if (has_fp32_adapters(x, lora_A)) {
-    auto [y, z, h] = forward_fp32_adapters(as_rows(x), weight, bias, lora_A, lora_B,
-                                           magnitude_scale(magnitude, norm), scale, need_z);
+    auto [base, lora, h] = gemms_fp32_adapters(as_rows(x), weight, lora_A, lora_B);
+    auto [y, z] = compose_fp32_adapters(base, lora, magnitude_scale(magnitude, norm), bias, scale, need_z);
     return {y.view(y_shape), z, h, norm};
   }
   auto [h, z] = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale);

@@ -59,30 +59,31 @@ at::Tensor bf16_parts(const at::Tensor& b, int64_t dim) {
   return at::cat({parts[0], parts[1], parts[2]}, dim);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_fp32_adapters(const at::Tensor& x2d, const at::Tensor& weight,
-                                                                       const std::optional<at::Tensor>& bias,
-                                                                       const at::Tensor& lora_A,
-                                                                       const at::Tensor& lora_B, const at::Tensor& g,
-                                                                       double scale, bool need_z) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gemms_fp32_adapters(const at::Tensor& x2d, const at::Tensor& weight,
+                                                                     const at::Tensor& lora_A,
+                                                                     const at::Tensor& lora_B) {
   const at::Tensor base = at::mm(x2d, weight.t());  // rounded to x's dtype, as PEFT's base layer output
-  at::Tensor h, lora;
   if (use_bf16_parts(x2d)) {
     // x is exact in bfloat16: its products with A's three parts are A's float32 products
-    h = sum_blocks(at::mm(x2d, bf16_parts(lora_A, 0).t(), at::kFloat), 1);
+    const at::Tensor h = sum_blocks(at::mm(x2d, bf16_parts(lora_A, 0).t(), at::kFloat), 1);
     const auto [h6, b6] = six_products(h, 1, lora_B, 1);
-    lora = at::mm(h6, b6.t(), at::kFloat);
-  } else {
-    h = at::mm(x2d.to(at::kFloat), lora_A.t());
-    lora = at::mm(h, lora_B.t());
+    return {base, at::mm(h6, b6.t(), at::kFloat), h};
   }
-  at::Tensor z = at::add_out(lora, base, lora, scale);  // z = base + s lora in float32, in lora's storage
+  const at::Tensor h = at::mm(x2d.to(at::kFloat), lora_A.t());
+  return {base, at::mm(h, lora_B.t()), h};
+}
+
+std::pair<at::Tensor, at::Tensor> compose_fp32_adapters(const at::Tensor& base, const at::Tensor& lora,
+                                                        const at::Tensor& g, const std::optional<at::Tensor>& bias,
+                                                        double scale, bool need_z) {
+  at::Tensor z = at::add(base, lora, scale);  // float32
   at::Tensor y = at::empty_like(base);
   if (bias.has_value() && bias->defined()) {
-    at::addcmul_out(y, *bias, z, g);  // one rounding: g z + bias
+    at::addcmul_out(y, *bias, z, g);  // one rounding of g z + bias
   } else {
     at::mul_out(y, z, g);
   }
-  return {y, need_z ? z.to(x2d.scalar_type()) : at::Tensor(), h};
+  return {y, need_z ? z.to(base.scalar_type()) : at::Tensor()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemms_fp32_adapters(

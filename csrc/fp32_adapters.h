@@ -17,6 +17,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace dora_ext {
 
@@ -26,15 +27,18 @@ bool has_fp32_adapters(const at::Tensor& x, const at::Tensor& lora_A);
 // b (float32) as its three exact bfloat16 parts hi, mid, lo concatenated along `dim`.
 at::Tensor bf16_parts(const at::Tensor& b, int64_t dim);
 
-// The forward on 2-D x with g = m / n (float32): y = g (x W^T + s (x A^T) B^T) + bias in x's dtype
-// with x W^T rounded to x's dtype and everything after it in float32, rounded once, as PEFT
-// computes it (its base layer's output, plus a float32 delta); z = x W^T + s h B^T rounded to
-// x's dtype when `need_z` (the magnitude gradient), and h = x A^T [T, r] in float32.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_fp32_adapters(const at::Tensor& x2d, const at::Tensor& weight,
-                                                                       const std::optional<at::Tensor>& bias,
-                                                                       const at::Tensor& lora_A,
-                                                                       const at::Tensor& lora_B, const at::Tensor& g,
-                                                                       double scale, bool need_z);
+// The forward's GEMMs on 2-D x: {base = x W^T rounded to x's dtype (PEFT's base layer output),
+// lora = (x A^T) B^T [T, d_out] and h = x A^T [T, r], both float32}.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gemms_fp32_adapters(const at::Tensor& x2d, const at::Tensor& weight,
+                                                                     const at::Tensor& lora_A,
+                                                                     const at::Tensor& lora_B);
+
+// The forward's compose in ATen ops (CUDA: the dora_fp32_compose_kernel does the same in one pass):
+// z = base + s lora and y = g z + bias in float32, y rounded once to base's dtype, as PEFT composes
+// them; {y, z rounded to base's dtype when `need_z` (the magnitude gradient), else undefined}.
+std::pair<at::Tensor, at::Tensor> compose_fp32_adapters(const at::Tensor& base, const at::Tensor& lora,
+                                                        const at::Tensor& g, const std::optional<at::Tensor>& bias,
+                                                        double scale, bool need_z);
 
 // The backward GEMMs from the output gradient gy [T, d_out] (x's dtype), gz = gy * g rounded
 // to x's dtype (the base GEMM's gradient, as PEFT's base layer receives it) and g = m / n

@@ -37,6 +37,28 @@ void launch_scale(const at::Tensor& z, const at::Tensor& g, const std::optional<
          {z, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), out, rows, cols, z.stride(0), out.stride(0)});
 }
 
+// Float32 adapters on 16-bit x: y = g * (base + s * lora) + bias rounded once, and z = base + s * lora
+// in base's dtype when need_z, in one pass (fp32_adapters.h's compose_fp32_adapters, fused).
+std::pair<at::Tensor, at::Tensor> launch_fp32_compose(const at::Tensor& base, const at::Tensor& lora,
+                                                      const at::Tensor& g, const std::optional<at::Tensor>& bias,
+                                                      double scale, bool need_z) {
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty_like(base);
+  at::Tensor z = need_z ? at::empty_like(base) : at::Tensor();
+  const int64_t rows = base.size(0), cols = base.size(1);
+  const int64_t z_stride = need_z ? z.stride(0) : 0;
+  const std::string variant =
+      std::string(dtype_key(base.scalar_type())) + (b.defined() ? "_bias_" : "_nobias_") + (need_z ? "z_" : "noz_") +
+      alignment_key({&base, &lora, &g, &b, &y, &z}, {cols, base.stride(0), lora.stride(0), y.stride(0), z_stride});
+  const c10::DeviceIndex device = base.device().index();
+  const KernelImage& k = kernel_for("dora_fp32_compose_kernel", variant, device);
+  launch(k, device, {cdiv(rows, k.tile_rows), cdiv(cols, k.tile_cols), 1},
+         {base, lora, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), y,
+          need_z ? KernelArg(z) : KernelArg::null_pointer(), rows, cols, base.stride(0), lora.stride(0), y.stride(0),
+          z_stride, static_cast<float>(scale)});
+  return {y, z};
+}
+
 // Row programs of a kernel that walks row tiles and writes one fp32 row of column partial sums
 // per program: enough to fill the GPU a few times over, so the partial buffer stays small.
 int64_t partial_sum_programs(int64_t rows, int64_t col_tiles, int64_t tile_rows, c10::DeviceIndex device) {
@@ -99,13 +121,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward_gemms(
   return {z, h, norm, g};
 }
 
+// The fused forward of float32 adapters on 16-bit x: {y, z (when need_z), h, norm}.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fp32_adapters_forward(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale, bool need_z) {
+  auto [norm, g] = norm_and_magnitude_scale(weight, lora_A, lora_B, magnitude, scale);
+  auto [base, lora, h] = gemms_fp32_adapters(as_rows(x), weight, lora_A, lora_B);
+  auto [y, z] = launch_fp32_compose(base, lora, g, bias, scale, need_z);
+  return {y.view(output_shape(x, weight.size(0))), z, h, norm};
+}
+
 // Inference calls with at most this many tokens run the decode kernel (triton_src/decode.py): one
 // tile of rows, where it beat cuBLAS + addmm_ + the scale pass on every layer shape measured
 // (docs/BENCHMARKS.md). DORA_EXT_DECODE_MAX_TOKENS (read per call) moves the limit; 0 turns it off.
 constexpr int64_t kDecodeMaxTokens = 16;
-
-// What the tier reason adds when float32 adapters on 16-bit x take the ATen forward.
-constexpr const char* kFp32AdaptersForward = "; float32 adapters: cuBLAS GEMMs and a float32 compose in ATen";
 
 // Whether the decode kernel serves validated inputs (one dtype throughout, d_out >= 1): 16-bit,
 // 1..max_tokens tokens, and W and B with unit stride along their K dimension (a copy of W would
@@ -155,13 +184,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_c
   check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
   c10::cuda::CUDAGuard guard(x.device());
   TierDecision decision = choose_tier(x, weight.size(0), /*training=*/true);
-  // float32 adapters on 16-bit x: the forward composes in float32 after the GEMMs, as PEFT does
-  // (fp32_adapters.h), which no fused pass does; their backward takes the fused kernels
-  const bool fp32_adapters = decision.tier != Tier::Eager && has_fp32_adapters(x, lora_A);
-  if (fp32_adapters) decision.reason += kFp32AdaptersForward;
   record_tier(decision);
-  if (decision.tier == Tier::Eager || fp32_adapters) {
+  if (decision.tier == Tier::Eager) {
     return dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
+  }
+  if (has_fp32_adapters(x, lora_A)) {
+    return fp32_adapters_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, /*need_z=*/true);
   }
   auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale);
   at::Tensor out = at::empty_like(z);
@@ -175,11 +203,13 @@ at::Tensor dora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
   c10::cuda::CUDAGuard guard(x.device());
   TierDecision decision = choose_tier(x, weight.size(0), /*training=*/false);
-  const bool fp32_adapters = decision.tier != Tier::Eager && has_fp32_adapters(x, lora_A);
-  if (fp32_adapters) decision.reason += kFp32AdaptersForward;
-  if (decision.tier == Tier::Eager || fp32_adapters) {
+  if (decision.tier == Tier::Eager) {
     record_tier(decision);
     return dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
+  }
+  if (has_fp32_adapters(x, lora_A)) {  // before the decode kernel, which reads 16-bit adapters
+    record_tier(decision);
+    return std::get<0>(fp32_adapters_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, /*need_z=*/false));
   }
   const int64_t max_decode_tokens = nonnegative_env("DORA_EXT_DECODE_MAX_TOKENS", kDecodeMaxTokens);
   if (decode_serves(x, weight, lora_B, max_decode_tokens)) {

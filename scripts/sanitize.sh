@@ -57,7 +57,7 @@ PYTEST=(python3 -m pytest -q -rs -p no:cacheprovider --rootdir=. -m cuda)
 # Test selection per tool (paths relative to tests/). The timing test of a cold
 # start adds nothing here and the sanitizer would make it slow.
 MEMCHECK_TESTS=(test_cuda.py test_threads.py test_properties.py test_errors.py test_norm_cache.py
-                -k "not no_triton_at_run_time")
+                test_fp32_adapters.py -k "not no_triton_at_run_time")
 # CUDA-graph capture needs the caching allocator (a capture cannot cudaMalloc), so the graph
 # tests get their own memcheck pass with it on: coarser (an overrun inside a cached block is
 # not seen) but the captured and replayed kernels are still checked.

@@ -126,3 +126,29 @@ def dora_delta_backward_kernel(
         tl.store(grad_lora_ptr + rows[:, None] * stride_grad_lora + cols[None, :],
                  grad_lora.to(grad_lora_ptr.dtype.element_ty), mask=mask)
     tl.store(partial_ptr + pid_m.to(tl.int64) * n_cols + cols, acc, mask=col_mask)
+
+
+@triton.jit
+def dora_fp32_compose_kernel(
+    base_ptr, lora_ptr, g_ptr, bias_ptr, y_ptr, z_ptr,
+    n_rows, n_cols, stride_base, stride_lora, stride_y, stride_z, scale,
+    HAS_BIAS: tl.constexpr, WRITE_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Float32 adapters on 16-bit activations: z = base + scale * lora and y = g * z + bias in fp32,
+    y rounded once to the activations' dtype, as PEFT composes them (base = x W^T already rounded
+    like its base layer's output, lora = (x A^T) B^T in fp32); z rounded to the activations' dtype
+    too when ``WRITE_Z`` (the backward's magnitude gradient reads it).
+    """
+    rows, cols, mask = _tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
+    col_mask = cols < n_cols
+    g = tl.load(g_ptr + cols, mask=col_mask, other=0.0)
+    base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    lora = tl.load(lora_ptr + rows[:, None] * stride_lora + cols[None, :], mask=mask, other=0.0)
+    z = base + scale * lora
+    y = z * g[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y += bias[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    if WRITE_Z:
+        tl.store(z_ptr + rows[:, None] * stride_z + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)

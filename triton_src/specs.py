@@ -9,7 +9,8 @@ Variants:
   <dtype>            storage dtype of the activations: fp16, bf16 or fp32 (the delta
                      kernels: <base dtype>_<lora dtype>);
   _gbase / _nogbase  (delta backward) whether the base gradient is written;
-  _bias / _nobias    (scale and decode kernels) whether a bias is added;
+  _bias / _nobias    (scale, fp32 compose and decode kernels) whether a bias is added;
+  _z / _noz          (fp32 compose) whether z is written for the backward;
   _a16 / _any        _a16 promises 16-byte aligned pointers and row strides and a
                      column count divisible by 16 (vectorised loads); _any
                      promises nothing. The launcher checks and picks.
@@ -80,6 +81,28 @@ def _delta_specs() -> list[Spec]:
                          "stride_out") if a16 else (),
                 constexprs={"BLOCK_M": 16, "BLOCK_N": 256},
                 num_warps=4, tile=(16, 256)))
+    return specs
+
+
+def _fp32_compose_specs() -> list[Spec]:
+    specs = []
+    for dt in ("fp16", "bf16"):  # the activations' dtype; the lora term is fp32
+        for bias in (True, False):
+            for write_z in (True, False):
+                for a16 in (True, False):
+                    sig = {"base_ptr": f"*{dt}", "lora_ptr": "*fp32", "g_ptr": "*fp32", "bias_ptr": f"*{dt}",
+                           "y_ptr": f"*{dt}", "z_ptr": f"*{dt}", "n_rows": "i64", "n_cols": "i64",
+                           "stride_base": "i64", "stride_lora": "i64", "stride_y": "i64", "stride_z": "i64",
+                           "scale": "fp32"}
+                    specs.append(Spec(
+                        module="compose", kernel="dora_fp32_compose_kernel",
+                        variant=f"{dt}_{'bias' if bias else 'nobias'}_{'z' if write_z else 'noz'}_"
+                                f"{'a16' if a16 else 'any'}",
+                        signature=sig,
+                        aligned=("base_ptr", "lora_ptr", "g_ptr", "bias_ptr", "y_ptr", "z_ptr", "n_cols",
+                                 "stride_base", "stride_lora", "stride_y", "stride_z") if a16 else (),
+                        constexprs={"HAS_BIAS": int(bias), "WRITE_Z": int(write_z), "BLOCK_M": 16, "BLOCK_N": 256},
+                        num_warps=4, tile=(16, 256)))
     return specs
 
 
@@ -207,5 +230,6 @@ def _norm_finish_specs() -> list[Spec]:
 # arch-specific ("sm_90a") and serve only their exact arch.
 DEFAULT_ARCHS: tuple[int, ...] = (80, 86, 89, 90, 100, 120)
 
-SPECS: tuple[Spec, ...] = tuple(_scale_specs() + _delta_specs() + _delta_backward_specs() + _grad_prologue_specs() +
-                                _decode_specs() + _norm_partials_specs() + _norm_finish_specs())
+SPECS: tuple[Spec, ...] = tuple(_scale_specs() + _delta_specs() + _delta_backward_specs() + _fp32_compose_specs() +
+                                _grad_prologue_specs() + _decode_specs() + _norm_partials_specs() +
+                                _norm_finish_specs())
