@@ -18,7 +18,9 @@ namespace dora_ext {
 at::Tensor row_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
 
 // y = (m / n) * (x W^T + scale (x A^T) B^T) + bias, n = row_norm(W, A, B, scale)
-// detached. x is [..., d_in]; y is [..., d_out] in x's dtype.
+// detached. x is [..., d_in]; y is [..., d_out] in x's dtype. weight and bias have
+// x's dtype; lora_A and lora_B too, or both float32 with a 16-bit x (their products
+// then float32-accurate, as PEFT computes them: csrc/fp32_adapters.h).
 at::Tensor dora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
                        double scale);
