@@ -30,7 +30,7 @@ at::Tensor matmul_nt_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarTyp
     if (row_sq) *row_sq = at::linalg_vector_norm(a, 2, {1}, false, acc).square_();
     if (a.scalar_type() == acc) return at::mm(a, b.t());
     if (same_dtype) return at::mm(a, b.t(), acc);
-    return at::mm(a, bf16_parts(b, 0).t(), acc).view({a.size(0), 3, b.size(0)}).sum(1);
+    return mm_nt_exact(a, b);
   }
   const at::Tensor b_acc = b.to(acc);
   at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options().dtype(acc));

@@ -32,6 +32,12 @@ std::array<at::Tensor, 3> split3(const at::Tensor& t) {
   return {hi, mid, lo};
 }
 
+// b (float32) as its three exact bfloat16 parts hi, mid, lo concatenated along `dim`.
+at::Tensor bf16_parts(const at::Tensor& b, int64_t dim) {
+  const auto parts = split3(b);
+  return at::cat({parts[0], parts[1], parts[2]}, dim);
+}
+
 // The operands of one GEMM whose reduction dimension holds the six leading part products of two
 // float32 factors: [a_hi a_hi a_hi a_mid a_mid a_lo] along a's reduction dim against
 // [b_hi b_mid b_lo b_hi b_mid b_hi] along b's.
@@ -54,9 +60,8 @@ bool has_fp32_adapters(const at::Tensor& x, const at::Tensor& lora_A) {
   return is_16bit_float(x.scalar_type()) && lora_A.scalar_type() == at::kFloat;
 }
 
-at::Tensor bf16_parts(const at::Tensor& b, int64_t dim) {
-  const auto parts = split3(b);
-  return at::cat({parts[0], parts[1], parts[2]}, dim);
+at::Tensor mm_nt_exact(const at::Tensor& a, const at::Tensor& b) {
+  return sum_blocks(at::mm(a, bf16_parts(b, 0).t(), at::kFloat), 1);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gemms_fp32_adapters(const at::Tensor& x2d, const at::Tensor& weight,
@@ -65,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gemms_fp32_adapters(const at::Ten
   const at::Tensor base = at::mm(x2d, weight.t());  // rounded to x's dtype, as PEFT's base layer output
   if (use_bf16_parts(x2d)) {
     // x is exact in bfloat16: its products with A's three parts are A's float32 products
-    const at::Tensor h = sum_blocks(at::mm(x2d, bf16_parts(lora_A, 0).t(), at::kFloat), 1);
+    const at::Tensor h = mm_nt_exact(x2d, lora_A);
     const auto [h6, b6] = six_products(h, 1, lora_B, 1);
     return {base, at::mm(h6, b6.t(), at::kFloat), h};
   }
@@ -95,8 +100,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemms_fp32_adapters(
   const at::Tensor sg = (g * scale).unsqueeze(1);  // [d_out, 1] float32
   at::Tensor grad_x, grad_A, grad_B, gh;
   if (use_bf16_parts(x2d)) {
-    if (need_B) grad_B = sum_blocks(at::mm(gy.t(), bf16_parts(h, 1), at::kFloat), 1).mul_(sg);
-    if (need_x || need_A) gh = sum_blocks(at::mm(gy, bf16_parts(lora_B * sg, 1), at::kFloat), 1);  // [T, r]
+    if (need_B) grad_B = mm_nt_exact(gy.t(), h.t()).mul_(sg);
+    if (need_x || need_A) gh = mm_nt_exact(gy, (lora_B * sg).t());  // [T, r]
     if (need_A) grad_A = sum_blocks(at::mm(bf16_parts(gh, 1).t(), x2d, at::kFloat), 0);
     if (need_x) {
       const auto [gh6, a6] = six_products(gh, 1, lora_A, 0);

@@ -24,8 +24,9 @@ namespace dora_ext {
 // True for float32 lora_A on float16/bfloat16 activations (validated: lora_B is then float32 too).
 bool has_fp32_adapters(const at::Tensor& x, const at::Tensor& lora_A);
 
-// b (float32) as its three exact bfloat16 parts hi, mid, lo concatenated along `dim`.
-at::Tensor bf16_parts(const at::Tensor& b, int64_t dim);
+// a b^T in float32 for a bfloat16 `a` and a float32 `b` (CUDA): one tensor-core GEMM of a against
+// b's three exact bfloat16 parts, so every product is exact and only the accumulation rounds.
+at::Tensor mm_nt_exact(const at::Tensor& a, const at::Tensor& b);
 
 // The forward's GEMMs on 2-D x: {base = x W^T rounded to x's dtype (PEFT's base layer output),
 // lora = (x A^T) B^T [T, d_out] and h = x A^T [T, r], both float32}.
