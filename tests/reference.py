@@ -118,6 +118,7 @@ def make_inputs(
     *,
     g_noise: float = 0.3,
     scale: float = 0.5,
+    adapter_dtype: torch.dtype | None = None,
 ) -> dict:
     """Fresh random DoRA inputs (never zeros), keyed by the ops' argument names.
 
@@ -131,6 +132,8 @@ def make_inputs(
 
     ``requires_grad`` marks x, lora_A, lora_B, magnitude and bias (never the
     frozen weight). ``seed=None`` draws from torch's global generator.
+    ``adapter_dtype`` gives lora_A and lora_B a dtype of their own (float32
+    adapters on a 16-bit x and weight: PEFT's default mix); default ``dtype``.
     """
     if isinstance(batch_shape, int):
         batch_shape = (batch_shape,)
@@ -149,8 +152,8 @@ def make_inputs(
 
     d_in_std = max(d_in, 1) ** -0.5
     W = cast(rnd(d_out, d_in, std=d_in_std))
-    A = cast(rnd(r, d_in, std=d_in_std))
-    B = cast(rnd(d_out, r, std=0.3))
+    A = cast(rnd(r, d_in, std=d_in_std), adapter_dtype or dtype)
+    B = cast(rnd(d_out, r, std=0.3), adapter_dtype or dtype)
     x = cast(rnd(*batch_shape, d_in))
     b = cast(rnd(d_out, std=0.5)) if bias else None
     # The norm of what the op will actually see (after rounding to dtype), so that

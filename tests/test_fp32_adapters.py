@@ -27,10 +27,8 @@ def route(request, monkeypatch) -> str:
 
 def _mixed(d_in, d_out, r, batch, dtype, device, g_noise=0.3):
     """16-bit x, weight and bias; float32 lora_A, lora_B and magnitude."""
-    inp = make_inputs(d_in, d_out, r, batch, torch.float32, device=device, g_noise=g_noise)
-    for k in ("x", "weight", "bias"):
-        inp[k] = inp[k].to(dtype)
-    return inp
+    return make_inputs(d_in, d_out, r, batch, dtype, device=device, mag_dtype=torch.float32, g_noise=g_noise,
+                       adapter_dtype=torch.float32)
 
 
 def _detached(inp):

@@ -38,17 +38,12 @@ LINEAR_DTYPES = DTYPES + [pytest.param(FP32_ADAPTERS, None, id="bf16-fp32adapter
 
 
 def _linear_inputs(d_in, d_out, r, batch, dtype, mag_dtype, bias, requires_grad=False):
-    if dtype != FP32_ADAPTERS:
-        return make_inputs(d_in, d_out, r, batch, dtype, bias=bias, requires_grad=requires_grad,
-                           mag_dtype=mag_dtype)
-    inp = make_inputs(d_in, d_out, r, batch, torch.float32, bias=bias)
-    for k in ("x", "weight", "bias"):
-        if inp[k] is not None:
-            inp[k] = inp[k].bfloat16()
-    for k in ("x", "bias", "lora_A", "lora_B", "magnitude"):
-        if inp[k] is not None:
-            inp[k].requires_grad_(requires_grad)
-    return inp
+    if dtype == FP32_ADAPTERS:
+        dtype, mag_dtype, adapter_dtype = torch.bfloat16, torch.float32, torch.float32
+    else:
+        adapter_dtype = None
+    return make_inputs(d_in, d_out, r, batch, dtype, bias=bias, requires_grad=requires_grad, mag_dtype=mag_dtype,
+                       adapter_dtype=adapter_dtype)
 
 
 def _linear_args(inp):

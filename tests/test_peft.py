@@ -480,17 +480,25 @@ def test_base_layer_with_accelerate_hook_added_after_routing_runs_its_forward():
 # ------------------------------------------------------------------------------------- torch.compile
 
 
+def compiled_step(model: PeftModel):
+    """``step`` of the inner model compiled with fullgraph=True (its parameter names lose PEFT's prefix)."""
+    torch._dynamo.reset()
+    return step(torch.compile(model.base_model.model, fullgraph=True, backend="aot_eager"))
+
+
+def unprefixed(result):
+    """A ``step`` result of the PeftModel with gradient names as the compiled inner model has them."""
+    logits, grads = result
+    return logits, {k.removeprefix("base_model.model."): v for k, v in grads.items()}
+
+
 def test_torch_compile_fullgraph_of_accelerated_model():
     model = dora_model()
     stock_layer = copy.deepcopy(lora_layers(model)[0])
     theirs = step(model)
     dp.accelerate(model)
-    torch._dynamo.reset()
-    compiled = torch.compile(model.base_model.model, fullgraph=True, backend="aot_eager")
-    ours = step(compiled)
-    prefix = "base_model.model."
-    assert_same_step(ours, (theirs[0], {k.removeprefix(prefix): v for k, v in theirs[1].items()}),
-                     n_grads=3 * N_LINEAR)
+    ours = compiled_step(model)
+    assert_same_step(ours, unprefixed(theirs), n_grads=3 * N_LINEAR)
     # Stock PEFT's own DoRA Linear traces with fullgraph=True in some torch/peft pairs
     # (torch 2.11 + peft 0.21.0) and not in others (torch 2.14 + peft 0.21.2): that is
     # PEFT's behaviour, not ours, so it is not asserted here.
@@ -503,13 +511,9 @@ def test_torch_compile_fullgraph_bf16_model_with_default_fp32_adapters():
     model = dora_model(dtype=torch.bfloat16)
     dp.accelerate(model)
     eager = step(model)
-    torch._dynamo.reset()
-    compiled = torch.compile(model.base_model.model, fullgraph=True, backend="aot_eager")
-    ours = step(compiled)
-    prefix = "base_model.model."
+    ours = compiled_step(model)
     assert ours[0].dtype == torch.bfloat16
-    assert_same_step(ours, (eager[0], {k.removeprefix(prefix): v for k, v in eager[1].items()}),
-                     tol=1e-2, n_grads=3 * N_LINEAR)
+    assert_same_step(ours, unprefixed(eager), tol=1e-2, n_grads=3 * N_LINEAR)
 
 
 # ------------------------------------------------------------------------------------- other PEFT API
