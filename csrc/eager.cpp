@@ -80,10 +80,15 @@ at::Tensor row_norm_eager_parts(const at::Tensor& weight, const at::Tensor& lora
 }
 
 at::Tensor row_norm_cached_eager(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                 double scale) {
-  return cached_row_norm(weight, lora_A, lora_B, scale, [&](const at::Tensor& cached_wsq, at::Tensor* wsq) {
+                                 double scale, NormUse use) {
+  return cached_row_norm(weight, lora_A, lora_B, scale, use, [&](const at::Tensor& cached_wsq, at::Tensor* wsq) {
     return row_norm_eager_parts(weight, lora_A, lora_B, scale, cached_wsq, wsq);
   });
+}
+
+NormUse row_norm_use(const at::Tensor& lora_A, const at::Tensor& lora_B) {
+  const bool recording = at::GradMode::is_enabled() && (lora_A.requires_grad() || lora_B.requires_grad());
+  return recording ? NormUse::Recording : NormUse::Inference;
 }
 
 namespace {
@@ -132,12 +137,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemms(const at::Tensor& 
 
 namespace {
 
-// The eager forward: {y, z, h, norm}; z only when `need_z` (the backward's magnitude gradient).
+// The eager forward: {y, z, h, norm}; z only when `need_z` (the training forward, which
+// records gradients: the backward's magnitude gradient needs z).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_eager(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& magnitude, double scale, bool need_z) {
   check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
-  const at::Tensor norm = row_norm_cached_eager(weight, lora_A, lora_B, scale);
+  const at::Tensor norm =
+      row_norm_cached_eager(weight, lora_A, lora_B, scale, need_z ? NormUse::Recording : NormUse::Inference);
   const std::vector<int64_t> y_shape = output_shape(x, weight.size(0));
   if (has_fp32_adapters(x, lora_A)) {
     auto [base, lora, h] = gemms_fp32_adapters(as_rows(x), weight, lora_A, lora_B);
@@ -168,6 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_line
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z,
     const at::Tensor& h, double scale, std::array<bool, 5> mask) {
+  norm_used_by_backward(norm);
   const at::Tensor gy = as_rows(grad_out);
   const at::Tensor g = magnitude_scale(magnitude, norm);
   const at::Tensor gz = (gy * g).to(x.scalar_type());
@@ -199,6 +207,7 @@ at::Tensor compose_delta_eager(const at::Tensor& base, const at::Tensor& lora, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_eager(
     const at::Tensor& grad_out, const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
     const at::Tensor& norm, double scale, std::array<bool, 3> mask) {
+  norm_used_by_backward(norm);
   const at::Tensor g = magnitude_scale(magnitude, norm);
   at::Tensor grad_base, grad_lora, grad_m;
   if (mask[0]) grad_base = (grad_out * magnitude_scale_minus_one(magnitude, norm)).to(base.scalar_type());
@@ -217,7 +226,7 @@ namespace {
 // The public op: through the cache, returned as a copy the caller may write to.
 at::Tensor row_norm_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
   check_row_norm_args("row_norm", weight, lora_A, lora_B);
-  return row_norm_cached_eager(weight, lora_A, lora_B, scale).clone();
+  return row_norm_cached_eager(weight, lora_A, lora_B, scale, row_norm_use(lora_A, lora_B)).clone();
 }
 
 // CPU kernels: the eager path, with the decision recorded like on CUDA (and

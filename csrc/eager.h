@@ -2,6 +2,8 @@
 // The eager path: DoRA in ATen ops, for CPU and CUDA. It is the reference the
 // fused kernels are tested against, the fallback where they cannot run, and
 // the source of the GEMM stages the fused path shares.
+#include "norm_cache.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
@@ -20,7 +22,11 @@ at::Tensor row_norm_eager_parts(const at::Tensor& weight, const at::Tensor& lora
 // row_norm_eager_parts through the norm cache (norm_cache.h); the result is shared
 // with the cache and must not be written to.
 at::Tensor row_norm_cached_eager(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                 double scale);
+                                 double scale, NormUse use);
+
+// How a row_norm call uses the cache: it records gradients when grad mode is on
+// and A or B requires grad (PEFT computes the norm of trained adapters this way).
+NormUse row_norm_use(const at::Tensor& lora_A, const at::Tensor& lora_B);
 
 // Smallest norm used: a zero row (W_i = 0, B_i = 0) gets n = kNormEpsilon and
 // g = 0 (see magnitude_scale), so y_i = bias_i, never NaN.

@@ -95,8 +95,8 @@ std::pair<at::Tensor, at::Tensor> launch_grad_prologue(const at::Tensor& gy, con
 // The row norm through the cache: the fused kernel where one serves these
 // inputs, the eager cuBLAS path otherwise (both fp32, both factored).
 at::Tensor row_norm_cached_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                double scale, bool allow_fused = true) {
-  return cached_row_norm(weight, lora_A, lora_B, scale, [&](const at::Tensor& cached_wsq, at::Tensor* wsq) {
+                                double scale, NormUse use, bool allow_fused = true) {
+  return cached_row_norm(weight, lora_A, lora_B, scale, use, [&](const at::Tensor& cached_wsq, at::Tensor* wsq) {
     at::Tensor norm = allow_fused ? row_norm_fused(weight, lora_A, lora_B, scale, cached_wsq, wsq) : at::Tensor();
     return norm.defined() ? norm : row_norm_eager_parts(weight, lora_A, lora_B, scale, cached_wsq, wsq);
   });
@@ -105,8 +105,8 @@ at::Tensor row_norm_cached_cuda(const at::Tensor& weight, const at::Tensor& lora
 // The detached norm (through the cache) and g = m / n (fp32, contiguous for the kernels).
 std::pair<at::Tensor, at::Tensor> norm_and_magnitude_scale(const at::Tensor& weight, const at::Tensor& lora_A,
                                                            const at::Tensor& lora_B, const at::Tensor& magnitude,
-                                                           double scale) {
-  at::Tensor norm = row_norm_cached_cuda(weight, lora_A, lora_B, scale);
+                                                           double scale, NormUse use) {
+  at::Tensor norm = row_norm_cached_cuda(weight, lora_A, lora_B, scale, use);
   at::Tensor g = cached_magnitude_scale(weight, magnitude, norm);
   return {norm, g};
 }
@@ -115,17 +115,18 @@ std::pair<at::Tensor, at::Tensor> norm_and_magnitude_scale(const at::Tensor& wei
 // the detached norm and g = m / n.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward_gemms(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    const at::Tensor& magnitude, double scale) {
-  auto [norm, g] = norm_and_magnitude_scale(weight, lora_A, lora_B, magnitude, scale);
+    const at::Tensor& magnitude, double scale, NormUse use) {
+  auto [norm, g] = norm_and_magnitude_scale(weight, lora_A, lora_B, magnitude, scale, use);
   auto [h, z] = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale);
   return {z, h, norm, g};
 }
 
-// The fused forward of float32 adapters on 16-bit x: {y, z (when need_z), h, norm}.
+// The fused forward of float32 adapters on 16-bit x: {y, z (when need_z: the training forward), h, norm}.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fp32_adapters_forward(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& magnitude, double scale, bool need_z) {
-  auto [norm, g] = norm_and_magnitude_scale(weight, lora_A, lora_B, magnitude, scale);
+  auto [norm, g] = norm_and_magnitude_scale(weight, lora_A, lora_B, magnitude, scale,
+                                            need_z ? NormUse::Recording : NormUse::Inference);
   auto [base, lora, h] = gemms_fp32_adapters(as_rows(x), weight, lora_A, lora_B);
   auto [y, z] = launch_fp32_compose(base, lora, g, bias, scale, need_z);
   return {y.view(output_shape(x, weight.size(0))), z, h, norm};
@@ -149,7 +150,7 @@ bool decode_serves(const at::Tensor& x, const at::Tensor& weight, const at::Tens
 at::Tensor decode_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
                           double scale) {
-  const at::Tensor g = norm_and_magnitude_scale(weight, lora_A, lora_B, magnitude, scale).second;
+  const at::Tensor g = norm_and_magnitude_scale(weight, lora_A, lora_B, magnitude, scale, NormUse::Inference).second;
   const at::Tensor x2d = as_rows(x);
   const at::Tensor h = at::mm(x2d, lora_A.t());
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
@@ -175,7 +176,8 @@ at::Tensor row_norm_cuda(const at::Tensor& weight, const at::Tensor& lora_A, con
   c10::cuda::CUDAGuard guard(weight.device());
   TierDecision decision = choose_tier(weight, weight.size(0), /*training=*/false);
   record_tier(decision);
-  return row_norm_cached_cuda(weight, lora_A, lora_B, scale, decision.tier != Tier::Eager).clone();
+  return row_norm_cached_cuda(weight, lora_A, lora_B, scale, row_norm_use(lora_A, lora_B), decision.tier != Tier::Eager)
+      .clone();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_cuda(
@@ -191,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_c
   if (has_fp32_adapters(x, lora_A)) {
     return fp32_adapters_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, /*need_z=*/true);
   }
-  auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale);
+  auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale, NormUse::Recording);
   at::Tensor out = at::empty_like(z);
   launch_scale(z, g, bias, out);  // z is saved for backward
   return {out.view(output_shape(x, weight.size(0))), z, h, norm};
@@ -218,7 +220,7 @@ at::Tensor dora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
     return decode_forward(x, weight, bias, lora_A, lora_B, magnitude, scale);
   }
   record_tier(decision);
-  auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale);
+  auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale, NormUse::Inference);
   launch_scale(z, g, bias, z);  // in place: nothing else needs z
   return z.view(output_shape(x, weight.size(0)));
 }
@@ -234,6 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_line
   if (decision.tier == Tier::Eager) {
     return dora_linear_backward_eager(grad_out, x, weight, lora_A, lora_B, magnitude, norm, z, h, scale, mask);
   }
+  norm_used_by_backward(norm);
   const at::Tensor gy = as_rows(grad_out);
   const at::Tensor g = cached_magnitude_scale(weight, magnitude, norm);
   auto [gz, grad_m] = launch_grad_prologue(gy, as_rows(z), g, norm);
@@ -288,6 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_cuda(
   if (decision.tier == Tier::Eager) {
     return compose_delta_backward_eager(grad_out, base, lora, magnitude, norm, scale, mask);
   }
+  norm_used_by_backward(norm);
   const at::Tensor gy = as_rows(grad_out), base2d = as_rows(base), lora2d = as_rows(lora);
   const auto [g, gm1] = delta_scales(magnitude, norm);
   const int64_t rows = gy.size(0);

@@ -4,11 +4,16 @@
 
 #include <c10/util/Exception.h>
 #include <c10/util/intrusive_ptr.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/graph_task.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
+#include <unordered_set>
+#include <vector>
 
 #ifdef DORA_EXT_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
@@ -39,6 +44,7 @@ struct Fingerprint {
 };
 
 struct Entry {
+  uint64_t epoch = 0;    // Cache::epoch when computed: older entries are stale (rule 3)
   Fingerprint weight;
   at::Tensor weight_sq;  // ||W_i||^2, undefined until a computation produced it
   Fingerprint lora_A, lora_B;
@@ -57,6 +63,16 @@ struct Cache {
   std::unordered_map<const c10::TensorImpl*, Entry> entries;
   size_t sweep_at = kSweepEvery;
   NormCacheStats stats;
+  uint64_t epoch = 0;  // bumped by invalidate_norm_cache()
+  // Norms used by backward ops, per running backward pass (graph task id), dropped when it ends.
+  std::unordered_map<int, std::vector<at::Tensor>> used_by_backward;
+
+  // The live entry of `weight`: same tensor, storage and version, current epoch.
+  Entry* live_entry_locked(const at::Tensor& weight) {
+    auto it = entries.find(weight.unsafeGetTensorImpl());
+    if (it == entries.end() || it->second.epoch != epoch || !it->second.weight.matches(weight)) return nullptr;
+    return &it->second;
+  }
 
   void sweep_locked() {
     for (auto it = entries.begin(); it != entries.end();) {
@@ -69,6 +85,24 @@ struct Cache {
 Cache& cache() {
   static Cache* c = new Cache();  // leaked on purpose: tensors must not be freed after CUDA teardown at exit
   return *c;
+}
+
+std::atomic<int64_t> generation{0};  // norm_cache_generation(): every invalidation, never reset
+
+int current_backward_pass() {
+  return torch::autograd::get_current_graph_task_id();  // -1 outside a backward pass
+}
+
+// Rule 2: drop the entries holding any of `norms` (the caller holds the lock).
+void drop_entries_holding_locked(Cache& c, const std::vector<at::Tensor>& norms) {
+  std::unordered_set<const c10::TensorImpl*> used;
+  for (const at::Tensor& n : norms) used.insert(n.unsafeGetTensorImpl());
+  for (auto it = c.entries.begin(); it != c.entries.end();) {
+    const at::Tensor& held = it->second.norm;
+    it = held.defined() && used.count(held.unsafeGetTensorImpl()) ? c.entries.erase(it) : std::next(it);
+  }
+  ++c.stats.invalidations;
+  ++generation;
 }
 
 bool disabled_by_env() {
@@ -91,9 +125,8 @@ bool capturing(const at::Tensor& t) {
 // The entry of `weight` that holds `norm`, or nullptr (the caller holds the lock): g is only
 // stored alongside the norm it was computed from.
 Entry* entry_holding(Cache& c, const at::Tensor& weight, const at::Tensor& norm) {
-  auto it = c.entries.find(weight.unsafeGetTensorImpl());
-  if (it == c.entries.end() || !it->second.weight.matches(weight) || !it->second.norm.is_same(norm)) return nullptr;
-  return &it->second;
+  Entry* e = c.live_entry_locked(weight);
+  return e != nullptr && e->norm.is_same(norm) ? e : nullptr;
 }
 
 bool cacheable(std::initializer_list<const at::Tensor*> tensors) {
@@ -107,36 +140,42 @@ bool cacheable(std::initializer_list<const at::Tensor*> tensors) {
 }  // namespace
 
 at::Tensor cached_row_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-                           const NormCompute& compute) {
+                           NormUse use, const NormCompute& compute) {
   Cache& c = cache();
   if (!cacheable({&weight, &lora_A, &lora_B})) {
     std::lock_guard<std::mutex> lock(c.mutex);
     ++c.stats.bypassed;
     return compute(at::Tensor(), nullptr);
   }
+  // Rule 1: a recording forward reuses nothing from earlier calls, unless it is a
+  // checkpoint recompute inside the backward pass that follows its own forward.
+  const bool may_reuse = use == NormUse::Inference || current_backward_pass() != -1;
   at::Tensor weight_sq;
+  uint64_t epoch = 0;
   {
     std::lock_guard<std::mutex> lock(c.mutex);
-    auto it = c.entries.find(weight.unsafeGetTensorImpl());
-    if (it != c.entries.end() && it->second.weight.matches(weight)) {
-      const Entry& e = it->second;
-      if (e.norm.defined() && e.lora_A.matches(lora_A) && e.lora_B.matches(lora_B) && e.scale == scale) {
+    epoch = c.epoch;
+    const Entry* e = may_reuse ? c.live_entry_locked(weight) : nullptr;
+    if (e != nullptr) {
+      if (e->norm.defined() && e->lora_A.matches(lora_A) && e->lora_B.matches(lora_B) && e->scale == scale) {
         ++c.stats.norm_hits;
-        return e.norm;
+        return e->norm;
       }
-      weight_sq = e.weight_sq;
+      weight_sq = e->weight_sq;
     }
     ++c.stats.norm_misses;
     if (weight_sq.defined()) ++c.stats.weight_sq_hits;
   }
   // Computed outside the lock: another thread may compute the same norm
-  // concurrently; both results are equal and the last one is kept.
+  // concurrently; both results are equal and the last one is kept. An
+  // invalidation meanwhile leaves this result stale (its epoch is the one before).
   at::Tensor new_weight_sq;
   at::Tensor norm = compute(weight_sq, weight_sq.defined() ? nullptr : &new_weight_sq);
   std::lock_guard<std::mutex> lock(c.mutex);
   if (c.entries.size() >= c.sweep_at) c.sweep_locked();
   Entry& e = c.entries[weight.unsafeGetTensorImpl()];
   e = Entry{};
+  e.epoch = epoch;
   e.weight = Fingerprint::of(weight);
   e.weight_sq = weight_sq.defined() ? weight_sq : new_weight_sq;
   e.lora_A = Fingerprint::of(lora_A);
@@ -169,6 +208,44 @@ at::Tensor cached_magnitude_scale(const at::Tensor& weight, const at::Tensor& ma
   return g;
 }
 
+void norm_used_by_backward(const at::Tensor& norm) {
+  Cache& c = cache();
+  const int pass = current_backward_pass();
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    if (pass == -1) {  // a backward op called directly: its forward's norm may be stale from now on
+      drop_entries_holding_locked(c, {norm});
+      return;
+    }
+    std::vector<at::Tensor>& used = c.used_by_backward[pass];
+    used.push_back(norm);
+    if (used.size() > 1) return;  // the first backward op of this pass queued the drop already
+  }
+  // Outside the lock: the engine takes its own. Runs when this backward pass (the
+  // innermost one, for reentrant checkpointing) has finished.
+  torch::autograd::Engine::get_default_engine().queue_callback([pass] {
+    Cache& c = cache();
+    std::lock_guard<std::mutex> lock(c.mutex);
+    auto it = c.used_by_backward.find(pass);
+    if (it == c.used_by_backward.end()) return;
+    drop_entries_holding_locked(c, it->second);
+    c.used_by_backward.erase(it);
+  });
+}
+
+void invalidate_norm_cache() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  ++c.epoch;
+  c.entries.clear();
+  ++c.stats.invalidations;
+  ++generation;
+}
+
+int64_t norm_cache_generation() {
+  return generation.load();
+}
+
 NormCacheStats norm_cache_stats() {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
@@ -180,9 +257,12 @@ NormCacheStats norm_cache_stats() {
 void clear_norm_cache() {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
+  ++c.epoch;
   c.entries.clear();
+  c.used_by_backward.clear();
   c.sweep_at = kSweepEvery;
   c.stats = NormCacheStats{};
+  ++generation;  // casts derived from parameters (norm_cache_generation) go with the norms
 }
 
 }  // namespace dora_ext

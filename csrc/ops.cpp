@@ -40,9 +40,9 @@ std::tuple<bool, std::string> fused_available_op(int64_t device) {
   return {ok, why};
 }
 
-std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t> norm_cache_stats_op() {
+std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t> norm_cache_stats_op() {
   const NormCacheStats s = norm_cache_stats();
-  return {s.norm_hits, s.norm_misses, s.weight_sq_hits, s.scale_hits, s.bypassed, s.entries};
+  return {s.norm_hits, s.norm_misses, s.weight_sq_hits, s.scale_hits, s.bypassed, s.entries, s.invalidations};
 }
 
 std::string build_info_op() {
@@ -82,9 +82,11 @@ TORCH_LIBRARY(dora_ext, m) {
   // The row-norm cache (norm_cache.h).
   m.def(
       "norm_cache_stats() -> (int norm_hits, int norm_misses, int weight_sq_hits, int scale_hits, int bypassed, "
-      "int entries)",
+      "int entries, int invalidations)",
       &norm_cache_stats_op);
   m.def("clear_norm_cache() -> ()", &clear_norm_cache);
+  m.def("invalidate_norm_cache() -> ()", &invalidate_norm_cache);
+  m.def("norm_cache_generation() -> int", &norm_cache_generation);
 }
 
 at::Tensor row_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {

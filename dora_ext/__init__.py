@@ -15,6 +15,7 @@ from .ops import (  # noqa: E402
     clear_norm_cache,
     compose_delta,
     dora_linear,
+    invalidate_norm_cache,
     last_tier,
     norm_cache_stats,
     overrides,
@@ -23,5 +24,5 @@ from .ops import (  # noqa: E402
 )
 
 __version__ = "0.1.0"
-__all__ = ["clear_norm_cache", "compose_delta", "dora_linear", "info", "last_tier", "norm_cache_stats", "overrides", "row_norm",
-           "select_tier", "__version__"]
+__all__ = ["clear_norm_cache", "compose_delta", "dora_linear", "info", "invalidate_norm_cache", "last_tier",
+           "norm_cache_stats", "overrides", "row_norm", "select_tier", "__version__"]

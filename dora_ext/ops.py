@@ -9,10 +9,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import warnings
 from typing import Iterator
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._library import load_library
 
@@ -22,21 +22,19 @@ _ops = torch.ops.dora_ext
 _CACHE_ENV = "DORA_EXT_NORM_CACHE"
 
 
-def _norm_cache_off_under_distributed() -> None:
-    """Turns the norm cache off (once, process-wide) when torch.distributed is initialized.
+@torch.compiler.disable
+def _invalidate_after_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Global optimizer step hook: every cached norm is recomputed after any optimizer step.
 
-    The cache trusts version counters, and FSDP2 refills its unsharded parameters' storage with
-    new values after an optimizer step without bumping them (measured: same tensor, version 0,
-    sometimes the same address): a cached norm would be stale. An explicit DORA_EXT_NORM_CACHE
-    setting is left alone (``=1`` keeps the cache for distributed runs without FSDP).
+    Fused optimizers (``AdamW(fused=True)``, transformers' Trainer default), bitsandbytes' and
+    DeepSpeed's write parameters without bumping their version counters, so the version keys
+    alone would serve the norm of the adapters before the step. Not traced by torch.compile
+    (a compiled ``opt.step`` runs it eagerly).
     """
-    if _CACHE_ENV in os.environ or torch.compiler.is_compiling():
-        return
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        os.environ[_CACHE_ENV] = "0"
-        warnings.warn("dora_ext: torch.distributed is initialized, so the row-norm cache is off (FSDP refills "
-                      "parameters without bumping their version counters); set DORA_EXT_NORM_CACHE=1 to keep it "
-                      "on where no FSDP is used", stacklevel=3)
+    _ops.invalidate_norm_cache.default()
+
+
+register_optimizer_step_post_hook(_invalidate_after_optimizer_step)
 
 
 def row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -45,7 +43,6 @@ def row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, s
     Computed from the factored form ``||W_i||^2 + 2s<B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T``:
     no ``[d_out, d_in]`` intermediate. The result never requires grad (DoRA detaches the norm).
     """
-    _norm_cache_off_under_distributed()
     return _ops.row_norm.default(weight, lora_A, lora_B, scale)
 
 
@@ -74,7 +71,6 @@ def dora_linear(
     Returns ``[..., d_out]`` in x's dtype. Gradients flow to x, lora_A, lora_B,
     magnitude and bias; the norm ``n`` is detached and the weight is frozen.
     """
-    _norm_cache_off_under_distributed()
     return _ops.dora_linear.default(x, weight, bias, lora_A, lora_B, magnitude, scale)
 
 
@@ -128,17 +124,37 @@ def overrides(tier: str | None = None, norm_cache: bool | None = None) -> Iterat
 def norm_cache_stats() -> dict[str, int]:
     """Counters of the row-norm cache since the last :func:`clear_norm_cache`.
 
-    The norm of (W, A, B, scale) is reused while none of them changed (same tensors,
-    same version counters, so optimizer steps and ``load_state_dict`` invalidate it);
-    ``||W||^2`` is reused while W is unchanged. ``DORA_EXT_NORM_CACHE=0`` turns it off.
+    What is reused and when it is recomputed (README, "Norm cache"): a forward that records
+    gradients computes its norm fresh (``norm_misses``), except a checkpoint recompute inside the
+    backward pass, which reuses its forward's norm (``norm_hits``); a norm used by a backward pass
+    is dropped when that pass ends, and every optimizer step drops all of them (each counted in
+    ``invalidations``); eval, no-grad and inference calls reuse a norm while W, A, B and the scale
+    keep their identity, storage and version (``norm_hits``). ``weight_sq_hits``: misses that
+    reused ``||W||^2``; ``scale_hits``: ``g = m / n`` reused; ``bypassed``: calls that skipped the
+    cache (``DORA_EXT_NORM_CACHE=0``, inference-mode tensors, CUDA-graph capture); ``entries``:
+    norms held now.
     """
-    names = ("norm_hits", "norm_misses", "weight_sq_hits", "scale_hits", "bypassed", "entries")
+    names = ("norm_hits", "norm_misses", "weight_sq_hits", "scale_hits", "bypassed", "entries", "invalidations")
     return dict(zip(names, _ops.norm_cache_stats.default()))
 
 
 def clear_norm_cache() -> None:
     """Drops every cached norm and resets the counters of :func:`norm_cache_stats`."""
     _ops.clear_norm_cache.default()
+
+
+def invalidate_norm_cache() -> None:
+    """Drops every cached norm (the counters stay): call it after writing W, A, B or the magnitude
+    in a way that bypasses version counters (``p.data.mul_(...)``, a custom kernel) outside
+    training. Optimizer steps and backward passes invalidate by themselves."""
+    _ops.invalidate_norm_cache.default()
+
+
+def norm_cache_generation() -> int:
+    """A counter that grows with every invalidation of the norm cache (backward passes that used
+    a norm, optimizer steps, :func:`invalidate_norm_cache`, :func:`clear_norm_cache`): other
+    caches of quantities derived from parameters key on it."""
+    return _ops.norm_cache_generation.default()
 
 
 # ---------------------------------------------------------------------------

@@ -13,9 +13,9 @@ the bf16 base) and bf16 (autocast_adapter_dtype=False).
 Measured per config, medians over --reps timed runs after --warmup untimed ones (CUDA events on
 a GPU, perf_counter on the CPU):
   fwd_ms      inference forward, no_grad, eval mode
-  step_ms     gradient step: zero_grad, forward, LM loss, backward (no optimizer; the adapters'
-              version counters are bumped first, as an optimizer step would, so dora_ext's norm
-              cache misses and the norm is recomputed every step as in training)
+  step_ms     gradient step: zero_grad, forward, LM loss, backward (no optimizer; dora_ext
+              computes the norm every step, as in training: its cache serves no norm to a
+              forward that records gradients)
   step_peak_gib  torch.cuda.max_memory_allocated() during one step minus the memory allocated
               before it (model, adapters and inputs excluded; activations, gradients and
               transients included)
@@ -162,13 +162,10 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, timer: Timer, args: argpa
         return out
 
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> None:
-        # what an optimizer step leaves behind: every trainable tensor written in place (a version
-        # bump, no kernel), so dora_ext recomputes the norm as in training (||W||^2 stays cached)
-        for p in trainable:
-            torch.autograd.graph.increment_version(p)
+        # a training forward computes its norm (||W||^2 included) every step, as after an
+        # optimizer step: dora_ext's norm cache never serves one across recording forwards
         model.zero_grad(set_to_none=True)
         with autocast:
             loss = model(input_ids=ids, labels=ids).loss
