@@ -236,3 +236,39 @@ def test_checkpoint_recompute_reuses_its_forwards_norm(device, use_reentrant, mo
     monkeypatch.setenv("DORA_EXT_NORM_CACHE", "0")
     for a, b in zip(cached, run(count=False)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def third_party_optimizer(name: str) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
+    """bitsandbytes' 8-bit optimizers (QLoRA recipes' defaults) and DeepSpeed's FusedAdam: CUDA
+    kernels that write parameters in place. Skips cleanly where the package is not installed."""
+    if name.startswith("bnb_"):
+        bnb = pytest.importorskip("bitsandbytes")
+        cls = {"bnb_adamw8bit": bnb.optim.AdamW8bit, "bnb_paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
+        return lambda params: cls(params, lr=0.05)
+    pytest.importorskip("deepspeed")
+    from deepspeed.ops.adam import FusedAdam
+    return lambda params: FusedAdam(params, lr=0.05)
+
+
+THIRD_PARTY = ["bnb_adamw8bit", "bnb_paged_adamw8bit", "deepspeed_fused_adam"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", THIRD_PARTY)
+def test_third_party_optimizers_never_get_a_stale_norm(name, monkeypatch):
+    make_optimizer = third_party_optimizer(name)
+
+    def make_step(params):
+        opt = make_optimizer(params)
+
+        def step():
+            opt.step()
+            opt.zero_grad()
+        return step
+    seed = torch.seed()
+
+    def inputs():  # B has 5120 elements: above bitsandbytes' 4096-element threshold for 8-bit state
+        torch.manual_seed(seed)
+        return make_inputs(256, 320, 16, (4, 9), dtype=torch.float32, device="cuda", requires_grad=True)
+    _same_as_uncached(inputs, make_step, monkeypatch)

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 import dora_ext  # noqa: E402
 import dora_ext.peft as dp  # noqa: E402
+from test_norm_cache_writers import THIRD_PARTY, third_party_optimizer  # noqa: E402
 from test_peft import INPUT_IDS, dora_model, rel  # noqa: E402
 
 STEPS = 5
@@ -39,9 +40,10 @@ def _adapters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _train(model: torch.nn.Module, make_optimizer) -> tuple[list[float], dict[str, torch.Tensor]]:
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
+    ids = INPUT_IDS.to(next(model.parameters()).device)
     losses = []
     for _ in range(STEPS):
-        loss = model(input_ids=INPUT_IDS, labels=INPUT_IDS).loss
+        loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -68,6 +70,24 @@ def test_accelerated_model_trains_like_stock_peft(name, monkeypatch):
     theirs = _train(stock, OPTIMIZERS[name])
     ours = _train(accelerated, OPTIMIZERS[name])
     _assert_same_training(ours, theirs)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", THIRD_PARTY)
+def test_accelerated_model_with_third_party_optimizers(name, monkeypatch):
+    """bitsandbytes' 8-bit optimizers and DeepSpeed's FusedAdam on CUDA: like stock PEFT and like
+    the cache off."""
+    monkeypatch.delenv("DORA_EXT_NORM_CACHE", raising=False)
+    make_optimizer = third_party_optimizer(name)
+    stock = dora_model(device="cuda")
+    accelerated, uncached = copy.deepcopy(stock), copy.deepcopy(stock)
+    dp.accelerate(accelerated)
+    dp.accelerate(uncached)
+    ours = _train(accelerated, make_optimizer)
+    _assert_same_training(ours, _train(stock, make_optimizer))
+    monkeypatch.setenv("DORA_EXT_NORM_CACHE", "0")
+    _assert_same_training(ours, _train(uncached, make_optimizer))
 
 
 def test_accelerated_model_with_updates_through_data():
