@@ -1,7 +1,10 @@
 // Autograd for the public ops, in C++ so LibTorch callers get it too. The
 // norm is detached (DoRA paper section 4.3): gradients flow to x, lora_A,
-// lora_B, magnitude and bias; the base weight is frozen.
+// lora_B, magnitude and bias; the base weight is frozen. A backward runs with
+// the run-time options of its forward (autograd runs CUDA backward on its own
+// thread, where the forward thread's overrides would not be seen).
 #include "eager.h"
+#include "options.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -22,6 +25,23 @@ at::Tensor grad_or_undefined(const at::Tensor& t, bool needed) {
   return needed ? t : at::Tensor();
 }
 
+void save_options(AutogradContext* ctx) {
+  const Options o = current_options();
+  ctx->saved_data["opt_tier"] = static_cast<int64_t>(o.tier);
+  ctx->saved_data["opt_norm_cache"] = o.norm_cache;
+  ctx->saved_data["opt_decode_max_tokens"] = o.decode_max_tokens;
+  ctx->saved_data["opt_fp32_parts_min_tokens"] = o.fp32_parts_min_tokens;
+}
+
+Options saved_options(AutogradContext* ctx) {
+  Options o;
+  o.tier = static_cast<TierOverride>(ctx->saved_data["opt_tier"].toInt());
+  o.norm_cache = ctx->saved_data["opt_norm_cache"].toBool();
+  o.decode_max_tokens = ctx->saved_data["opt_decode_max_tokens"].toInt();
+  o.fp32_parts_min_tokens = ctx->saved_data["opt_fp32_parts_min_tokens"].toInt();
+  return o;
+}
+
 class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -35,10 +55,12 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
     ctx->save_for_backward({x, weight, lora_A, lora_B, magnitude, norm, z, h});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    save_options(ctx);
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    ThreadOptionsGuard options(saved_options(ctx));
     const auto saved = ctx->get_saved_variables();
     const double scale = ctx->saved_data["scale"].toDouble();
     // needs_input_grad counts tensor inputs only: x, weight, [bias], lora_A, lora_B, magnitude.
@@ -68,10 +90,12 @@ class ComposeDeltaFunction : public torch::autograd::Function<ComposeDeltaFuncti
     at::Tensor out = op.call(base, lora, magnitude, norm, scale);
     ctx->save_for_backward({base, lora, magnitude, norm});
     ctx->saved_data["scale"] = scale;
+    save_options(ctx);
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    ThreadOptionsGuard options(saved_options(ctx));
     const auto saved = ctx->get_saved_variables();
     const double scale = ctx->saved_data["scale"].toDouble();
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};

@@ -33,15 +33,6 @@ void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t di
 
 }  // namespace
 
-int64_t nonnegative_env(const char* name, int64_t fallback) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0') return fallback;
-  char* end = nullptr;
-  const long long value = std::strtoll(env, &end, 10);
-  TORCH_CHECK(*end == '\0' && value >= 0, name, " must be a non-negative integer, got '", env, "'");
-  return value;
-}
-
 at::ScalarType accumulate_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }

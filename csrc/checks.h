@@ -28,11 +28,6 @@ inline bool is_16bit_float(at::ScalarType dtype) {
   return dtype == at::kHalf || dtype == at::kBFloat16;
 }
 
-// A run-time knob: the non-negative integer in environment variable `name` (read per call, so it
-// can change mid-process), `fallback` where it is unset or empty; anything else is an error
-// naming the variable.
-int64_t nonnegative_env(const char* name, int64_t fallback);
-
 // The dtype the norm and the magnitude scale are computed in: float64 for
 // float64 inputs, float32 otherwise.
 at::ScalarType accumulate_type(at::ScalarType dtype);

@@ -2,25 +2,14 @@
 
 #include "crossover.h"
 #include "launcher.h"
+#include "options.h"
 
 #include <c10/util/Exception.h>
-
-#include <cstdlib>
-#include <cstring>
 
 namespace dora_ext {
 namespace {
 
-enum class Override { Auto, Eager, Fused, PreferFused };
-
-Override tier_override() {
-  const char* env = std::getenv("DORA_EXT_TIER");  // read per call: tests and tools flip it at run time
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return Override::Auto;
-  if (std::strcmp(env, "eager") == 0) return Override::Eager;
-  if (std::strcmp(env, "fused") == 0) return Override::Fused;
-  if (std::strcmp(env, "prefer_fused") == 0) return Override::PreferFused;
-  TORCH_CHECK(false, "DORA_EXT_TIER must be 'auto', 'eager', 'fused' or 'prefer_fused', got '", env, "'");
-}
+using Override = TierOverride;
 
 const Crossover& crossover_for(int arch) {
   for (const Crossover& c : kCrossovers) {
@@ -50,7 +39,7 @@ bool has_fused_kernels_for(at::ScalarType dtype) {
 }
 
 TierDecision choose_tier(const at::Tensor& x, int64_t d_out, bool training) {
-  const Override forced = tier_override();
+  const Override forced = current_options().tier;
   const Tier fused = training ? Tier::FusedTraining : Tier::FusedInference;
   auto cannot_fuse = [&](std::string why) -> TierDecision {
     TORCH_CHECK(forced != Override::Fused, "DORA_EXT_TIER=fused, but the fused path cannot run: ", why);

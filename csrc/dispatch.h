@@ -6,8 +6,8 @@
 //   eager            ATen ops: CPU, float64, no cubin for the device's arch,
 //                    no CUDA driver, or shapes below the measured crossover
 //
-// DORA_EXT_TIER=auto|eager|fused|prefer_fused overrides the choice for
-// debugging and benchmarks: "fused" fails with a clear error where fused cannot
+// The tier option (DORA_EXT_TIER=auto|eager|fused|prefer_fused, options.h)
+// overrides the choice for debugging and benchmarks: "fused" fails with a clear error where fused cannot
 // run; "prefer_fused" runs fused wherever kernels exist (ignoring the
 // crossover) and falls back to eager with a one-time warning elsewhere. The
 // last decision per thread is kept for tests and tools (last_tier()).

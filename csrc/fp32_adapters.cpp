@@ -1,6 +1,7 @@
 #include "fp32_adapters.h"
 
 #include "checks.h"
+#include "options.h"
 
 #include <ATen/ATen.h>
 
@@ -14,14 +15,13 @@ namespace {
 // B's, per call) costs more than the tensor cores save: plain float32 GEMMs there. Measured on the
 // H100 at r = 384 (scripts/bench_fp32_adapters.py, docs/BENCHMARKS.md): float32 GEMMs faster on
 // every layer shape up to 512 tokens, mixed at 1024 and 2048, the parts 1.3-1.8x faster at 4096.
-// DORA_EXT_FP32_PARTS_MIN_TOKENS (read per call) moves the limit.
-constexpr int64_t kPartsMinTokens = 2048;
+// The fp32_parts_min_tokens option (default 2048, options.h) moves the limit.
 
 // Tensor cores through exact bfloat16 parts where the activations are bfloat16 on CUDA and there
 // are enough tokens (see the header); plain float32 GEMMs elsewhere.
 bool use_bf16_parts(const at::Tensor& x2d) {
   return x2d.is_cuda() && x2d.scalar_type() == at::kBFloat16 &&
-         x2d.size(0) >= nonnegative_env("DORA_EXT_FP32_PARTS_MIN_TOKENS", kPartsMinTokens);
+         x2d.size(0) >= current_options().fp32_parts_min_tokens;
 }
 
 std::array<at::Tensor, 3> split3(const at::Tensor& t) {

@@ -9,6 +9,7 @@
 #include "fused_norm.h"
 #include "launcher.h"
 #include "norm_cache.h"
+#include "options.h"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -134,8 +135,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fp32_adapters_forward
 
 // Inference calls with at most this many tokens run the decode kernel (triton_src/decode.py): one
 // tile of rows, where it beat cuBLAS + addmm_ + the scale pass on every layer shape measured
-// (docs/BENCHMARKS.md). DORA_EXT_DECODE_MAX_TOKENS (read per call) moves the limit; 0 turns it off.
-constexpr int64_t kDecodeMaxTokens = 16;
+// (docs/BENCHMARKS.md). The decode_max_tokens option (default 16, options.h) moves the limit; 0
+// turns it off.
 
 // Whether the decode kernel serves validated inputs (one dtype throughout, d_out >= 1): 16-bit,
 // 1..max_tokens tokens, and W and B with unit stride along their K dimension (a copy of W would
@@ -213,7 +214,7 @@ at::Tensor dora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
     record_tier(decision);
     return std::get<0>(fp32_adapters_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, /*need_z=*/false));
   }
-  const int64_t max_decode_tokens = nonnegative_env("DORA_EXT_DECODE_MAX_TOKENS", kDecodeMaxTokens);
+  const int64_t max_decode_tokens = current_options().decode_max_tokens;
   if (decode_serves(x, weight, lora_B, max_decode_tokens)) {
     decision.reason += "; decode kernel (tokens <= " + std::to_string(max_decode_tokens) + ")";
     record_tier(decision);

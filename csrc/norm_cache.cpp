@@ -1,6 +1,7 @@
 #include "norm_cache.h"
 
 #include "eager.h"
+#include "options.h"
 
 #include <c10/util/Exception.h>
 #include <c10/util/intrusive_ptr.h>
@@ -8,8 +9,6 @@
 #include <torch/csrc/autograd/graph_task.h>
 
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <mutex>
 #include <unordered_map>
 #include <unordered_set>
@@ -105,10 +104,6 @@ void drop_entries_holding_locked(Cache& c, const std::vector<at::Tensor>& norms)
   ++generation;
 }
 
-bool disabled_by_env() {
-  const char* env = std::getenv("DORA_EXT_NORM_CACHE");  // read per call, like DORA_EXT_TIER
-  return env != nullptr && std::strcmp(env, "0") == 0;
-}
 
 bool capturing(const at::Tensor& t) {
 #ifdef DORA_EXT_WITH_CUDA
@@ -130,7 +125,7 @@ Entry* entry_holding(Cache& c, const at::Tensor& weight, const at::Tensor& norm)
 }
 
 bool cacheable(std::initializer_list<const at::Tensor*> tensors) {
-  if (disabled_by_env()) return false;
+  if (!current_options().norm_cache) return false;
   for (const at::Tensor* t : tensors) {
     if (t->is_inference()) return false;  // no version counter to key on
   }

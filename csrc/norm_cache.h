@@ -21,7 +21,7 @@
 // ||W||^2 and g = m / n live in the same entry and go with it. Bypassed
 // (computed fresh, nothing stored) for inference-mode tensors (they have no
 // version counter), while a CUDA stream is being captured (a replayed graph
-// must recompute), and when DORA_EXT_NORM_CACHE=0.
+// must recompute), and with the norm_cache option off (DORA_EXT_NORM_CACHE=0, options.h).
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>

@@ -6,6 +6,7 @@
 #include "kernel_registry.h"
 #include "launcher.h"
 #include "norm_cache.h"
+#include "options.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -86,6 +87,11 @@ TORCH_LIBRARY(dora_ext, m) {
       &norm_cache_stats_op);
   m.def("clear_norm_cache() -> ()", &clear_norm_cache);
   m.def("invalidate_norm_cache() -> ()", &invalidate_norm_cache);
+  // Run-time options (options.h): process-wide, and per thread.
+  m.def("set_option(str name, str value) -> ()", &set_option);
+  m.def("get_option(str name) -> str", &get_option);
+  m.def("thread_option(str name) -> str?", &thread_option);
+  m.def("set_thread_option(str name, str? value) -> ()", &set_thread_option);
   m.def("norm_cache_generation() -> int", &norm_cache_generation);
 }
 

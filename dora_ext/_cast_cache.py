@@ -11,12 +11,11 @@ every optimizer step and every backward pass that used a norm invalidates); with
 """
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
 
-from .ops import _CACHE_ENV, norm_cache_generation
+from .ops import _ops, norm_cache_generation
 
 # id(source) -> (weak ref to the source, version, data_ptr, dtype, generation, cast). Keyed on id (tensors
 # compare elementwise, so they cannot be dict keys); a finalizer drops the entry with its source.
@@ -26,14 +25,14 @@ _CASTS: dict[int, tuple[weakref.ref, int, int, torch.dtype, int, torch.Tensor]] 
 def cast_for_forward(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``; without recorded gradients the same tensor as last time while ``t`` is unchanged.
 
-    Bypassed (a plain ``.to``) where the norm cache is off (``DORA_EXT_NORM_CACHE=0``), under
+    Bypassed (a plain ``.to``) where the norm cache is off (option ``norm_cache``), under
     torch.compile, in inference mode (inference tensors have no version counter) and for tensor
     subclasses.
     """
     if t.dtype == dtype:
         return t
     if (torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or t.is_inference()
-            or (torch.is_grad_enabled() and t.requires_grad) or os.environ.get(_CACHE_ENV) == "0"
+            or (torch.is_grad_enabled() and t.requires_grad) or _ops.get_option.default("norm_cache") == "0"
             or type(t) not in (torch.Tensor, torch.nn.Parameter)):  # a subclass (DTensor) has no data_ptr
         return t.to(dtype)
     key = (t._version, t.data_ptr(), dtype, norm_cache_generation())

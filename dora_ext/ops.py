@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import Iterator
 
 import torch
@@ -18,9 +17,6 @@ from ._library import load_library
 
 load_library()
 _ops = torch.ops.dora_ext
-
-_CACHE_ENV = "DORA_EXT_NORM_CACHE"
-
 
 @torch.compiler.disable
 def _invalidate_after_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
@@ -89,7 +85,7 @@ def compose_delta(
 
 def select_tier(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, training: bool) -> tuple[str, str]:
     """The tier dora_linear would run for these inputs and why: ``("fused_training" |
-    "fused_inference" | "eager", reason)``. ``DORA_EXT_TIER=auto|eager|fused`` overrides it."""
+    "fused_inference" | "eager", reason)``. The ``tier`` option (:func:`options`) overrides it."""
     return _ops.select_tier.default(x, weight, lora_A, training)
 
 
@@ -103,22 +99,57 @@ def last_tier() -> tuple[str, str]:
     return _ops.last_tier.default()
 
 
+OPTION_NAMES = ("tier", "norm_cache", "decode_max_tokens", "fp32_parts_min_tokens")
+
+
+def _spell(name: str, value: str | bool | int) -> str:
+    """An option value as the C++ side takes it (its environment variable's spelling)."""
+    if name == "norm_cache":
+        return "1" if value else "0"
+    return str(value)
+
+
+def _typed(name: str, value: str) -> str | bool | int:
+    if name == "tier":
+        return value
+    if name == "norm_cache":
+        return value == "1"
+    return int(value)
+
+
+def get_options() -> dict[str, str | bool | int]:
+    """The run-time options in effect on this thread: ``tier`` (``"auto"``, ``"eager"``,
+    ``"fused"`` or ``"prefer_fused"``), ``norm_cache`` (bool), ``decode_max_tokens`` and
+    ``fp32_parts_min_tokens`` (ints). README, "Options"."""
+    return {name: _typed(name, _ops.get_option.default(name)) for name in OPTION_NAMES}
+
+
+def set_options(**values: str | bool | int) -> None:
+    """Sets options process-wide (every thread without its own override), e.g.
+    ``set_options(tier="eager")``. Their environment variables give the values at start-up."""
+    for name, value in values.items():
+        _ops.set_option.default(name, _spell(name, value))
+
+
 @contextlib.contextmanager
-def overrides(tier: str | None = None, norm_cache: bool | None = None) -> Iterator[None]:
-    """Sets ``DORA_EXT_TIER`` (``"auto"``, ``"eager"``, ``"fused"`` or ``"prefer_fused"``) and/or
-    ``DORA_EXT_NORM_CACHE`` for the body and restores the previous values; ``None`` leaves a
-    variable as it is. The C++ side reads both on every call, so this works mid-process."""
-    wanted = {"DORA_EXT_TIER": tier, _CACHE_ENV: None if norm_cache is None else str(int(norm_cache))}
-    old = {name: os.environ.get(name) for name, value in wanted.items() if value is not None}
-    os.environ.update({name: value for name, value in wanted.items() if value is not None})
+def options(**values: str | bool | int | None) -> Iterator[None]:
+    """Overrides options on this thread for the body, e.g. ``with options(tier="eager",
+    norm_cache=False):``; ``None`` leaves an option as it is. Calls made inside keep these options
+    in their backward pass too (autograd runs it on another thread). Other threads are unaffected."""
+    wanted = {name: value for name, value in values.items() if value is not None}
+    previous = {name: _ops.thread_option.default(name) for name in wanted}
     try:
+        for name, value in wanted.items():
+            _ops.set_thread_option.default(name, _spell(name, value))
         yield
     finally:
-        for name, value in old.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        for name, value in previous.items():
+            _ops.set_thread_option.default(name, value)
+
+
+def overrides(tier: str | None = None, norm_cache: bool | None = None):
+    """The earlier name of :func:`options` for ``tier`` and ``norm_cache`` (same behaviour)."""
+    return options(tier=tier, norm_cache=norm_cache)
 
 
 def norm_cache_stats() -> dict[str, int]:
@@ -131,7 +162,7 @@ def norm_cache_stats() -> dict[str, int]:
     ``invalidations``); eval, no-grad and inference calls reuse a norm while W, A, B and the scale
     keep their identity, storage and version (``norm_hits``). ``weight_sq_hits``: misses that
     reused ``||W||^2``; ``scale_hits``: ``g = m / n`` reused; ``bypassed``: calls that skipped the
-    cache (``DORA_EXT_NORM_CACHE=0``, inference-mode tensors, CUDA-graph capture); ``entries``:
+    cache (option ``norm_cache=False``, inference-mode tensors, CUDA-graph capture); ``entries``:
     norms held now.
     """
     names = ("norm_hits", "norm_misses", "weight_sq_hits", "scale_hits", "bypassed", "entries", "invalidations")

@@ -2,7 +2,7 @@
 """Measure both forward designs of issue 3 (development tool; the library ships AOT cubins).
 
 (a) the fused inference forward of cuBLAS GEMMs: ``z = x W^T``, ``z += s h B^T`` (h = x A^T), then
-    one Triton pass ``y = g * z + bias`` (the library with ``DORA_EXT_DECODE_MAX_TOKENS=0``);
+    one Triton pass ``y = g * z + bias`` (the library with option ``decode_max_tokens=0``);
 (b) one Triton GEMM, triton_src/decode.py's kernel run by Triton's JIT with several tile configs
     (the best kept): its accumulator takes ``s h B^T`` and then ``x W^T``, ``y = g * acc + bias`` in
     its epilogue, no [T, d_out] intermediate (h = x A^T still from cuBLAS);
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -91,11 +90,10 @@ def main() -> None:
             m = dora_ext.row_norm(W, A, B, s) * (1 + 0.1 * torch.randn(d_out, device="cuda"))
             x = torch.randn(T, d_in, device="cuda", dtype=torch.bfloat16)
             g = (m / dora_ext.row_norm(W, A, B, s)).float().contiguous()
-            with torch.no_grad(), dora_ext.overrides(tier="fused"):
-                os.environ["DORA_EXT_DECODE_MAX_TOKENS"] = "0"
-                ref = dora_ext.dora_linear(x, W, bias, A, B, m, s)  # also warms the norm cache
-                t_cublas = ms(lambda: dora_ext.dora_linear(x, W, bias, A, B, m, s))
-                del os.environ["DORA_EXT_DECODE_MAX_TOKENS"]
+            with torch.no_grad(), dora_ext.options(tier="fused"):
+                with dora_ext.options(decode_max_tokens=0):
+                    ref = dora_ext.dora_linear(x, W, bias, A, B, m, s)  # also warms the norm cache
+                    t_cublas = ms(lambda: dora_ext.dora_linear(x, W, bias, A, B, m, s))
                 y_lib = dora_ext.dora_linear(x, W, bias, A, B, m, s)
                 lib_path = dora_ext.last_tier()[1]
                 t_lib = ms(lambda: dora_ext.dora_linear(x, W, bias, A, B, m, s))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Measure both routes of float32 adapters on a bfloat16 layer (PEFT's default mix) side by side.
 
-(a) tensor cores over exact bfloat16 parts of the float32 operands (``DORA_EXT_FP32_PARTS_MIN_TOKENS=0``);
+(a) tensor cores over exact bfloat16 parts of the float32 operands (option ``fp32_parts_min_tokens=0``);
 (b) float32 GEMMs (the limit set above every token count), as PEFT computes them;
 (c) the library's default (the parts from 2048 tokens).
 Per layer shape and token count: the inference forward (cached norm) and the training step
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -24,14 +23,7 @@ import triton
 import dora_ext
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # d_in x d_out
-ROUTES = {"(a) bf16 parts": "0", "(b) fp32 GEMMs": str(1 << 40), "(c) default": None}
-
-
-def _with_route(limit: str | None):
-    if limit is None:
-        os.environ.pop("DORA_EXT_FP32_PARTS_MIN_TOKENS", None)
-    else:
-        os.environ["DORA_EXT_FP32_PARTS_MIN_TOKENS"] = limit
+ROUTES = {"(a) bf16 parts": 0, "(b) fp32 GEMMs": 1 << 40, "(c) default": None}
 
 
 def _layer(d_in: int, d_out: int, rank: int, tokens: int) -> dict:
@@ -68,16 +60,15 @@ def main() -> None:
             row = {"shape": f"{d_in}x{d_out}", "tokens": tokens, "rank": args.rank}
             results = {}
             for name, limit in ROUTES.items():
-                _with_route(limit)
-                with torch.no_grad():
-                    row[f"{name} infer ms"] = triton.testing.do_bench(lambda: dora_ext.dora_linear(**inp))
-                row[f"{name} step ms"] = triton.testing.do_bench(lambda: _step(inp, gy))
-                with torch.no_grad():
-                    y = dora_ext.dora_linear(**inp)
-                inp["lora_B"].grad = inp["lora_A"].grad = None
-                dora_ext.dora_linear(**inp).backward(gy)
+                with dora_ext.options(fp32_parts_min_tokens=limit):
+                    with torch.no_grad():
+                        row[f"{name} infer ms"] = triton.testing.do_bench(lambda: dora_ext.dora_linear(**inp))
+                    row[f"{name} step ms"] = triton.testing.do_bench(lambda: _step(inp, gy))
+                    with torch.no_grad():
+                        y = dora_ext.dora_linear(**inp)
+                    inp["lora_B"].grad = inp["lora_A"].grad = None
+                    dora_ext.dora_linear(**inp).backward(gy)
                 results[name] = (y, inp["lora_A"].grad.clone(), inp["lora_B"].grad.clone())
-            _with_route(None)
             (ya, gAa, gBa), (yb, gAb, gBb) = results["(a) bf16 parts"], results["(b) fp32 GEMMs"]
             rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
             row["rel err y (a) vs (b)"] = rel(ya, yb)

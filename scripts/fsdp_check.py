@@ -424,10 +424,10 @@ def main() -> int:
     parser.add_argument("--configs", default=",".join(ALL_CONFIGS))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--tier", choices=["auto", "eager", "fused"], default=None,
-                        help="set DORA_EXT_TIER for this run (default: leave the environment as it is)")
+                        help="the tier option for this run (default: as the environment sets it)")
     args = parser.parse_args()
     if args.tier is not None:
-        os.environ["DORA_EXT_TIER"] = args.tier
+        dora_ext.set_options(tier=args.tier)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off on the shared GPU machines
 
     # FSDP1 warns that frozen and trainable parameters share a flat parameter (docs/FSDP.md)
@@ -464,7 +464,7 @@ def main() -> int:
         "world_size": int(os.environ["WORLD_SIZE"]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "dora_ext_tier_env": os.environ.get("DORA_EXT_TIER", "auto"),
+        "dora_ext_tier_env": dora_ext.get_options()["tier"],
         "dora_ext_last_tier": dora_ext.last_tier(),
         "dora_ext_file": dora_ext.__file__,
         "results": results,

@@ -2,12 +2,12 @@
 
 - Puts tests/ on sys.path so that ``from reference import ...`` works (and the
   repository root, so that ``from tests.reference import ...`` works too).
-- Clears DORA_EXT_TIER after every test, so a test that forces a tier cannot
-  leak it into the next one.
+- Runs every test with the tier option at "auto" and puts back the process-wide
+  run-time options afterwards, so a test that sets one (dora_ext.set_options)
+  cannot leak it into the next one.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -23,15 +23,15 @@ if str(_TESTS_DIR.parent) not in sys.path:
 
 
 @pytest.fixture(autouse=True)
-def _clear_dora_ext_tier(monkeypatch):
-    """Runs each test without DORA_EXT_TIER; whatever a test sets is cleared afterwards.
+def _restore_dora_ext_options():
+    """Each test starts with tier "auto" and the other options as the process started; whatever a
+    test sets process-wide is put back afterwards."""
+    import dora_ext
 
-    monkeypatch's teardown (after ours) puts back the value the process started
-    with, if any, so a tier set for the whole session is not lost either.
-    """
-    monkeypatch.delenv("DORA_EXT_TIER", raising=False)
+    saved = dora_ext.get_options()
+    dora_ext.set_options(tier="auto")
     yield
-    os.environ.pop("DORA_EXT_TIER", None)
+    dora_ext.set_options(**saved)
 
 
 _NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -42,9 +42,11 @@ _NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(
 def any_device(request, monkeypatch) -> torch.device:
     """The device a CPU/CUDA-equivalence test runs on: ``cpu``; ``cuda`` with the dispatcher's own
     choice (tiny test shapes sit below the crossover: eager on the GPU); ``cuda_fused`` with
-    ``DORA_EXT_TIER=fused`` so that the same test runs the fused kernels. CUDA params carry the
+    the tier option "fused" so that the same test runs the fused kernels. CUDA params carry the
     ``cuda`` marker and skip cleanly without a GPU."""
     if request.param == "cuda_fused":
-        monkeypatch.setenv("DORA_EXT_TIER", "fused")
+        import dora_ext
+
+        dora_ext.set_options(tier="fused")
         return torch.device("cuda")
     return torch.device(request.param)

@@ -73,7 +73,7 @@ def _poison_allocator():
 
 @pytest.fixture(autouse=True)
 def _auto_tier(monkeypatch):
-    monkeypatch.delenv("DORA_EXT_TIER", raising=False)
+    dora_ext.set_options(tier="auto")
 
 
 def test_info_reports_this_device():
@@ -110,7 +110,7 @@ def test_fused_matches_forced_eager(dtype, monkeypatch):
     args = (t["x"], t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])
     with torch.no_grad():
         fused = dora_ext.dora_linear(*args)
-        monkeypatch.setenv("DORA_EXT_TIER", "eager")
+        dora_ext.set_options(tier="eager")
         eager = dora_ext.dora_linear(*args)
         assert dora_ext.last_tier() == ("eager", "forced by DORA_EXT_TIER=eager")
     tol = 1e-6 if dtype == torch.float32 else 1e-2
@@ -253,7 +253,7 @@ def test_compose_delta_backward_partial_masks_and_bad_grad_out():
 def test_forced_fused_tier_and_eager_reason(monkeypatch):
     t = _inputs(32, 32, 2, (4,), torch.float64)
     assert dora_ext.select_tier(t["x"], t["W"], t["A"], False)[0] == "eager"
-    monkeypatch.setenv("DORA_EXT_TIER", "fused")
+    dora_ext.set_options(tier="fused")
     with pytest.raises(RuntimeError, match="DORA_EXT_TIER=fused.*float64|Double"):
         dora_ext.dora_linear(t["x"], t["W"], t["b"], t["A"], t["B"], t["m"], t["s"])
 
@@ -311,7 +311,7 @@ def test_decode_kernel_matches_reference(dtype, shape, bias):
 
 def test_decode_kernel_strided_inputs_and_limits(monkeypatch):
     """A strided x row and a column slice of a wider x; 17 tokens and fp32 take the cuBLAS path;
-    DORA_EXT_DECODE_MAX_TOKENS moves the limit and 0 turns the kernel off; a bad value is an error."""
+    the decode_max_tokens option moves the limit and 0 turns the kernel off; a bad value is an error."""
     t = _inputs(200, 136, 12, (17,), torch.bfloat16, seed=6)
     wide = torch.randn(17, 260, device="cuda", dtype=torch.bfloat16)
     wide[:, 30:230] = t["x"]
@@ -323,17 +323,16 @@ def test_decode_kernel_strided_inputs_and_limits(monkeypatch):
             y = dora_ext.dora_linear(tokens, *rest)
             assert ("decode kernel" in dora_ext.last_tier()[1]) == want, (tokens.shape, dora_ext.last_tier())
             assert rel_err(y, _ref(tokens, *rest)) < FWD_TOL[torch.bfloat16]
-        monkeypatch.setenv("DORA_EXT_DECODE_MAX_TOKENS", "32")
+        dora_ext.set_options(decode_max_tokens=32)
         y = dora_ext.dora_linear(x, *rest)
         assert "decode kernel (tokens <= 32)" in dora_ext.last_tier()[1]
         assert rel_err(y, ref) < FWD_TOL[torch.bfloat16]
-        monkeypatch.setenv("DORA_EXT_DECODE_MAX_TOKENS", "0")
+        dora_ext.set_options(decode_max_tokens=0)
         dora_ext.dora_linear(x[:1], *rest)
         assert "decode kernel" not in dora_ext.last_tier()[1]
-        monkeypatch.setenv("DORA_EXT_DECODE_MAX_TOKENS", "few")
-        with pytest.raises(RuntimeError, match="DORA_EXT_DECODE_MAX_TOKENS must be a non-negative integer"):
-            dora_ext.dora_linear(x[:1], *rest)
-        monkeypatch.delenv("DORA_EXT_DECODE_MAX_TOKENS")
+        with pytest.raises(RuntimeError, match="decode_max_tokens must be a non-negative integer"):
+            dora_ext.set_options(decode_max_tokens="few")
+        dora_ext.set_options(decode_max_tokens=16)
         t32 = _inputs(64, 96, 8, (1,), torch.float32)
         y = dora_ext.dora_linear(t32["x"], t32["W"], t32["b"], t32["A"], t32["B"], t32["m"], t32["s"])
         assert "decode kernel" not in dora_ext.last_tier()[1]

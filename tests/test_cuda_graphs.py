@@ -41,7 +41,7 @@ REPLAYS = 3
 @pytest.fixture(autouse=True)
 def _fused(monkeypatch):
     # Force the fused tier whatever the crossover says for these small shapes.
-    monkeypatch.setenv("DORA_EXT_TIER", "fused")
+    dora_ext.set_options(tier="fused")
 
 
 def _refill(static: dict, seed: int, dtype: torch.dtype, d_in: int, d_out: int, r: int, batch) -> dict:
@@ -231,11 +231,11 @@ _COLD_CAPTURE = textwrap.dedent("""
     with torch.cuda.stream(side):
         for _ in range(2):
             if mode == "loader":
-                os.environ["DORA_EXT_TIER"] = "eager"
+                dora_ext.set_options(tier="eager")
                 y = dora_ext.dora_linear(x, W, b, A, B, m, 0.5); y.backward(gy)
                 n = dora_ext.row_norm(W, A.detach(), B.detach(), 0.5)
                 dora_ext.compose_delta(base, y.detach(), m.detach(), n, 0.5)
-                os.environ["DORA_EXT_TIER"] = "fused"
+                dora_ext.set_options(tier="fused")
             else:
                 h = x @ A.t(); z = torch.addmm(x @ W.t(), h, B.t(), alpha=0.5)
                 (z * m.to(dtype) + b).backward(gy)

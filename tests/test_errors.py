@@ -393,7 +393,7 @@ def test_row_norm_tensor_on_another_device(name):
 @pytest.mark.parametrize("tier", ["eager", "fused"])
 @pytest.mark.parametrize("batch", [(0,), (2, 0)], ids=str)
 def test_cuda_empty_batch_forward_and_backward(monkeypatch, tier, batch):
-    monkeypatch.setenv("DORA_EXT_TIER", tier)
+    dora_ext.set_options(tier=tier)
     a = make_inputs(D_IN, D_OUT, R, batch, torch.bfloat16, device="cuda", requires_grad=True)
     y = dora_ext.dora_linear(**a)
     assert y.shape == (*batch, D_OUT)
@@ -428,7 +428,7 @@ def test_compose_tensor_on_another_device(name):
 
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 def test_forced_fused_tier_raises_on_cpu(inp, monkeypatch, training):
-    monkeypatch.setenv("DORA_EXT_TIER", "fused")
+    dora_ext.set_options(tier="fused")
     if training:
         inp["lora_A"].requires_grad_(True)
     with pytest.raises(RuntimeError, match="DORA_EXT_TIER=fused"):
@@ -437,25 +437,48 @@ def test_forced_fused_tier_raises_on_cpu(inp, monkeypatch, training):
 
 def test_forced_fused_tier_raises_for_compose_delta(inp, monkeypatch):
     c = _compose_args(inp)
-    monkeypatch.setenv("DORA_EXT_TIER", "fused")
+    dora_ext.set_options(tier="fused")
     with pytest.raises(RuntimeError, match="DORA_EXT_TIER=fused"):
         _compose(c)
 
 
 def test_forced_fused_tier_raises_in_select_tier(inp, monkeypatch):
-    monkeypatch.setenv("DORA_EXT_TIER", "fused")
+    dora_ext.set_options(tier="fused")
     with pytest.raises(RuntimeError, match="DORA_EXT_TIER=fused"):
         dora_ext.select_tier(inp["x"], inp["weight"], inp["lora_A"], False)
 
 
 @pytest.mark.parametrize("value", ["bogus", "FUSED", "fused_training", " eager"])
-def test_invalid_tier_value_raises(inp, monkeypatch, value):
-    c = _compose_args(inp)
-    monkeypatch.setenv("DORA_EXT_TIER", value)
-    with pytest.raises(RuntimeError, match="DORA_EXT_TIER"):
-        _linear(inp)
-    with pytest.raises(RuntimeError, match="DORA_EXT_TIER"):
-        _compose(c)
+def test_invalid_tier_value_raises(inp, value):
+    with pytest.raises(RuntimeError, match="tier must be 'auto', 'eager', 'fused' or 'prefer_fused'"):
+        dora_ext.set_options(tier=value)
+    assert dora_ext.get_options()["tier"] == "auto"  # unchanged
+    _linear(inp)
+
+
+def test_invalid_environment_raises_at_the_first_op_naming_the_variable():
+    """Options come from the environment once; a malformed variable makes every op raise, naming
+    it, until the option is set (in a fresh process: the environment is read once per process)."""
+    script = textwrap.dedent("""
+        import json
+        import torch, dora_ext
+        x, W, A, B = torch.randn(5, 12), torch.randn(7, 12), torch.randn(2, 12), torch.randn(7, 2)
+        m = torch.rand(7) + 0.5
+        errors = []
+        for _ in range(2):
+            try:
+                dora_ext.dora_linear(x, W, None, A, B, m, 0.5)
+            except RuntimeError as e:
+                errors.append(str(e).splitlines()[0])
+        dora_ext.set_options(tier="eager")
+        y = dora_ext.dora_linear(x, W, None, A, B, m, 0.5)
+        print(json.dumps({"errors": errors, "tier": dora_ext.last_tier()[0], "shape": list(y.shape)}))
+    """)
+    proc = run_python(["-c", script], timeout=120, DORA_EXT_TIER="bogus")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(result["errors"]) == 2 and all("DORA_EXT_TIER must be" in e for e in result["errors"]), result
+    assert result["tier"] == "eager" and result["shape"] == [5, 7], result
 
 
 def test_prefer_fused_falls_back_with_one_warning():
@@ -467,12 +490,12 @@ def test_prefer_fused_falls_back_with_one_warning():
     script = textwrap.dedent("""
         import json, os
         import torch, dora_ext
-        os.environ["DORA_EXT_TIER"] = "prefer_fused"
+        dora_ext.set_options(tier="prefer_fused")
         x, W, A, B = torch.randn(5, 12), torch.randn(7, 12), torch.randn(2, 12), torch.randn(7, 2)
         m = torch.rand(7) + 0.5
         ys = [dora_ext.dora_linear(x, W, None, A, B, m, 0.5) for _ in range(3)]
         tier = dora_ext.last_tier()[0]
-        os.environ["DORA_EXT_TIER"] = "eager"
+        dora_ext.set_options(tier="eager")
         ref = dora_ext.dora_linear(x, W, None, A, B, m, 0.5)
         print(json.dumps({"tier": tier, "equal": all(torch.equal(y, ref) for y in ys)}))
     """)
@@ -485,9 +508,9 @@ def test_prefer_fused_falls_back_with_one_warning():
     assert "cannot run here (device cpu has no fused kernels)" in warnings[0] and "eager" in warnings[0]
 
 
-@pytest.mark.parametrize("value", ["auto", "eager", ""])
+@pytest.mark.parametrize("value", ["auto", "eager"])
 def test_valid_tier_values_run_eager_on_cpu(inp, monkeypatch, value):
-    monkeypatch.setenv("DORA_EXT_TIER", value)
+    dora_ext.set_options(tier=value)
     y = _linear(inp)
     assert y.shape == (T, D_OUT)
     assert dora_ext.last_tier()[0] == "eager"

@@ -18,10 +18,10 @@ SHAPES = [(64, 96, 16, (128,)), (37, 23, 1, (3, 5)), (130, 70, 12, (2, 9))]  # o
 
 
 @pytest.fixture(autouse=True, params=["bf16_parts", "fp32_gemms"])
-def route(request, monkeypatch) -> str:
+def route(request) -> str:
     """Both CUDA bfloat16 routes at test sizes: tensor cores over exact parts from the first token,
     or float32 GEMMs throughout (the default switches at 2048 tokens). No effect elsewhere."""
-    monkeypatch.setenv("DORA_EXT_FP32_PARTS_MIN_TOKENS", "0" if request.param == "bf16_parts" else "1000000000")
+    dora_ext.set_options(fp32_parts_min_tokens=0 if request.param == "bf16_parts" else 1_000_000_000)
     return request.param
 
 
@@ -121,7 +121,7 @@ def test_non_contiguous_input(any_device):
 def test_cuda_tiers_and_no_decode_kernel(monkeypatch):
     """The fused tiers serve the mix (cuBLAS with the scale and gradient kernels); the decode kernel,
     which reads 16-bit adapters, does not."""
-    monkeypatch.setenv("DORA_EXT_TIER", "fused")
+    dora_ext.set_options(tier="fused")
     inp = _leaves(_mixed(64, 96, 16, (4,), torch.bfloat16, "cuda"))
     with torch.no_grad():
         dora_ext.dora_linear(**inp)
@@ -133,8 +133,8 @@ def test_cuda_tiers_and_no_decode_kernel(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_parts_min_tokens_variable_is_checked(monkeypatch):
-    monkeypatch.setenv("DORA_EXT_FP32_PARTS_MIN_TOKENS", "many")
-    inp = _mixed(64, 96, 16, (4,), torch.bfloat16, "cuda")
-    with pytest.raises(RuntimeError, match="DORA_EXT_FP32_PARTS_MIN_TOKENS must be a non-negative integer"):
-        dora_ext.dora_linear(**inp)
+def test_parts_min_tokens_option_is_checked():
+    with pytest.raises(RuntimeError, match="fp32_parts_min_tokens must be a non-negative integer"):
+        dora_ext.set_options(fp32_parts_min_tokens="many")
+    with pytest.raises(RuntimeError, match="fp32_parts_min_tokens must be a non-negative integer"):
+        dora_ext.set_options(fp32_parts_min_tokens=-1)

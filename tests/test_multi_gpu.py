@@ -8,7 +8,6 @@ cannot run) and compare every result with the float64 reference. Skipped without
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +76,7 @@ def assert_ok(r: dict[str, Any], dtype: torch.dtype) -> None:
 
 def first_on_0_then_1() -> list[dict[str, Any]]:
     """cuda:0 first (current device 0 throughout), then cuda:1, then cuda:1 as current device, then 0."""
-    os.environ["DORA_EXT_TIER"] = "fused"
+    dora_ext.set_options(tier="fused")
     torch.cuda.set_device(0)
     runs = [check_device(0, torch.bfloat16, 1), check_device(1, torch.bfloat16, 2)]
     assert torch.cuda.current_device() == 0, "an op changed the current device"
@@ -105,7 +104,7 @@ def test_fused_on_cuda1_after_cuda0_fresh_process():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_fused_on_cuda1_in_this_process(dtype, monkeypatch):
-    monkeypatch.setenv("DORA_EXT_TIER", "fused")
+    dora_ext.set_options(tier="fused")
     with torch.cuda.device(0):
         assert_ok(check_device(0, dtype, 10), dtype)
         assert_ok(check_device(1, dtype, 11), dtype)

@@ -64,7 +64,7 @@ def test_row_norm_runs_eager():
 
 def test_forced_fused_tier_raises_naming_the_missing_cubin(monkeypatch):
     inp = make_inputs(256, 256, 4, (8,), torch.bfloat16, device="cuda")
-    monkeypatch.setenv("DORA_EXT_TIER", "fused")
+    dora_ext.set_options(tier="fused")
     with pytest.raises(RuntimeError, match=rf"DORA_EXT_TIER=fused.*no cubin for sm_{_gpu_arch()}"):
         dora_ext.dora_linear(**inp)
 

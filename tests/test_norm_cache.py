@@ -24,7 +24,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 @pytest.fixture(autouse=True)
 def _fresh_cache(monkeypatch):
-    monkeypatch.delenv("DORA_EXT_NORM_CACHE", raising=False)
+    dora_ext.set_options(norm_cache=True)
     dora_ext.clear_norm_cache()
     yield
     dora_ext.clear_norm_cache()
@@ -85,7 +85,7 @@ def test_gradient_accumulation_matches_uncached(device, monkeypatch):
     cached_grads = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
-    monkeypatch.setenv("DORA_EXT_NORM_CACHE", "0")
+    dora_ext.set_options(norm_cache=False)
     for _ in range(4):
         dora_ext.dora_linear(**inp).square().mean().backward()
     for cached, fresh in zip(cached_grads, (p.grad for p in params)):
@@ -181,7 +181,7 @@ def test_inference_mode_and_env_bypass(device, monkeypatch):
         assert _stats_delta(before)["bypassed"] == 2
         inf["lora_A"].add_(1.0)  # inference tensors have no version counter: a cache would go stale
         _check_forward(inf, torch.float32)
-    monkeypatch.setenv("DORA_EXT_NORM_CACHE", "0")
+    dora_ext.set_options(norm_cache=False)
     before = dora_ext.norm_cache_stats()
     with torch.no_grad():
         _check_forward(inp, torch.float32)

@@ -23,7 +23,7 @@ STEPS = 4
 
 @pytest.fixture(autouse=True)
 def _fresh_cache(monkeypatch):
-    monkeypatch.delenv("DORA_EXT_NORM_CACHE", raising=False)
+    dora_ext.set_options(norm_cache=True)
     dora_ext.clear_norm_cache()
     yield
     dora_ext.clear_norm_cache()
@@ -79,7 +79,7 @@ def _train(inp: dict, make_step: Callable[[list[torch.Tensor]], Callable[[], Non
 
 def _same_as_uncached(inp_factory: Callable[[], dict], make_step, monkeypatch) -> None:
     cached = _train(inp_factory(), make_step)
-    monkeypatch.setenv("DORA_EXT_NORM_CACHE", "0")
+    dora_ext.set_options(norm_cache=False)
     uncached = _train(inp_factory(), make_step)
     for a, b in zip(cached, uncached):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -233,7 +233,7 @@ def test_checkpoint_recompute_reuses_its_forwards_norm(device, use_reentrant, mo
         return [p.detach().clone() for p in _trained(inp)]
 
     cached = run(count=True)
-    monkeypatch.setenv("DORA_EXT_NORM_CACHE", "0")
+    dora_ext.set_options(norm_cache=False)
     for a, b in zip(cached, run(count=False)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 

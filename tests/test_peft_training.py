@@ -62,7 +62,7 @@ def _assert_same_training(ours, theirs) -> None:
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_accelerated_model_trains_like_stock_peft(name, monkeypatch):
-    monkeypatch.delenv("DORA_EXT_NORM_CACHE", raising=False)
+    dora_ext.set_options(norm_cache=True)
     stock = dora_model()
     accelerated = copy.deepcopy(stock)
     dp.accelerate(accelerated)
@@ -78,7 +78,7 @@ def test_accelerated_model_trains_like_stock_peft(name, monkeypatch):
 def test_accelerated_model_with_third_party_optimizers(name, monkeypatch):
     """bitsandbytes' 8-bit optimizers and DeepSpeed's FusedAdam on CUDA: like stock PEFT and like
     the cache off."""
-    monkeypatch.delenv("DORA_EXT_NORM_CACHE", raising=False)
+    dora_ext.set_options(norm_cache=True)
     make_optimizer = third_party_optimizer(name)
     stock = dora_model(device="cuda")
     accelerated, uncached = copy.deepcopy(stock), copy.deepcopy(stock)
@@ -86,7 +86,7 @@ def test_accelerated_model_with_third_party_optimizers(name, monkeypatch):
     dp.accelerate(uncached)
     ours = _train(accelerated, make_optimizer)
     _assert_same_training(ours, _train(stock, make_optimizer))
-    monkeypatch.setenv("DORA_EXT_NORM_CACHE", "0")
+    dora_ext.set_options(norm_cache=False)
     _assert_same_training(ours, _train(uncached, make_optimizer))
 
 
@@ -142,7 +142,7 @@ def _trainer_run(model, tmp_path, tag: str) -> tuple[list[float], dict[str, torc
 
 
 def test_trainer_defaults_match_stock_peft_and_uncached(tmp_path, monkeypatch):
-    monkeypatch.delenv("DORA_EXT_NORM_CACHE", raising=False)
+    dora_ext.set_options(norm_cache=True)
     stock = _tiny_qwen2()
     accelerated, uncached = copy.deepcopy(stock), copy.deepcopy(stock)
     dp.accelerate(accelerated)
@@ -153,7 +153,7 @@ def test_trainer_defaults_match_stock_peft_and_uncached(tmp_path, monkeypatch):
     stats = dora_ext.norm_cache_stats()
     _assert_same_training(ours, theirs)
     assert stats["invalidations"] >= 6 and stats["norm_misses"] > 0, stats
-    monkeypatch.setenv("DORA_EXT_NORM_CACHE", "0")
+    dora_ext.set_options(norm_cache=False)
     _assert_same_training(ours, _trainer_run(uncached, tmp_path, "uncached"))
 
 

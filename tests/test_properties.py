@@ -8,7 +8,7 @@ strided with NaN in the skipped elements, broadcast rows), dtypes, scales (negat
     row_norm, dora_linear forward + backward, compose_delta forward + backward
 
 on one path (``cpu-eager``; ``cuda-eager`` and ``cuda-fused`` where a GPU is, chosen
-with DORA_EXT_TIER which the dispatcher reads per call) and is compared with
+with the tier option, set per call) and is compared with
 tests/reference.py in float64.
 
 Tolerance. DESIGN.md section 6 bounds the relative error ||out - ref|| / ||ref||. With
@@ -66,7 +66,7 @@ _COMMON = dict(
     # No "explain" phase: it re-runs a failing example hundreds of times for a line report.
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     print_blob=True,
-    # The conftest's autouse fixture only clears DORA_EXT_TIER once per test; the tier
+    # The conftest's autouse fixture only resets the tier once per test; the tier
     # is set per example below, so sharing it across examples is intended.
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -85,7 +85,7 @@ ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 @dataclass(frozen=True)
 class ExecPath:
     device: str
-    tier: str  # value of DORA_EXT_TIER for the call
+    tier: str  # the tier option for the call
 
     @property
     def dtypes(self) -> tuple[torch.dtype, ...]:
