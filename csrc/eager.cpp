@@ -1,12 +1,11 @@
 #include "eager.h"
 
 #include "checks.h"
-#include "dispatch.h"
 #include "fp32_adapters.h"
 #include "norm_cache.h"
 
 #include <ATen/ATen.h>
-#include <torch/library.h>
+#include <ATen/core/grad_mode.h>
 
 namespace dora_ext {
 namespace {
@@ -142,7 +141,6 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_eager(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& magnitude, double scale, bool need_z) {
-  check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
   const at::Tensor norm =
       row_norm_cached_eager(weight, lora_A, lora_B, scale, need_z ? NormUse::Recording : NormUse::Inference);
   const std::vector<int64_t> y_shape = output_shape(x, weight.size(0));
@@ -175,7 +173,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_line
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z,
     const at::Tensor& h, double scale, std::array<bool, 5> mask) {
-  norm_used_by_backward(norm);
   const at::Tensor gy = as_rows(grad_out);
   const at::Tensor g = magnitude_scale(magnitude, norm);
   const at::Tensor gz = (gy * g).to(x.scalar_type());
@@ -196,7 +193,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_line
 
 at::Tensor compose_delta_eager(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
                                const at::Tensor& norm, double scale) {
-  check_compose_delta_args("compose_delta", base, lora, magnitude, norm);
   const at::Tensor g = magnitude_scale(magnitude, norm);
   // (g - 1) * base + g * s * lora: never g * (base + s * lora) - base, which
   // cancels when g is close to 1.
@@ -207,7 +203,6 @@ at::Tensor compose_delta_eager(const at::Tensor& base, const at::Tensor& lora, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_eager(
     const at::Tensor& grad_out, const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
     const at::Tensor& norm, double scale, std::array<bool, 3> mask) {
-  norm_used_by_backward(norm);
   const at::Tensor g = magnitude_scale(magnitude, norm);
   at::Tensor grad_base, grad_lora, grad_m;
   if (mask[0]) grad_base = (grad_out * magnitude_scale_minus_one(magnitude, norm)).to(base.scalar_type());
@@ -219,50 +214,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_eager(
   }
   return {mask[0] ? grad_base : no_grad_placeholder(base), mask[1] ? grad_lora : no_grad_placeholder(lora),
           mask[2] ? grad_m : no_grad_placeholder(magnitude)};
-}
-
-namespace {
-
-// The public op: through the cache, returned as a copy the caller may write to.
-at::Tensor row_norm_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
-  check_row_norm_args("row_norm", weight, lora_A, lora_B);
-  return row_norm_cached_eager(weight, lora_A, lora_B, scale, row_norm_use(lora_A, lora_B)).clone();
-}
-
-// CPU kernels: the eager path, with the decision recorded like on CUDA (and
-// DORA_EXT_TIER=fused refused with a clear error).
-at::Tensor dora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                           const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
-                           double scale) {
-  check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
-  record_tier(choose_tier(x, weight.size(0), /*training=*/false));
-  return dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
-  check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
-  record_tier(choose_tier(x, weight.size(0), /*training=*/true));
-  return dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
-}
-
-at::Tensor compose_delta_cpu(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
-                             const at::Tensor& norm, double scale) {
-  check_compose_delta_args("compose_delta", base, lora, magnitude, norm);
-  record_tier(choose_tier(base, base.size(-1), /*training=*/false));
-  return compose_delta_eager(base, lora, magnitude, norm, scale);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(dora_ext, CPU, m) {
-  m.impl("row_norm", &row_norm_cpu);
-  m.impl("dora_linear", &dora_linear_cpu);
-  m.impl("dora_linear_forward", &dora_linear_forward_cpu);
-  m.impl("dora_linear_backward", &dora_linear_backward_eager);
-  m.impl("compose_delta", &compose_delta_cpu);
-  m.impl("compose_delta_backward", &compose_delta_backward_eager);
 }
 
 }  // namespace dora_ext

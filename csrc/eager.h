@@ -62,7 +62,8 @@ at::Tensor as_rows(const at::Tensor& t);
 // Output shape [..., d_out] for input [..., d_in].
 std::vector<int64_t> output_shape(const at::Tensor& x, int64_t d_out);
 
-// Op implementations on the eager path (the CPU kernels, and the CUDA kernels' fallback).
+// The op bodies on the eager path (every op on the CPU, and on CUDA where no fused tier runs);
+// the arguments are validated by the caller (ops_impl.cpp).
 at::Tensor dora_linear_eager(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
                              double scale);

@@ -1,19 +1,16 @@
-// CUDA kernels of the dora_ext ops: each call asks the dispatcher for a tier,
-// then runs the fused path (cuBLAS GEMMs through ATen + one AOT-compiled
-// Triton pass for everything elementwise) or falls back to the eager path.
+// The fused CUDA bodies of the ops (fused.h): cuBLAS GEMMs through ATen and
+// one AOT-compiled Triton pass for everything elementwise, or the decode kernel.
+#include "fused.h"
+
 #include "checks.h"
-#include "dispatch.h"
 #include "eager.h"
 #include "fused_common.h"
 #include "fp32_adapters.h"
 #include "fused_norm.h"
 #include "launcher.h"
-#include "norm_cache.h"
 #include "options.h"
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 namespace dora_ext {
 namespace {
@@ -93,21 +90,11 @@ std::pair<at::Tensor, at::Tensor> launch_grad_prologue(const at::Tensor& gy, con
   return {gz, partial.sum(0).div_(norm)};
 }
 
-// The row norm through the cache: the fused kernel where one serves these
-// inputs, the eager cuBLAS path otherwise (both fp32, both factored).
-at::Tensor row_norm_cached_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                double scale, NormUse use, bool allow_fused = true) {
-  return cached_row_norm(weight, lora_A, lora_B, scale, use, [&](const at::Tensor& cached_wsq, at::Tensor* wsq) {
-    at::Tensor norm = allow_fused ? row_norm_fused(weight, lora_A, lora_B, scale, cached_wsq, wsq) : at::Tensor();
-    return norm.defined() ? norm : row_norm_eager_parts(weight, lora_A, lora_B, scale, cached_wsq, wsq);
-  });
-}
-
 // The detached norm (through the cache) and g = m / n (fp32, contiguous for the kernels).
 std::pair<at::Tensor, at::Tensor> norm_and_magnitude_scale(const at::Tensor& weight, const at::Tensor& lora_A,
                                                            const at::Tensor& lora_B, const at::Tensor& magnitude,
                                                            double scale, NormUse use) {
-  at::Tensor norm = row_norm_cached_cuda(weight, lora_A, lora_B, scale, use);
+  at::Tensor norm = row_norm_cached_fused(weight, lora_A, lora_B, scale, use);
   at::Tensor g = cached_magnitude_scale(weight, magnitude, norm);
   return {norm, g};
 }
@@ -170,27 +157,19 @@ at::Tensor decode_forward(const at::Tensor& x, const at::Tensor& weight, const s
   return y.view(output_shape(x, d_out));
 }
 
-// The public op: a copy of the cached norm, which the caller may write to. The
-// tier rules apply with the weight's rows in the place of tokens.
-at::Tensor row_norm_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
-  check_row_norm_args("row_norm", weight, lora_A, lora_B);
-  c10::cuda::CUDAGuard guard(weight.device());
-  TierDecision decision = choose_tier(weight, weight.size(0), /*training=*/false);
-  record_tier(decision);
-  return row_norm_cached_cuda(weight, lora_A, lora_B, scale, row_norm_use(lora_A, lora_B), decision.tier != Tier::Eager)
-      .clone();
+}  // namespace
+
+at::Tensor row_norm_cached_fused(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                 double scale, NormUse use) {
+  return cached_row_norm(weight, lora_A, lora_B, scale, use, [&](const at::Tensor& cached_wsq, at::Tensor* wsq) {
+    at::Tensor norm = row_norm_fused(weight, lora_A, lora_B, scale, cached_wsq, wsq);
+    return norm.defined() ? norm : row_norm_eager_parts(weight, lora_A, lora_B, scale, cached_wsq, wsq);
+  });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_fused(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
-  check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
-  c10::cuda::CUDAGuard guard(x.device());
-  TierDecision decision = choose_tier(x, weight.size(0), /*training=*/true);
-  record_tier(decision);
-  if (decision.tier == Tier::Eager) {
-    return dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
-  }
   if (has_fp32_adapters(x, lora_A)) {
     return fp32_adapters_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, /*need_z=*/true);
   }
@@ -200,44 +179,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_c
   return {out.view(output_shape(x, weight.size(0))), z, h, norm};
 }
 
-at::Tensor dora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
-                            double scale) {
-  check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
-  c10::cuda::CUDAGuard guard(x.device());
-  TierDecision decision = choose_tier(x, weight.size(0), /*training=*/false);
-  if (decision.tier == Tier::Eager) {
-    record_tier(decision);
-    return dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
-  }
+at::Tensor dora_linear_fused(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
+                             double scale, OpScope& scope) {
   if (has_fp32_adapters(x, lora_A)) {  // before the decode kernel, which reads 16-bit adapters
-    record_tier(decision);
     return std::get<0>(fp32_adapters_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, /*need_z=*/false));
   }
   const int64_t max_decode_tokens = current_options().decode_max_tokens;
   if (decode_serves(x, weight, lora_B, max_decode_tokens)) {
-    decision.reason += "; decode kernel (tokens <= " + std::to_string(max_decode_tokens) + ")";
-    record_tier(decision);
+    scope.note("decode kernel (tokens <= " + std::to_string(max_decode_tokens) + ")");
     return decode_forward(x, weight, bias, lora_A, lora_B, magnitude, scale);
   }
-  record_tier(decision);
   auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale, NormUse::Inference);
   launch_scale(z, g, bias, z);  // in place: nothing else needs z
   return z.view(output_shape(x, weight.size(0)));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_fused(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z,
     const at::Tensor& h, double scale, std::array<bool, 5> mask) {
-  check_grad_out("dora_linear_backward", grad_out, output_shape(x, weight.size(0)), z.scalar_type(), x.device());
-  c10::cuda::CUDAGuard guard(x.device());
-  TierDecision decision = choose_tier(grad_out, weight.size(0), /*training=*/true);
-  record_tier(decision);
-  if (decision.tier == Tier::Eager) {
-    return dora_linear_backward_eager(grad_out, x, weight, lora_A, lora_B, magnitude, norm, z, h, scale, mask);
-  }
-  norm_used_by_backward(norm);
   const at::Tensor gy = as_rows(grad_out);
   const at::Tensor g = cached_magnitude_scale(weight, magnitude, norm);
   auto [gz, grad_m] = launch_grad_prologue(gy, as_rows(z), g, norm);
@@ -251,14 +212,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_line
           mask[4] ? grad_bias : no_grad_placeholder(x)};
 }
 
-at::Tensor compose_delta_cuda(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
-                              const at::Tensor& norm, double scale) {
-  check_compose_delta_args("compose_delta", base, lora, magnitude, norm);
-  c10::cuda::CUDAGuard guard(base.device());
+at::Tensor compose_delta_fused(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
+                               const at::Tensor& norm, double scale) {
   const int64_t d_out = base.size(-1);
-  TierDecision decision = choose_tier(base, d_out, /*training=*/false);
-  record_tier(decision);
-  if (decision.tier == Tier::Eager) return compose_delta_eager(base, lora, magnitude, norm, scale);
   // base may be 16-bit with a float32 lora: the kernel reads it as it is (delta_variant).
   const at::Tensor base2d = as_rows(base), lora2d = as_rows(lora);
   const auto [g, gm1] = delta_scales(magnitude, norm);
@@ -275,24 +231,10 @@ at::Tensor compose_delta_cuda(const at::Tensor& base, const at::Tensor& lora, co
   return out.view(base.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_fused(
     const at::Tensor& grad_out, const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
     const at::Tensor& norm, double scale, std::array<bool, 3> mask) {
-  check_compose_delta_args("compose_delta_backward", base, lora, magnitude, norm);
-  check_grad_out("compose_delta_backward", grad_out, base.sizes(), lora.scalar_type(), base.device());
-  c10::cuda::CUDAGuard guard(base.device());
   const int64_t d_out = base.size(-1);
-  TierDecision decision = choose_tier(grad_out, d_out, /*training=*/true);
-  // One pass computes the lora and the magnitude gradients together (both are trained in
-  // practice, the base gradient when the layer input needs one); other masks run the eager ops.
-  if (decision.tier != Tier::Eager && !(mask[1] && mask[2])) {
-    decision = {Tier::Eager, "compose_delta backward needs both the lora and the magnitude gradient to fuse"};
-  }
-  record_tier(decision);
-  if (decision.tier == Tier::Eager) {
-    return compose_delta_backward_eager(grad_out, base, lora, magnitude, norm, scale, mask);
-  }
-  norm_used_by_backward(norm);
   const at::Tensor gy = as_rows(grad_out), base2d = as_rows(base), lora2d = as_rows(lora);
   const auto [g, gm1] = delta_scales(magnitude, norm);
   const int64_t rows = gy.size(0);
@@ -314,17 +256,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_cuda(
           static_cast<float>(scale)});
   at::Tensor grad_m = partial.sum(0).div_(norm).to(magnitude.scalar_type());
   return {mask[0] ? grad_base.view(base.sizes()) : no_grad_placeholder(base), grad_lora.view(lora.sizes()), grad_m};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(dora_ext, CUDA, m) {
-  m.impl("row_norm", &row_norm_cuda);
-  m.impl("dora_linear", &dora_linear_cuda);
-  m.impl("dora_linear_forward", &dora_linear_forward_cuda);
-  m.impl("dora_linear_backward", &dora_linear_backward_cuda);
-  m.impl("compose_delta", &compose_delta_cuda);
-  m.impl("compose_delta_backward", &compose_delta_backward_cuda);
 }
 
 }  // namespace dora_ext

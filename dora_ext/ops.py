@@ -104,9 +104,9 @@ OPTION_NAMES = ("tier", "norm_cache", "decode_max_tokens", "fp32_parts_min_token
 
 def _spell(name: str, value: str | bool | int) -> str:
     """An option value as the C++ side takes it (its environment variable's spelling)."""
-    if name == "norm_cache":
+    if name == "norm_cache" and isinstance(value, (bool, int)):
         return "1" if value else "0"
-    return str(value)
+    return str(value)  # checked by the C++ side, which names the option in its error
 
 
 def _typed(name: str, value: str) -> str | bool | int:

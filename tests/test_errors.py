@@ -544,3 +544,20 @@ def test_info_is_a_dict():
     info = dora_ext.info()
     assert isinstance(info, dict)
     assert "torch_version" in info
+
+
+def test_cpu_backward_ops_check_grad_out(inp):
+    """The backward ops may be called directly: on the CPU too, a grad_out that is not the output's
+    shape, dtype or device is an error naming it."""
+    _, z, h, n = torch.ops.dora_ext.dora_linear_forward(inp["x"], inp["weight"], None, inp["lora_A"], inp["lora_B"],
+                                                        inp["magnitude"], inp["scale"])
+    args = (inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], inp["magnitude"], n, z, h, inp["scale"],
+            [True, True, True, True, False])
+    with pytest.raises(RuntimeError, match="dora_linear_backward: grad_out must have the output's shape"):
+        torch.ops.dora_ext.dora_linear_backward(torch.ones(T, D_OUT + 1), *args)
+    with pytest.raises(RuntimeError, match="dora_linear_backward: grad_out must have the output's dtype"):
+        torch.ops.dora_ext.dora_linear_backward(torch.ones(T, D_OUT, dtype=torch.float64), *args)
+    c = _compose_args(inp)
+    with pytest.raises(RuntimeError, match="compose_delta_backward: grad_out must have the output's shape"):
+        torch.ops.dora_ext.compose_delta_backward(torch.ones(T + 1, D_OUT), c["base"], c["lora"], c["magnitude"],
+                                                  c["norm"], c["scale"], [True, True, True])

@@ -1,0 +1,42 @@
+#pragma once
+// The fused CUDA bodies of the ops (fused.cpp): called by ops_impl.cpp once the
+// arguments are validated and the dispatcher chose a fused tier.
+#include "norm_cache.h"
+#include "op_scope.h"
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <array>
+#include <tuple>
+
+namespace dora_ext {
+
+// The row norm through the cache, by the fused kernel where one serves these inputs
+// (the eager cuBLAS path otherwise; both fp32, both factored).
+at::Tensor row_norm_cached_fused(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                 double scale, NormUse use);
+
+// Inference forward; `scope` notes the decode kernel when it serves the call.
+at::Tensor dora_linear_fused(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
+                             double scale, OpScope& scope);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_fused(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_fused(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z,
+    const at::Tensor& h, double scale, std::array<bool, 5> output_mask);
+
+at::Tensor compose_delta_fused(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
+                               const at::Tensor& norm, double scale);
+
+// Needs both the lora and the magnitude gradient (output_mask[1] and [2]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_fused(
+    const at::Tensor& grad_out, const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
+    const at::Tensor& norm, double scale, std::array<bool, 3> output_mask);
+
+}  // namespace dora_ext

@@ -1,0 +1,118 @@
+// The one implementation of each op, registered for CPU and CUDA alike:
+// validate the arguments, run the preamble (OpScope: device, tier, record),
+// then the fused body (fused.h, CUDA builds) or the eager one (eager.h).
+// Validation happens here only: the bodies trust their arguments.
+#include "checks.h"
+#include "eager.h"
+#include "norm_cache.h"
+#include "op_scope.h"
+
+#ifdef DORA_EXT_WITH_CUDA
+#include "fused.h"
+#endif
+
+#include <torch/library.h>
+
+namespace dora_ext {
+namespace {
+
+// The public op: a copy of the cached norm, which the caller may write to. The tier rules
+// apply with the weight's rows in the place of tokens.
+at::Tensor row_norm_impl(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  check_row_norm_args("row_norm", weight, lora_A, lora_B);
+  OpScope scope(weight, weight.size(0), /*training=*/false);
+  const NormUse use = row_norm_use(lora_A, lora_B);
+#ifdef DORA_EXT_WITH_CUDA
+  if (scope.fused()) return row_norm_cached_fused(weight, lora_A, lora_B, scale, use).clone();
+#endif
+  return row_norm_cached_eager(weight, lora_A, lora_B, scale, use).clone();
+}
+
+at::Tensor dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
+                            double scale) {
+  check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
+  OpScope scope(x, weight.size(0), /*training=*/false);
+#ifdef DORA_EXT_WITH_CUDA
+  if (scope.fused()) return dora_linear_fused(x, weight, bias, lora_A, lora_B, magnitude, scale, scope);
+#endif
+  return dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_impl(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+  check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
+  OpScope scope(x, weight.size(0), /*training=*/true);
+#ifdef DORA_EXT_WITH_CUDA
+  if (scope.fused()) return dora_linear_forward_fused(x, weight, bias, lora_A, lora_B, magnitude, scale);
+#endif
+  return dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_impl(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z,
+    const at::Tensor& h, double scale, std::array<bool, 5> mask) {
+  check_dora_linear_args("dora_linear_backward", x, weight, std::nullopt, lora_A, lora_B, magnitude);
+  check_grad_out("dora_linear_backward", grad_out, output_shape(x, weight.size(0)), z.scalar_type(), x.device());
+  OpScope scope(grad_out, weight.size(0), /*training=*/true);
+  norm_used_by_backward(norm);
+#ifdef DORA_EXT_WITH_CUDA
+  if (scope.fused()) {
+    return dora_linear_backward_fused(grad_out, x, weight, lora_A, lora_B, magnitude, norm, z, h, scale, mask);
+  }
+#endif
+  return dora_linear_backward_eager(grad_out, x, weight, lora_A, lora_B, magnitude, norm, z, h, scale, mask);
+}
+
+at::Tensor compose_delta_impl(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
+                              const at::Tensor& norm, double scale) {
+  check_compose_delta_args("compose_delta", base, lora, magnitude, norm);
+  OpScope scope(base, base.size(-1), /*training=*/false);
+#ifdef DORA_EXT_WITH_CUDA
+  if (scope.fused()) return compose_delta_fused(base, lora, magnitude, norm, scale);
+#endif
+  return compose_delta_eager(base, lora, magnitude, norm, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_impl(
+    const at::Tensor& grad_out, const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
+    const at::Tensor& norm, double scale, std::array<bool, 3> mask) {
+  check_compose_delta_args("compose_delta_backward", base, lora, magnitude, norm);
+  check_grad_out("compose_delta_backward", grad_out, base.sizes(), lora.scalar_type(), base.device());
+  OpScope scope(grad_out, base.size(-1), /*training=*/true);
+  norm_used_by_backward(norm);
+  // One pass computes the lora and the magnitude gradients together (both are trained in
+  // practice, the base gradient when the layer input needs one); other masks run the eager ops.
+  if (scope.fused() && !(mask[1] && mask[2])) {
+    scope.fall_back("compose_delta backward needs both the lora and the magnitude gradient to fuse");
+  }
+#ifdef DORA_EXT_WITH_CUDA
+  if (scope.fused()) return compose_delta_backward_fused(grad_out, base, lora, magnitude, norm, scale, mask);
+#endif
+  return compose_delta_backward_eager(grad_out, base, lora, magnitude, norm, scale, mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dora_ext, CPU, m) {
+  m.impl("row_norm", &row_norm_impl);
+  m.impl("dora_linear", &dora_linear_impl);
+  m.impl("dora_linear_forward", &dora_linear_forward_impl);
+  m.impl("dora_linear_backward", &dora_linear_backward_impl);
+  m.impl("compose_delta", &compose_delta_impl);
+  m.impl("compose_delta_backward", &compose_delta_backward_impl);
+}
+
+// A CPU-only build serves CUDA tensors too, on the eager path (the dispatcher finds no kernels).
+TORCH_LIBRARY_IMPL(dora_ext, CUDA, m) {
+  m.impl("row_norm", &row_norm_impl);
+  m.impl("dora_linear", &dora_linear_impl);
+  m.impl("dora_linear_forward", &dora_linear_forward_impl);
+  m.impl("dora_linear_backward", &dora_linear_backward_impl);
+  m.impl("compose_delta", &compose_delta_impl);
+  m.impl("compose_delta_backward", &compose_delta_backward_impl);
+}
+
+}  // namespace dora_ext
