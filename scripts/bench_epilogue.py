@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Measure both forward designs of issue 3 (development tool; the library ships AOT cubins).
+"""Measure both forward designs side by side (development tool; the library ships AOT cubins).
 
 (a) the fused inference forward of cuBLAS GEMMs: ``z = x W^T``, ``z += s h B^T`` (h = x A^T), then
     one Triton pass ``y = g * z + bias`` (the library with option ``decode_max_tokens=0``);

@@ -52,7 +52,7 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
   python3 scripts/bench_model.py --out "$RESULTS/model" 2>&1 | tee "$RESULTS/bench_model.log"
   # float32 adapters on a bf16 layer: the exact-parts route vs fp32 GEMMs by token count
   python3 scripts/bench_fp32_adapters.py --out "$RESULTS/fp32_adapters" 2>&1 | tee "$RESULTS/bench_fp32_adapters.log"
-  # the forward designs side by side: cuBLAS + pass, one Triton GEMM, the decode kernel (issue 3's "measure both")
+  # the forward designs side by side: cuBLAS + pass, one Triton GEMM, the decode kernel
   python3 scripts/bench_epilogue.py --out "$RESULTS/epilogue" 2>&1 | tee "$RESULTS/bench_epilogue.log"
 fi
 exit "$tests_rc"

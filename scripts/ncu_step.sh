@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Nsight Compute on one DoRA training step (issue 3: why a target is missed), per kernel.
+# Nsight Compute on one DoRA training step (why a target is missed), per kernel.
 #   bash scripts/ncu_step.sh RESULTS_DIR [profile_step.py options, e.g. --sizes 8192]
 # Runs scripts/profile_step.py --ncu under ncu (only the step inside the profiler range is
 # measured; clocks not locked, so durations are what a training run sees) and writes

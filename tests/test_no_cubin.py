@@ -1,4 +1,4 @@
-"""A GPU this build has no cubin for: every op runs the eager path, observably (issue 6, item 4).
+"""A GPU this build has no cubin for: every op runs the eager path, observably.
 
 These tests need a dora_ext built *without* cubins for the GPU at hand, so with a normal build
 they skip (and say why). ``scripts/gpu_check.sh`` builds such a copy (cubins for another
