@@ -38,8 +38,8 @@ bool has_fused_kernels_for(at::ScalarType dtype) {
   return dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat;
 }
 
-TierDecision choose_tier(const at::Tensor& x, int64_t d_out, bool training) {
-  const Override forced = current_options().tier;
+TierDecision choose_tier(const at::Tensor& x, int64_t d_out, bool training, bool honor_forced_tier) {
+  const Override forced = honor_forced_tier ? current_options().tier : Override::Auto;
   const Tier fused = training ? Tier::FusedTraining : Tier::FusedInference;
   auto cannot_fuse = [&](std::string why) -> TierDecision {
     TORCH_CHECK(forced != Override::Fused, "DORA_EXT_TIER=fused, but the fused path cannot run: ", why);

@@ -32,7 +32,8 @@ bool has_fused_kernels_for(at::ScalarType dtype);
 
 // Decides the tier for activations `x` ([..., d_in] or [T, d_out]) against a
 // layer with `d_out` outputs. `training` asks for the path that saves for backward.
-TierDecision choose_tier(const at::Tensor& x, int64_t d_out, bool training);
+// `honor_forced_tier` false treats the tier option as "auto".
+TierDecision choose_tier(const at::Tensor& x, int64_t d_out, bool training, bool honor_forced_tier = true);
 
 // Records and reads the decision of the last DoRA op run on this thread.
 void record_tier(const TierDecision& decision);

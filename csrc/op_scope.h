@@ -15,9 +15,10 @@ namespace dora_ext {
 class OpScope {
  public:
   // `activations` give the device and the token count ([..., features]); `d_out` the
-  // layer's width; `training` asks for the path that saves for backward.
-  OpScope(const at::Tensor& activations, int64_t d_out, bool training)
-      : guard_(activations.device()), decision_(choose_tier(activations, d_out, training)) {
+  // layer's width; `training` asks for the path that saves for backward;
+  // `honor_forced_tier` false ignores the tier option (choose_tier).
+  OpScope(const at::Tensor& activations, int64_t d_out, bool training, bool honor_forced_tier = true)
+      : guard_(activations.device()), decision_(choose_tier(activations, d_out, training, honor_forced_tier)) {
     record_tier(decision_);
   }
 

@@ -17,10 +17,11 @@ namespace dora_ext {
 namespace {
 
 // The public op: a copy of the cached norm, which the caller may write to. The tier rules
-// apply with the weight's rows in the place of tokens.
+// apply with the weight's rows in the place of tokens. A CPU weight has one path and never
+// fails a forced tier (callers compute norms of CPU copies while a CUDA tier is forced).
 at::Tensor row_norm_impl(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
   check_row_norm_args("row_norm", weight, lora_A, lora_B);
-  OpScope scope(weight, weight.size(0), /*training=*/false);
+  OpScope scope(weight, weight.size(0), /*training=*/false, /*honor_forced_tier=*/!weight.is_cpu());
   const NormUse use = row_norm_use(lora_A, lora_B);
 #ifdef DORA_EXT_WITH_CUDA
   if (scope.fused()) return row_norm_cached_fused(weight, lora_A, lora_B, scale, use).clone();

@@ -18,14 +18,14 @@ from ._library import load_library
 load_library()
 _ops = torch.ops.dora_ext
 
-@torch.compiler.disable
 def _invalidate_after_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
     """Global optimizer step hook: every cached norm is recomputed after any optimizer step.
 
     Fused optimizers (``AdamW(fused=True)``, transformers' Trainer default), bitsandbytes' and
     DeepSpeed's write parameters without bumping their version counters, so the version keys
-    alone would serve the norm of the adapters before the step. Not traced by torch.compile
-    (a compiled ``opt.step`` runs it eagerly).
+    alone would serve the norm of the adapters before the step. (Not wrapped in
+    ``torch.compiler.disable``: that would import dynamo, and Triton with it, at ``import
+    dora_ext``. A compiled ``opt.step`` follows a backward pass, which invalidates too.)
     """
     _ops.invalidate_norm_cache.default()
 

@@ -557,12 +557,12 @@ def test_dora_linear_nonfinite_inputs_propagate(path: ExecPath, data, target: st
     assume(c.x.value.numel() > 0)
     args = lambda: (c.x.value, c.weight.value, c.bias.value if c.bias is not None else None,  # noqa: E731
                     c.lora_A.value, c.lora_B.value, c.magnitude.value, c.scale)
-    with on_path(path), torch.no_grad():
-        clean = dora_ext.dora_linear(*args())
-    _inject(data, getattr(c, target), value)
     train = c.trainable()
     for a in train.values():
         a.leaf.requires_grad_(True)
+    with on_path(path):  # the same (training) path as below: the finite outputs must not move at all
+        clean = dora_ext.dora_linear(*args()).detach()
+    _inject(data, getattr(c, target), value)
     with on_path(path):
         y = dora_ext.dora_linear(*args())
         _expect_tier(path, training=True)
