@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import _fake_checks
 from ._library import load_library
 
 load_library()
@@ -189,7 +190,8 @@ def norm_cache_generation() -> int:
 
 
 # ---------------------------------------------------------------------------
-# Fake kernels: output shapes, dtypes and devices only, for tracing.
+# Fake kernels for tracing: the real kernels' argument checks (_fake_checks), then output shapes,
+# dtypes and devices.
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -204,16 +206,19 @@ def _tokens(x: torch.Tensor) -> int:
 
 @torch.library.register_fake("dora_ext::row_norm")
 def _row_norm_fake(weight, lora_A, lora_B, scale):
+    _fake_checks.row_norm_args("row_norm", weight, lora_A, lora_B)
     return weight.new_empty((weight.shape[0],), dtype=accumulate_dtype(weight.dtype))
 
 
 @torch.library.register_fake("dora_ext::dora_linear")
 def _dora_linear_fake(x, weight, bias, lora_A, lora_B, magnitude, scale):
+    _fake_checks.dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("dora_ext::dora_linear_forward")
 def _dora_linear_forward_fake(x, weight, bias, lora_A, lora_B, magnitude, scale):
+    _fake_checks.dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude)
     d_out, tokens = weight.shape[0], _tokens(x)
     return (
         x.new_empty((*x.shape[:-1], d_out)),
@@ -225,6 +230,8 @@ def _dora_linear_forward_fake(x, weight, bias, lora_A, lora_B, magnitude, scale)
 
 @torch.library.register_fake("dora_ext::dora_linear_backward")
 def _dora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, magnitude, norm, z, h, scale, output_mask):
+    _fake_checks.dora_linear_args("dora_linear_backward", x, weight, None, lora_A, lora_B, magnitude)
+    _fake_checks.grad_out("dora_linear_backward", grad_out, (*x.shape[:-1], weight.shape[0]), z.dtype, x.device)
     # A masked-out gradient is a fresh empty tensor (never one shared object:
     # outputs must not alias each other, as in the real kernels).
     return (
@@ -238,11 +245,14 @@ def _dora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, magnitude, n
 
 @torch.library.register_fake("dora_ext::compose_delta")
 def _compose_delta_fake(base, lora, magnitude, norm, scale):
+    _fake_checks.compose_delta_args("compose_delta", base, lora, magnitude, norm)
     return base.new_empty(base.shape, dtype=torch.promote_types(base.dtype, lora.dtype))
 
 
 @torch.library.register_fake("dora_ext::compose_delta_backward")
 def _compose_delta_backward_fake(grad_out, base, lora, magnitude, norm, scale, output_mask):
+    _fake_checks.compose_delta_args("compose_delta_backward", base, lora, magnitude, norm)
+    _fake_checks.grad_out("compose_delta_backward", grad_out, base.shape, lora.dtype, base.device)
     return (
         base.new_empty(base.shape if output_mask[0] else (0,)),
         lora.new_empty(lora.shape if output_mask[1] else (0,)),
