@@ -14,7 +14,8 @@ def library_path() -> Path:
     if not candidates:
         raise ImportError(
             f"dora_ext: the compiled library _C*.so is missing from {_PACKAGE_DIR}; "
-            "install the package with `pip install --no-build-isolation .` (see README)"
+            "install the package with `pip install .` (see README), or build it in place with "
+            "`python setup.py build_ext --inplace`"
         )
     return candidates[0]
 

@@ -79,3 +79,28 @@ def test_import_and_eager_path_without_a_gpu():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
     assert torch.ops.dora_ext.dora_linear.default is not None
+
+
+def test_source_folder_without_a_build_uses_the_installed_copy(tmp_path):
+    """`pip install .` then `python -m dora_ext` from the repository root: Python imports the
+    source folder (no compiled library there); the package must load the installed copy's."""
+    import shutil
+
+    package = Path(dora_ext.__file__).resolve().parent
+    source = tmp_path / "checkout" / "dora_ext"
+    shutil.copytree(package, source, ignore=shutil.ignore_patterns("_C*.so", "aot_manifest.json", "__pycache__"))
+    site = tmp_path / "site"
+    shutil.copytree(package, site / "dora_ext", ignore=shutil.ignore_patterns("__pycache__"))
+    dist_info = site / "dora_ext-0.1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: dora_ext\nVersion: 0.1.0\n")
+    env = dict(os.environ, PYTHONPATH=str(site))
+    script = ("import dora_ext, json; from dora_ext import _library; "
+              "print(json.dumps([dora_ext.__file__, str(_library.library_path()), dora_ext.info()['kernels']]))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=source.parent, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    init_file, library, kernels = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(init_file).parent == source  # the source folder was imported first ...
+    assert Path(library).parent == site / "dora_ext"  # ... and the installed library loaded
+    assert kernels == dora_ext.info()["kernels"]
