@@ -84,7 +84,8 @@ class BuildWithAOT(BuildExtension):
             ext.sources.append(str(aot_dir / "kernel_images.cpp"))
         super().run()
         for ext in self.extensions:  # ship the manifest beside the library: dora_ext.info() reads it
-            shutil.copyfile(aot_dir / "manifest.json", Path(self.get_ext_fullpath(ext.name)).parent / "aot_manifest.json")
+            library_dir = Path(self.get_ext_fullpath(ext.name)).parent
+            shutil.copyfile(aot_dir / "manifest.json", library_dir / "aot_manifest.json")
 
 
 # torch >= 2.14 headers require C++20; older torch builds its extensions as C++17

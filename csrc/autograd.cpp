@@ -45,12 +45,12 @@ Options saved_options(AutogradContext* ctx) {
 class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                            const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                            const at::Tensor& magnitude, double scale) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     static auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-        const at::Tensor&, const at::Tensor&, double)>("dora_ext::dora_linear_forward");
+        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, double)>("dora_ext::dora_linear_forward");
     auto [out, z, h, norm] = op.call(x, weight, bias, lora_A, lora_B, magnitude, scale);
     ctx->save_for_backward({x, weight, lora_A, lora_B, magnitude, norm, z, h});
     ctx->saved_data["scale"] = scale;
@@ -72,10 +72,14 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, std::array<bool, 5>)>(
         "dora_ext::dora_linear_backward");
-    auto [gx, gA, gB, gm, gbias] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
-                                           saved[6], saved[7], scale, mask);
-    return {grad_or_undefined(gx, mask[0]), at::Tensor(), grad_or_undefined(gbias, mask[4]),
-            grad_or_undefined(gA, mask[1]), grad_or_undefined(gB, mask[2]), grad_or_undefined(gm, mask[3]),
+    auto [gx, gA, gB, gm, gbias] =
+        op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7], scale, mask);
+    return {grad_or_undefined(gx, mask[0]),
+            at::Tensor(),
+            grad_or_undefined(gbias, mask[4]),
+            grad_or_undefined(gA, mask[1]),
+            grad_or_undefined(gB, mask[2]),
+            grad_or_undefined(gm, mask[3]),
             at::Tensor()};
   }
 };
@@ -85,8 +89,9 @@ class ComposeDeltaFunction : public torch::autograd::Function<ComposeDeltaFuncti
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& base, const at::Tensor& lora,
                             const at::Tensor& magnitude, const at::Tensor& norm, double scale) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        double)>("dora_ext::compose_delta");
+    static auto op =
+        find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>(
+            "dora_ext::compose_delta");
     at::Tensor out = op.call(base, lora, magnitude, norm, scale);
     ctx->save_for_backward({base, lora, magnitude, norm});
     ctx->saved_data["scale"] = scale;
@@ -127,9 +132,9 @@ at::Tensor dora_linear_autograd(const at::Tensor& x, const at::Tensor& weight, c
               "call weight.requires_grad_(False) (train lora_A, lora_B and magnitude instead)");
   if (!grad) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                        const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>(
-        "dora_ext::dora_linear");
+    static auto op =
+        find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, double)>("dora_ext::dora_linear");
     return op.call(x, weight, bias, lora_A, lora_B, magnitude, scale);
   }
   return DoraLinearFunction::apply(x, weight, bias, lora_A, lora_B, magnitude, scale);
@@ -144,8 +149,8 @@ at::Tensor row_norm_autograd(const at::Tensor& weight, const at::Tensor& lora_A,
                              double scale) {
   // Detached by design: the result never requires grad.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>(
-      "dora_ext::row_norm");
+  static auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>("dora_ext::row_norm");
   return op.call(weight, lora_A, lora_B, scale);
 }
 

@@ -21,8 +21,8 @@ void check_same_device(const char* op, const char* name, const at::Tensor& t, co
 
 void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
                       const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
-              ref_name, " has dtype ", ref.scalar_type(),
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ", ref_name,
+              " has dtype ", ref.scalar_type(),
               "; they must match (except the magnitude, any float dtype, and lora_A/lora_B, which may both be "
               "float32 with float16/bfloat16 x and weight)");
 }
@@ -37,8 +37,7 @@ at::ScalarType accumulate_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Tensor& lora_A,
-                         const at::Tensor& lora_B) {
+void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B) {
   check_dim(op, "weight", weight, 2, "[d_out, d_in]");
   check_dim(op, "lora_A", lora_A, 2, "[r, d_in]");
   check_dim(op, "lora_B", lora_B, 2, "[d_out, r]");
@@ -59,13 +58,13 @@ void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Ten
   TORCH_CHECK(r >= 1, op, ": lora_A has rank 0 (shape ", lora_A.sizes(), "); DoRA needs r >= 1");
   TORCH_CHECK(lora_A.size(1) == d_in, op, ": lora_A must be [r, d_in] = [", r, ", ", d_in, "] (weight is ",
               weight.sizes(), "), got ", lora_A.sizes());
-  TORCH_CHECK(lora_B.size(0) == d_out && lora_B.size(1) == r, op, ": lora_B must be [d_out, r] = [", d_out, ", ",
-              r, "] (weight is ", weight.sizes(), ", lora_A is ", lora_A.sizes(), "), got ", lora_B.sizes());
+  TORCH_CHECK(lora_B.size(0) == d_out && lora_B.size(1) == r, op, ": lora_B must be [d_out, r] = [", d_out, ", ", r,
+              "] (weight is ", weight.sizes(), ", lora_A is ", lora_A.sizes(), "), got ", lora_B.sizes());
 }
 
 void check_dora_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                            const at::Tensor& lora_B, const at::Tensor& magnitude) {
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                            const at::Tensor& magnitude) {
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension [..., d_in], got a 0-D tensor");
   check_float(op, "x", x);
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [d_out, d_in], got shape ", weight.sizes());
@@ -77,8 +76,8 @@ void check_dora_linear_args(const char* op, const at::Tensor& x, const at::Tenso
   check_dim(op, "magnitude", magnitude, 1, "[d_out]");
   check_float(op, "magnitude", magnitude);
   check_same_device(op, "magnitude", magnitude, x, "x");
-  TORCH_CHECK(magnitude.size(0) == weight.size(0), op, ": magnitude must be [d_out] = [", weight.size(0),
-              "], got ", magnitude.sizes());
+  TORCH_CHECK(magnitude.size(0) == weight.size(0), op, ": magnitude must be [d_out] = [", weight.size(0), "], got ",
+              magnitude.sizes());
   if (bias.has_value() && bias->defined()) {
     check_dim(op, "bias", *bias, 1, "[d_out]");
     check_same_dtype(op, "bias", *bias, x, "x");
@@ -105,13 +104,12 @@ void check_compose_delta_args(const char* op, const at::Tensor& base, const at::
   check_dim(op, "magnitude", magnitude, 1, "[d_out]");
   check_float(op, "magnitude", magnitude);
   check_same_device(op, "magnitude", magnitude, base, "base");
-  TORCH_CHECK(magnitude.size(0) == d_out, op, ": magnitude must be [d_out] = [", d_out, "], got ",
-              magnitude.sizes());
+  TORCH_CHECK(magnitude.size(0) == d_out, op, ": magnitude must be [d_out] = [", d_out, "], got ", magnitude.sizes());
   check_dim(op, "norm", norm, 1, "[d_out]");
   check_same_device(op, "norm", norm, base, "base");
   TORCH_CHECK(norm.scalar_type() == accumulate_type(base.scalar_type()), op, ": norm must be ",
-              accumulate_type(base.scalar_type()), " (as row_norm returns for ", base.scalar_type(),
-              " inputs), got ", norm.scalar_type());
+              accumulate_type(base.scalar_type()), " (as row_norm returns for ", base.scalar_type(), " inputs), got ",
+              norm.scalar_type());
   TORCH_CHECK(norm.size(0) == d_out, op, ": norm must be [d_out] = [", d_out, "], got ", norm.sizes());
 }
 

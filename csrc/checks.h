@@ -7,13 +7,12 @@
 namespace dora_ext {
 
 void check_dora_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                            const at::Tensor& lora_B, const at::Tensor& magnitude);
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                            const at::Tensor& magnitude);
 
 // lora_A and lora_B have the weight's dtype, or are both float32 with a float16/bfloat16
 // weight (PEFT keeps adapters in float32 by default).
-void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Tensor& lora_A,
-                         const at::Tensor& lora_B);
+void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B);
 
 void check_compose_delta_args(const char* op, const at::Tensor& base, const at::Tensor& lora,
                               const at::Tensor& magnitude, const at::Tensor& norm);

@@ -9,10 +9,10 @@
 namespace dora_ext {
 
 struct Crossover {
-  int arch;                         // 10 * major + minor
-  int64_t min_elements_inference;   // fused inference when tokens * d_out >= this
-  int64_t min_elements_training;    // fused training when tokens * d_out >= this
-  const char* source;               // where the numbers come from
+  int arch;                        // 10 * major + minor
+  int64_t min_elements_inference;  // fused inference when tokens * d_out >= this
+  int64_t min_elements_training;   // fused training when tokens * d_out >= this
+  const char* source;              // where the numbers come from
 };
 
 // With no measurement for an arch, fused runs at every size: the fused passes

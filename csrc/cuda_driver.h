@@ -27,13 +27,14 @@ const std::string& cuda_driver_error();
 }  // namespace dora_ext
 
 // Throws a c10::Error naming the driver call and its error string.
-#define DORA_CU_CHECK(driver, expr)                                                    \
-  do {                                                                                 \
-    CUresult dora_cu_status_ = (expr);                                                 \
-    if (dora_cu_status_ != CUDA_SUCCESS) {                                             \
-      const char* dora_cu_msg_ = nullptr;                                              \
-      (driver)->getErrorString(dora_cu_status_, &dora_cu_msg_);                        \
-      TORCH_CHECK(false, "dora_ext: CUDA driver call ", #expr, " failed: ",            \
-                  dora_cu_msg_ ? dora_cu_msg_ : "unknown error", " (", static_cast<int>(dora_cu_status_), ")"); \
-    }                                                                                  \
+#define DORA_CU_CHECK(driver, expr)                                                                                    \
+  do {                                                                                                                 \
+    CUresult dora_cu_status_ = (expr);                                                                                 \
+    if (dora_cu_status_ != CUDA_SUCCESS) {                                                                             \
+      const char* dora_cu_msg_ = nullptr;                                                                              \
+      (driver)->getErrorString(dora_cu_status_, &dora_cu_msg_);                                                        \
+      TORCH_CHECK(false, "dora_ext: CUDA driver call ", #expr,                                                         \
+                  " failed: ", dora_cu_msg_ ? dora_cu_msg_ : "unknown error", " (", static_cast<int>(dora_cu_status_), \
+                  ")");                                                                                                \
+    }                                                                                                                  \
   } while (0)

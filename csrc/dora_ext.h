@@ -22,8 +22,7 @@ at::Tensor row_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at
 // x's dtype; lora_A and lora_B too, or both float32 with a 16-bit x (their products
 // then float32-accurate, as PEFT computes them: csrc/fp32_adapters.h).
 at::Tensor dora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                       const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
-                       double scale);
+                       const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude, double scale);
 
 // The DoRA delta for callers that already have base = x W^T (no bias) and
 // lora = (x A^T) B^T: (g - 1) * base + g * scale * lora, g = magnitude / norm.
@@ -33,8 +32,8 @@ at::Tensor compose_delta(const at::Tensor& base, const at::Tensor& lora, const a
 
 // The tier dora_linear would use for these inputs ("fused_training",
 // "fused_inference" or "eager") and why.
-std::pair<std::string, std::string> select_tier(const at::Tensor& x, const at::Tensor& weight,
-                                                const at::Tensor& lora_A, bool training);
+std::pair<std::string, std::string> select_tier(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+                                                bool training);
 
 // The tier and reason of the last DoRA op run by the dispatcher on this thread
 // (Python: dora_ext.last_tier()).

@@ -116,11 +116,10 @@ std::pair<at::Tensor, at::Tensor> lora_and_base(const at::Tensor& x2d, const at:
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemms(const at::Tensor& gy, const at::Tensor& gz,
-                                                                const at::Tensor& g, const at::Tensor& x2d,
-                                                                const at::Tensor& weight, const at::Tensor& lora_A,
-                                                                const at::Tensor& lora_B, const at::Tensor& h,
-                                                                double scale, bool need_x, bool need_A,
-                                                                bool need_B) {
+                                                              const at::Tensor& g, const at::Tensor& x2d,
+                                                              const at::Tensor& weight, const at::Tensor& lora_A,
+                                                              const at::Tensor& lora_B, const at::Tensor& h,
+                                                              double scale, bool need_x, bool need_A, bool need_B) {
   if (has_fp32_adapters(x2d, lora_A)) {
     return backward_gemms_fp32_adapters(gy, gz, g, x2d, weight, lora_A, lora_B, h, scale, need_x, need_A, need_B);
   }
@@ -177,17 +176,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_line
   const at::Tensor g = magnitude_scale(magnitude, norm);
   const at::Tensor gz = (gy * g).to(x.scalar_type());
   const at::Tensor x2d = as_rows(x);
-  auto [grad_x, grad_A, grad_B] = backward_gemms(gy, gz, g, x2d, weight, lora_A, lora_B, h, scale, mask[0], mask[1], mask[2]);
+  auto [grad_x, grad_A, grad_B] =
+      backward_gemms(gy, gz, g, x2d, weight, lora_A, lora_B, h, scale, mask[0], mask[1], mask[2]);
   at::Tensor grad_m, grad_bias;
   if (mask[3]) {
     const at::ScalarType acc = norm.scalar_type();
     grad_m = ((gy.to(acc) * z.to(acc)).sum(0) / norm).to(magnitude.scalar_type());
   }
   if (mask[4]) grad_bias = gy.sum(0, false, accumulate_type(gy.scalar_type())).to(gy.scalar_type());
-  return {mask[0] ? grad_x.view(x.sizes()) : no_grad_placeholder(x),
-          mask[1] ? grad_A : no_grad_placeholder(x),
-          mask[2] ? grad_B : no_grad_placeholder(x),
-          mask[3] ? grad_m : no_grad_placeholder(magnitude),
+  return {mask[0] ? grad_x.view(x.sizes()) : no_grad_placeholder(x), mask[1] ? grad_A : no_grad_placeholder(x),
+          mask[2] ? grad_B : no_grad_placeholder(x), mask[3] ? grad_m : no_grad_placeholder(magnitude),
           mask[4] ? grad_bias : no_grad_placeholder(x)};
 }
 

@@ -50,11 +50,10 @@ std::pair<at::Tensor, at::Tensor> lora_and_base(const at::Tensor& x2d, const at:
 // dtype and g = m / n: grad_x [T, d_in], grad_A [r, d_in], grad_B [d_out, r] (each undefined
 // when its mask entry is false). Same-dtype adapters use gz only.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemms(const at::Tensor& gy, const at::Tensor& gz,
-                                                                const at::Tensor& g, const at::Tensor& x2d,
-                                                                const at::Tensor& weight, const at::Tensor& lora_A,
-                                                                const at::Tensor& lora_B, const at::Tensor& h,
-                                                                double scale, bool need_x, bool need_A,
-                                                                bool need_B);
+                                                              const at::Tensor& g, const at::Tensor& x2d,
+                                                              const at::Tensor& weight, const at::Tensor& lora_A,
+                                                              const at::Tensor& lora_B, const at::Tensor& h,
+                                                              double scale, bool need_x, bool need_A, bool need_B);
 
 // [..., d_in] -> [T, d_in] with unit column stride (a view where possible).
 at::Tensor as_rows(const at::Tensor& t);

@@ -20,8 +20,7 @@ namespace {
 // Tensor cores through exact bfloat16 parts where the activations are bfloat16 on CUDA and there
 // are enough tokens (see the header); plain float32 GEMMs elsewhere.
 bool use_bf16_parts(const at::Tensor& x2d) {
-  return x2d.is_cuda() && x2d.scalar_type() == at::kBFloat16 &&
-         x2d.size(0) >= current_options().fp32_parts_min_tokens;
+  return x2d.is_cuda() && x2d.scalar_type() == at::kBFloat16 && x2d.size(0) >= current_options().fp32_parts_min_tokens;
 }
 
 std::array<at::Tensor, 3> split3(const at::Tensor& t) {
@@ -41,8 +40,7 @@ at::Tensor bf16_parts(const at::Tensor& b, int64_t dim) {
 // The operands of one GEMM whose reduction dimension holds the six leading part products of two
 // float32 factors: [a_hi a_hi a_hi a_mid a_mid a_lo] along a's reduction dim against
 // [b_hi b_mid b_lo b_hi b_mid b_hi] along b's.
-std::pair<at::Tensor, at::Tensor> six_products(const at::Tensor& a, int64_t a_dim, const at::Tensor& b,
-                                               int64_t b_dim) {
+std::pair<at::Tensor, at::Tensor> six_products(const at::Tensor& a, int64_t a_dim, const at::Tensor& b, int64_t b_dim) {
   const auto pa = split3(a);
   const auto pb = split3(b);
   return {at::cat({pa[0], pa[0], pa[0], pa[1], pa[1], pa[2]}, a_dim),
@@ -65,8 +63,7 @@ at::Tensor mm_nt_exact(const at::Tensor& a, const at::Tensor& b) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gemms_fp32_adapters(const at::Tensor& x2d, const at::Tensor& weight,
-                                                                     const at::Tensor& lora_A,
-                                                                     const at::Tensor& lora_B) {
+                                                                   const at::Tensor& lora_A, const at::Tensor& lora_B) {
   const at::Tensor base = at::mm(x2d, weight.t());  // rounded to x's dtype, as PEFT's base layer output
   if (use_bf16_parts(x2d)) {
     // x is exact in bfloat16: its products with A's three parts are A's float32 products

@@ -31,8 +31,7 @@ at::Tensor mm_nt_exact(const at::Tensor& a, const at::Tensor& b);
 // The forward's GEMMs on 2-D x: {base = x W^T rounded to x's dtype (PEFT's base layer output),
 // lora = (x A^T) B^T [T, d_out] and h = x A^T [T, r], both float32}.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gemms_fp32_adapters(const at::Tensor& x2d, const at::Tensor& weight,
-                                                                     const at::Tensor& lora_A,
-                                                                     const at::Tensor& lora_B);
+                                                                   const at::Tensor& lora_A, const at::Tensor& lora_B);
 
 // The forward's compose in ATen ops (CUDA: the dora_fp32_compose_kernel does the same in one pass):
 // z = base + s lora and y = g z + bias in float32, y rounded once to base's dtype, as PEFT composes

@@ -4,8 +4,8 @@
 
 #include "checks.h"
 #include "eager.h"
-#include "fused_common.h"
 #include "fp32_adapters.h"
+#include "fused_common.h"
 #include "fused_norm.h"
 #include "launcher.h"
 #include "options.h"
@@ -75,8 +75,8 @@ std::string delta_variant(const at::Tensor& base, const at::Tensor& lora) {
 }
 
 // gz = gy * g and the fp32 magnitude gradient colsum(gy * z) / norm in one pass.
-std::pair<at::Tensor, at::Tensor> launch_grad_prologue(const at::Tensor& gy, const at::Tensor& z,
-                                                       const at::Tensor& g, const at::Tensor& norm) {
+std::pair<at::Tensor, at::Tensor> launch_grad_prologue(const at::Tensor& gy, const at::Tensor& z, const at::Tensor& g,
+                                                       const at::Tensor& norm) {
   const int64_t rows = gy.size(0), cols = gy.size(1);
   at::Tensor gz = at::empty({rows, cols}, gy.options());
   const c10::DeviceIndex device = gy.device().index();
@@ -86,7 +86,8 @@ std::pair<at::Tensor, at::Tensor> launch_grad_prologue(const at::Tensor& gy, con
   const int64_t col_tiles = cdiv(cols, k.tile_cols);
   const int64_t row_programs = partial_sum_programs(rows, col_tiles, k.tile_rows, device);
   at::Tensor partial = at::empty({row_programs, cols}, gy.options().dtype(at::kFloat));
-  launch(k, device, {row_programs, col_tiles, 1}, {gy, z, g, gz, partial, rows, cols, gy.stride(0), z.stride(0), gz.stride(0)});
+  launch(k, device, {row_programs, col_tiles, 1},
+         {gy, z, g, gz, partial, rows, cols, gy.stride(0), z.stride(0), gz.stride(0)});
   return {gz, partial.sum(0).div_(norm)};
 }
 
@@ -151,9 +152,8 @@ at::Tensor decode_forward(const at::Tensor& x, const at::Tensor& weight, const s
   const c10::DeviceIndex device = x.device().index();
   const KernelImage& k = kernel_for("dora_decode_kernel", variant, device);
   launch(k, device, {cdiv(d_out, k.tile_cols), cdiv(rows, k.tile_rows), 1},
-         {x2d, weight, h, lora_B, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), y, rows, d_out, d_in,
-          rank, x2d.stride(0), weight.stride(0), h.stride(0), lora_B.stride(0), y.stride(0),
-          static_cast<float>(scale)});
+         {x2d, weight, h, lora_B, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), y, rows, d_out, d_in, rank,
+          x2d.stride(0), weight.stride(0), h.stride(0), lora_B.stride(0), y.stride(0), static_cast<float>(scale)});
   return y.view(output_shape(x, d_out));
 }
 
@@ -251,9 +251,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_fused(
   const int64_t row_programs = partial_sum_programs(rows, col_tiles, k.tile_rows, device);
   at::Tensor partial = at::empty({row_programs, d_out}, gy.options().dtype(at::kFloat));
   launch(k, device, {row_programs, col_tiles, 1},
-         {gy, base2d, lora2d, g, gm1, grad_base, grad_lora, partial,
-          rows, d_out, gy.stride(0), base2d.stride(0), lora2d.stride(0), grad_base_stride, grad_lora.stride(0),
-          static_cast<float>(scale)});
+         {gy, base2d, lora2d, g, gm1, grad_base, grad_lora, partial, rows, d_out, gy.stride(0), base2d.stride(0),
+          lora2d.stride(0), grad_base_stride, grad_lora.stride(0), static_cast<float>(scale)});
   at::Tensor grad_m = partial.sum(0).div_(norm).to(magnitude.scalar_type());
   return {mask[0] ? grad_base.view(base.sizes()) : no_grad_placeholder(base), grad_lora.view(lora.sizes()), grad_m};
 }

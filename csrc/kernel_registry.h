@@ -9,18 +9,18 @@ namespace dora_ext {
 
 // One cubin: a kernel specialisation (see triton_src/specs.py) for one arch.
 struct KernelImage {
-  const char* kernel;         // @triton.jit function name
-  const char* variant;        // specialisation key, e.g. "bf16_bias_a16"
-  int arch;                   // 80, 86, 90, ... (sm_90 and later are arch-specific)
-  const char* function;       // entry symbol inside the cubin
+  const char* kernel;    // @triton.jit function name
+  const char* variant;   // specialisation key, e.g. "bf16_bias_a16"
+  int arch;              // 80, 86, 90, ... (sm_90 and later are arch-specific)
+  const char* function;  // entry symbol inside the cubin
   const unsigned char* cubin;
   size_t cubin_size;
   int num_warps;
-  int shared_bytes;           // dynamic shared memory the kernel needs
-  int tile_rows;              // rows one program covers (grid x)
-  int tile_cols;              // columns one program covers (grid y)
-  const char* params;         // kinds of the kernel arguments: p(ointer) l(i64) i(i32) f(fp32)
-  int trailing_null_params;   // Triton's scratch pointers after the arguments, passed as null
+  int shared_bytes;          // dynamic shared memory the kernel needs
+  int tile_rows;             // rows one program covers (grid x)
+  int tile_cols;             // columns one program covers (grid y)
+  const char* params;        // kinds of the kernel arguments: p(ointer) l(i64) i(i32) f(fp32)
+  int trailing_null_params;  // Triton's scratch pointers after the arguments, passed as null
 };
 
 // Every image compiled into this library.

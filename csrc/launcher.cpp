@@ -66,8 +66,7 @@ CUfunction load_function(const KernelImage& image, c10::DeviceIndex device) {
   CUfunction fn = nullptr;
   DORA_CU_CHECK(drv, drv->moduleGetFunction(&fn, module, image.function));
   if (image.shared_bytes > kDefaultSharedLimit) {
-    DORA_CU_CHECK(drv, drv->funcSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                             image.shared_bytes));
+    DORA_CU_CHECK(drv, drv->funcSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, image.shared_bytes));
   }
   return fn;
 }
@@ -96,8 +95,7 @@ const DeviceInfo& device_info(c10::DeviceIndex device) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.multiprocessors, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(
-      cudaDeviceGetAttribute(&info.shared_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.shared_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
   info.arch = major * 10 + minor;
   return infos.emplace(device, info).first->second;
 }
@@ -148,8 +146,8 @@ void launch(const KernelImage& image, c10::DeviceIndex device, std::array<int64_
   TORCH_CHECK(args.size() == expected, "dora_ext: kernel ", image.kernel, ":", image.variant, " takes ", expected,
               " arguments, got ", args.size());
   for (size_t i = 0; i < expected; ++i) {
-    TORCH_CHECK(args[i].kind() == image.params[i], "dora_ext: kernel ", image.kernel, ":", image.variant,
-                " argument ", i, " has kind '", args[i].kind(), "', expected '", image.params[i], "'");
+    TORCH_CHECK(args[i].kind() == image.params[i], "dora_ext: kernel ", image.kernel, ":", image.variant, " argument ",
+                i, " has kind '", args[i].kind(), "', expected '", image.params[i], "'");
   }
   const auto [grid_x, grid_y, grid_z] = grid;
   if (grid_x == 0 || grid_y == 0 || grid_z == 0) return;  // empty tensor: nothing to launch
@@ -166,9 +164,8 @@ void launch(const KernelImage& image, c10::DeviceIndex device, std::array<int64_
   const CudaDriver* drv = cuda_driver();
   CUstream stream = c10::cuda::getCurrentCUDAStream(device).stream();
   DORA_CU_CHECK(drv, drv->launchKernel(fn, static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y),
-                                       static_cast<unsigned>(grid_z),
-                                       32 * image.num_warps, 1, 1, image.shared_bytes, stream, params.data(),
-                                       nullptr));
+                                       static_cast<unsigned>(grid_z), 32 * image.num_warps, 1, 1, image.shared_bytes,
+                                       stream, params.data(), nullptr));
 }
 
 #else  // a library built without CUDA: the eager path only

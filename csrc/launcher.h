@@ -17,13 +17,25 @@ namespace dora_ext {
 // One kernel argument, typed as the cubin expects it (see KernelImage::params).
 class KernelArg {
  public:
-  KernelArg(const at::Tensor& t) : kind_('p') { value_.p = t.defined() ? t.data_ptr() : nullptr; }
-  KernelArg(int64_t v) : kind_('l') { value_.l = v; }
-  KernelArg(float v) : kind_('f') { value_.f = v; }
-  static KernelArg null_pointer() { return KernelArg(at::Tensor()); }
+  KernelArg(const at::Tensor& t) : kind_('p') {
+    value_.p = t.defined() ? t.data_ptr() : nullptr;
+  }
+  KernelArg(int64_t v) : kind_('l') {
+    value_.l = v;
+  }
+  KernelArg(float v) : kind_('f') {
+    value_.f = v;
+  }
+  static KernelArg null_pointer() {
+    return KernelArg(at::Tensor());
+  }
 
-  char kind() const { return kind_; }
-  void* address() { return &value_; }
+  char kind() const {
+    return kind_;
+  }
+  void* address() {
+    return &value_;
+  }
 
  private:
   char kind_;
@@ -36,10 +48,10 @@ class KernelArg {
 
 // What the launcher needs to know of a CUDA device (read once per device).
 struct DeviceInfo {
-  int arch;              // compute capability as 10 * major + minor (90 for sm_90)
+  int arch;  // compute capability as 10 * major + minor (90 for sm_90)
   int multiprocessors;
-  int shared_optin;      // most shared memory one block may opt in to, bytes
-  int shared_per_sm;     // shared memory of one multiprocessor, bytes
+  int shared_optin;   // most shared memory one block may opt in to, bytes
+  int shared_per_sm;  // shared memory of one multiprocessor, bytes
 };
 const DeviceInfo& device_info(c10::DeviceIndex device);
 

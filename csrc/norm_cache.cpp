@@ -43,14 +43,14 @@ struct Fingerprint {
 };
 
 struct Entry {
-  uint64_t epoch = 0;    // Cache::epoch when computed: older entries are stale (rule 3)
+  uint64_t epoch = 0;  // Cache::epoch when computed: older entries are stale (rule 3)
   Fingerprint weight;
   at::Tensor weight_sq;  // ||W_i||^2, undefined until a computation produced it
   Fingerprint lora_A, lora_B;
   double scale = 0.0;
-  at::Tensor norm;       // undefined until computed
+  at::Tensor norm;  // undefined until computed
   Fingerprint magnitude;
-  at::Tensor g;          // m / norm for `norm` above, undefined until computed
+  at::Tensor g;  // m / norm for `norm` above, undefined until computed
 };
 
 // Entries are dropped when their weight dies, checked whenever the table has
@@ -103,7 +103,6 @@ void drop_entries_holding_locked(Cache& c, const std::vector<at::Tensor>& norms)
   ++c.stats.invalidations;
   ++generation;
 }
-
 
 bool capturing(const at::Tensor& t) {
 #ifdef DORA_EXT_WITH_CUDA

@@ -64,8 +64,8 @@ struct NormCacheStats {
   int64_t weight_sq_hits = 0;  // misses of the norm that reused ||W||^2
   int64_t scale_hits = 0;
   int64_t bypassed = 0;
-  int64_t entries = 0;         // filled in by norm_cache_stats()
-  int64_t invalidations = 0;   // backward passes that dropped norms, and invalidate_norm_cache() calls
+  int64_t entries = 0;        // filled in by norm_cache_stats()
+  int64_t invalidations = 0;  // backward passes that dropped norms, and invalidate_norm_cache() calls
 };
 NormCacheStats norm_cache_stats();
 void clear_norm_cache();  // also resets the counters

@@ -12,7 +12,6 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
-
 namespace dora_ext {
 namespace {
 
@@ -49,8 +48,8 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t> norm_c
 std::string build_info_op() {
   std::string archs;
   for (int64_t arch : compiled_archs()) archs += (archs.empty() ? "" : ", ") + std::to_string(arch);
-  return std::string("{\"torch_version\": \"") + TORCH_VERSION + "\", \"triton_version\": \"" +
-         aot_triton_version() + "\", \"cuda_build\": " + kCudaBuild + ", \"archs\": [" + archs +
+  return std::string("{\"torch_version\": \"") + TORCH_VERSION + "\", \"triton_version\": \"" + aot_triton_version() +
+         "\", \"cuda_build\": " + kCudaBuild + ", \"archs\": [" + archs +
          "], \"kernels\": " + std::to_string(kernel_images().size()) + "}";
 }
 
@@ -103,8 +102,7 @@ at::Tensor row_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at
 }
 
 at::Tensor dora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                       const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
-                       double scale) {
+                       const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("dora_ext::dora_linear", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
@@ -114,15 +112,15 @@ at::Tensor dora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
 
 at::Tensor compose_delta(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
                          const at::Tensor& norm, double scale) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("dora_ext::compose_delta", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, double)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dora_ext::compose_delta", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
   return op.call(base, lora, magnitude, norm, scale);
 }
 
-std::pair<std::string, std::string> select_tier(const at::Tensor& x, const at::Tensor& weight,
-                                                const at::Tensor& lora_A, bool training) {
+std::pair<std::string, std::string> select_tier(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+                                                bool training) {
   auto [tier, reason] = select_tier_op(x, weight, lora_A, training);
   return {tier, reason};
 }

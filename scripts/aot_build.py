@@ -103,7 +103,8 @@ def compile_one(spec: Spec, arch: int) -> dict:
     for attr in ("global_scratch_size", "profile_scratch_size"):
         if getattr(md, attr, 0):
             raise RuntimeError(f"{spec.name} sm_{arch}: needs {attr}={getattr(md, attr)}; the launcher passes none")
-    if getattr(md, "num_ctas", 1) != 1 or getattr(md, "launch_cooperative_grid", False) or getattr(md, "launch_pdl", False):
+    if (getattr(md, "num_ctas", 1) != 1 or getattr(md, "launch_cooperative_grid", False)
+            or getattr(md, "launch_pdl", False)):
         raise RuntimeError(f"{spec.name} sm_{arch}: clusters, cooperative or PDL launches are not supported")
     user_params = [n for n in names if n in spec.signature]
     n_ptx = _ptx_param_count(compiled.asm["ptx"], md.name)

@@ -14,7 +14,8 @@ of the norm tests exactly as the fused row_norm makes them: ``mm(A, Aᵀ, out_dt
 only); ``jit_add`` (a Triton JIT
 elementwise kernel: does racecheck handle Triton at all?); ``jit_dot`` (one tl.dot tile, no loop:
 tensor-core code, wgmma on sm_90); ``jit_loop1`` / ``jit_loop3`` (a tl.dot K loop compiled with 1
-and with 3 pipeline stages: the software pipelining of our GEMM-shaped kernels); ``jit_norm_{nowsq,wsq}_{a16,any}`` (triton_src/norm.py's partials kernel through Triton's JIT with
+and with 3 pipeline stages: the software pipelining of our GEMM-shaped kernels);
+``jit_norm_{nowsq,wsq}_{a16,any}`` (triton_src/norm.py's partials kernel through Triton's JIT with
 sm_90's rank-16 config, without / with the ||W||^2 accumulation, on an aligned W and on a W with an
 odd row stride and a 2-byte offset: the norm kernel's code without our AOT build and loader). dora_ext's AOT
 kernels, one each: ``aot_norm`` (row_norm: the norm kernels), ``aot_norm_fp32`` (the same on
@@ -30,7 +31,8 @@ import argparse
 
 import torch
 
-PROBES = ("cublas", "cublas_gram", "jit_add", "jit_dot", "jit_loop1", "jit_loop3", "jit_norm_nowsq_a16", "jit_norm_wsq_a16",
+PROBES = ("cublas", "cublas_gram", "jit_add", "jit_dot", "jit_loop1", "jit_loop3", "jit_norm_nowsq_a16",
+          "jit_norm_wsq_a16",
           "jit_norm_nowsq_any", "jit_norm_wsq_any", "aot_norm", "aot_norm_fp32", "aot_scale", "aot_decode",
           "aot_backward", "aot_delta")
 

@@ -2,7 +2,7 @@
 """Reads compute-sanitizer logs into a verdict per pass (the reporting half of scripts/sanitize.sh).
 
     python3 scripts/sanitize_report.py summarize LABEL DIR RC SECONDS   # DIR/*.log + DIR/pytest.out -> DIR/result.json
-    python3 scripts/sanitize_report.py table OUT LABEL...               # OUT/LABEL/result.json -> OUT/sanitize.{json,md}
+    python3 scripts/sanitize_report.py table OUT LABEL...    # OUT/LABEL/result.json -> OUT/sanitize.{json,md}
 
 ``table`` exits 0 when every pass is clean, 3 when the sanitizer cannot run on the machine, else 1.
 """
@@ -44,7 +44,7 @@ def summarize(label: str, log_dir: pathlib.Path, rc: int, seconds: int) -> dict:
             if _HEADLINE.match(line) and line not in headlines:
                 headlines.append(line)
     out = (log_dir / "pytest.out").read_text(errors="replace") if (log_dir / "pytest.out").exists() else ""
-    tail = [l for l in out.splitlines() if re.search(r"\b(passed|failed|error|skipped)\b", l)]
+    tail = [line for line in out.splitlines() if re.search(r"\b(passed|failed|error|skipped)\b", line)]
     # a crash (e.g. racecheck's "Fatal Python error"): the test the faulthandler trace shows
     crash_at = re.findall(r'File ".*?(test_\w+\.py)", line (\d+) in (\w+)', out)
     return {"tool": label, "rc": rc, "seconds": seconds, "errors": errors,
@@ -56,7 +56,7 @@ def summarize(label: str, log_dir: pathlib.Path, rc: int, seconds: int) -> dict:
             # the first reports travel with the summary: the per-process logs can be too many to
             # bring back from a remote GPU machine
             "first_errors": headlines[:20],
-            "failed_tests": [l for l in out.splitlines() if l.startswith(("FAILED", "ERROR"))][:20],
+            "failed_tests": [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))][:20],
             "reports_by_kernel": dict(by_kernel.most_common(15)),
             "crash_in": [":".join(c) for c in crash_at[-3:]]}
 

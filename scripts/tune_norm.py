@@ -3,7 +3,8 @@
 
 Runs triton_src/norm.py's ``dora_norm_partials_kernel`` through Triton's JIT (this
 script only: the library itself ships AOT cubins) for every candidate config of each
-rank tile (the steady-state variant, ||W||^2 cached), on the layer shapes of the benchmark, and prints per rank tile the config
+rank tile (the steady-state variant, ||W||^2 cached), on the layer shapes of the benchmark, and prints per rank tile
+the config
 with the lowest total time next to the cuBLAS ``W A^T`` GEMM and the FLOP/byte floor.
 Copy the winners into NORM_CONFIGS_* in triton_src/specs.py. With ``--compare-split-rules`` it
 only times the shipped configs with csrc/fused_norm.cpp's split rule next to the previous one.
@@ -128,9 +129,8 @@ def main() -> None:
         compare_split_rules(dtype, sms, args.out, args.dtype)
         return
     n = 8192
-    x, y = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
-    gemm_rate = 2 * n ** 3 / (do_bench(lambda: x @ y, return_mode="median") * 1e-3)
-    del x, y
+    square = torch.randn(n, n, device="cuda", dtype=dtype)
+    gemm_rate = 2 * n ** 3 / (do_bench(lambda: square @ square, return_mode="median") * 1e-3)
     results, best = [], {}
     for block_r, ranks in RANKS.items():
         totals = {}
@@ -151,9 +151,9 @@ def main() -> None:
                                 "ms": ms, "cublas_WAt_ms": cublas, "floor_ms": floor})
                 print(f"r{block_r} {d_in}x{d_out} r={rank} {cfg}: {ms:.4f} ms ({ms / floor:.2f}x floor), "
                       f"cuBLAS W A^T {cublas:.4f} ms", flush=True)
-            del w, a, b
         best[block_r] = min(totals, key=totals.get)
-        print(f"best for rank tile {block_r}: {best[block_r]} (mean {totals[best[block_r]] / len(SHAPES) / len(ranks):.2f}x floor)")
+        mean = totals[best[block_r]] / len(SHAPES) / len(ranks)
+        print(f"best for rank tile {block_r}: {best[block_r]} (mean {mean:.2f}x floor)")
     (args.out / f"tune_norm_{args.dtype}.json").write_text(json.dumps(
         {"gpu": torch.cuda.get_device_name(), "triton": triton.__version__, "gemm_tflops": gemm_rate / 1e12,
          "best": {str(k): v for k, v in best.items()}, "results": results}, indent=1))

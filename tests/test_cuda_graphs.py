@@ -267,7 +267,8 @@ _COLD_CAPTURE = textwrap.dedent("""
         graph.replay(); torch.cuda.synchronize()
         x2, A2, B2, m2, b2 = (t.detach().clone().requires_grad_(True) for t in (x, A, B, m, b))
         y2 = dora_ext.dora_linear(x2, W, b2, A2, B2, m2, 0.5); y2.backward(gy)
-        d2 = dora_ext.compose_delta(base, y2.detach(), m2.detach(), dora_ext.row_norm(W, A2.detach(), B2.detach(), 0.5), 0.5)
+        n2 = dora_ext.row_norm(W, A2.detach(), B2.detach(), 0.5)
+        d2 = dora_ext.compose_delta(base, y2.detach(), m2.detach(), n2, 0.5)
         diff = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
         out["rel_diff"] = {"y": diff(y, y2), "grad_x": diff(x.grad, x2.grad), "grad_A": diff(A.grad, A2.grad),
                            "grad_B": diff(B.grad, B2.grad), "grad_m": diff(m.grad, m2.grad),

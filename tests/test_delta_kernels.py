@@ -53,7 +53,8 @@ _SCRIPT = textwrap.dedent("""
         err = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
         out.append({"case": [str(base_dtype), str(dtype), T, N, write_gbase],
                     "delta": err(delta, ref), "delta_dtype_ok": delta.dtype == dtype,
-                    "grad_base": err(grad_base, want_base) if write_gbase else (0.0 if grad_base.isnan().all() else 1.0),
+                    "grad_base": (err(grad_base, want_base) if write_gbase
+                                  else (0.0 if grad_base.isnan().all() else 1.0)),
                     "grad_lora": err(grad_lora, want_lora), "grad_m": err(partial.sum(0).double() / n, want_m)})
     print(json.dumps(out))
 """)

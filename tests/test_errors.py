@@ -145,7 +145,8 @@ def test_float32_adapters_on_a_bf16_weight(op):
     else:
         call = lambda A, B: dora_ext.row_norm(W, A, B, s)  # noqa: E731
         assert call(A, B).shape == (D_OUT,)
-    with pytest.raises(RuntimeError, match=r"lora_B has dtype (BFloat16|bfloat16) but lora_A has dtype (Float|float32)"):
+    with pytest.raises(RuntimeError,
+                       match=r"lora_B has dtype (BFloat16|bfloat16) but lora_A has dtype (Float|float32)"):
         call(A, B.bfloat16())
     with pytest.raises(RuntimeError, match=r"lora_A has dtype (Double|float64) but weight has dtype"):
         call(A.double(), B.double())

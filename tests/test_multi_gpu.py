@@ -40,7 +40,8 @@ def check_device(index: int, dtype: torch.dtype, seed: int, device_type: str = "
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     y.backward(gy.to(device, dtype))
     tier_bwd = dora_ext.last_tier()[0]
-    leaves = {k: t[k].detach().double().cpu().requires_grad_(True) for k in ("x", "bias", "lora_A", "lora_B", "magnitude")}
+    leaves = {k: t[k].detach().double().cpu().requires_grad_(True)
+              for k in ("x", "bias", "lora_A", "lora_B", "magnitude")}
     ref = ref_dora_linear(leaves["x"], t["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
                           leaves["magnitude"], t["scale"])
     ref.backward(gy)

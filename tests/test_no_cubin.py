@@ -75,7 +75,8 @@ def test_prefer_fused_warns_once_and_runs_eager():
         import json
         import torch, dora_ext
         x, W = torch.randn(33, 96, device="cuda"), torch.randn(80, 96, device="cuda")
-        A, B, m = torch.randn(4, 96, device="cuda"), torch.randn(80, 4, device="cuda"), torch.rand(80, device="cuda") + .5
+        A, B = torch.randn(4, 96, device="cuda"), torch.randn(80, 4, device="cuda")
+        m = torch.rand(80, device="cuda") + .5
         with dora_ext.overrides(tier="prefer_fused"):
             ys = [dora_ext.dora_linear(x, W, None, A, B, m, 0.5) for _ in range(3)]
             tier = dora_ext.last_tier()[0]

@@ -400,7 +400,8 @@ def test_bf16_logits_cosine_against_peft_and_float64(adapters, any_device):
     apart here (ours vs PEFT measured 0.999969 / 0.999975; larger hidden sizes are further apart,
     for PEFT against float64 too). Held here: cosine >= 0.9999 against PEFT, and our distance to
     float64 at most twice PEFT's (DESIGN.md section 6's rule) measured as the angle, i.e.
-    1 - cos at most 4x PEFT's (1 - cos ~ angle^2 / 2), for the logits and every adapter gradient. The 0.99999 figure is reported for the real-size model by
+    1 - cos at most 4x PEFT's (1 - cos ~ angle^2 / 2), for the logits and every adapter gradient. The 0.99999
+    figure is reported for the real-size model by
     scripts/bench_model.py (logits_cos)."""
     if adapters == "bf16":
         model = get_peft_model(tiny_llama(0, torch.bfloat16, any_device),

@@ -97,7 +97,8 @@ def test_merge_unmerge_restores_base_weights_to_rounding():
     for m in layers:
         w = before[id(m)].double()
         dense = w + m.scaling["default"] * (m.lora_B["default"].weight.double() @ m.lora_A["default"].weight.double())
-        merged = m.lora_magnitude_vector["default"].weight.double().unsqueeze(1) * dense / dense.norm(dim=1, keepdim=True)
+        magnitude = m.lora_magnitude_vector["default"].weight.double().unsqueeze(1)
+        merged = magnitude * dense / dense.norm(dim=1, keepdim=True)
         assert rel(m.base_layer.weight, merged) < 1e-6
     with torch.no_grad():
         assert rel(model(input_ids=INPUT_IDS).logits, expected) < 1e-5

@@ -54,7 +54,8 @@ def _scale_specs() -> list[Spec]:
                     module="compose", kernel="dora_scale_kernel",
                     variant=f"{dt}_{'bias' if bias else 'nobias'}_{'a16' if a16 else 'any'}",
                     signature=sig,
-                    aligned=("z_ptr", "g_ptr", "bias_ptr", "out_ptr", "n_cols", "stride_z", "stride_out") if a16 else (),
+                    aligned=(("z_ptr", "g_ptr", "bias_ptr", "out_ptr", "n_cols", "stride_z", "stride_out")
+                             if a16 else ()),
                     constexprs={"HAS_BIAS": int(bias), "BLOCK_M": 16, "BLOCK_N": 256},
                     num_warps=4, tile=(16, 256)))
     return specs

@@ -23,8 +23,8 @@ void check_layer(const std::string& where, const DoraLayer& l) {
   const int64_t r = l.lora_A.size(0), d_out = l.lora_B.size(0);
   TORCH_CHECK(l.lora_B.size(1) == r, where, ": lora_B must be [d_out, r] with r = ", r, " (lora_A is ",
               l.lora_A.sizes(), "), got ", l.lora_B.sizes());
-  TORCH_CHECK(l.magnitude.dim() == 1 && l.magnitude.size(0) == d_out, where, ": magnitude must be [", d_out,
-              "], got ", l.magnitude.sizes());
+  TORCH_CHECK(l.magnitude.dim() == 1 && l.magnitude.size(0) == d_out, where, ": magnitude must be [", d_out, "], got ",
+              l.magnitude.sizes());
   TORCH_CHECK(l.norm.dim() == 1 && l.norm.size(0) == d_out, where, ": norm must be [", d_out, "], got ",
               l.norm.sizes());
 }
@@ -34,8 +34,8 @@ void check_layer(const std::string& where, const DoraLayer& l) {
 at::Tensor DoraLayer::forward(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias) const {
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) == lora_B.size(0) && weight.size(1) == lora_A.size(1),
-              "DoraLayer::forward: weight must be [d_out, d_in] = [", lora_B.size(0), ", ", lora_A.size(1),
-              "], got ", weight.sizes());
+              "DoraLayer::forward: weight must be [d_out, d_in] = [", lora_B.size(0), ", ", lora_A.size(1), "], got ",
+              weight.sizes());
   at::Tensor base = at::linear(x, weight);
   at::Tensor lora = at::linear(at::linear(x, lora_A), lora_B);
   // The stable delta (g - 1) base + g s lora, then + base: never g (base + s lora) - base.

@@ -22,9 +22,8 @@ constexpr uint64_t kMaxHeaderBytes = 100u << 20;
 
 const std::vector<std::pair<std::string, at::ScalarType>>& dtype_names() {
   static const std::vector<std::pair<std::string, at::ScalarType>> names = {
-      {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf},  {"BF16", at::kBFloat16},
-      {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
-      {"U8", at::kByte},    {"BOOL", at::kBool}};
+      {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16}, {"I64", at::kLong},
+      {"I32", at::kInt},    {"I16", at::kShort}, {"I8", at::kChar},  {"U8", at::kByte},       {"BOOL", at::kBool}};
   return names;
 }
 
@@ -32,14 +31,16 @@ at::ScalarType parse_dtype(const std::string& name, const std::string& where) {
   for (const auto& [n, t] : dtype_names()) {
     if (n == name) return t;
   }
-  TORCH_CHECK(false, where, ": unsupported dtype \"", name, "\" (supported: F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL)");
+  TORCH_CHECK(false, where, ": unsupported dtype \"", name,
+              "\" (supported: F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL)");
 }
 
 std::string dtype_name(at::ScalarType type, const std::string& key) {
   for (const auto& [n, t] : dtype_names()) {
     if (t == type) return n;
   }
-  TORCH_CHECK(false, "save_safetensors: tensor \"", key, "\" has dtype ", type, ", which safetensors I/O does not support");
+  TORCH_CHECK(false, "save_safetensors: tensor \"", key, "\" has dtype ", type,
+              ", which safetensors I/O does not support");
 }
 
 int64_t header_int(const json::Value& v, const std::string& where) {
@@ -67,7 +68,8 @@ SafetensorsFile load_safetensors(const std::string& path) {
   const uint64_t data_size = file_size - 8 - header_size;
 
   const json::Value root = json::parse(header, "load_safetensors: header of " + path);
-  TORCH_CHECK(root.kind == json::Value::Kind::Object, "load_safetensors: the header of ", path, " is not a JSON object");
+  TORCH_CHECK(root.kind == json::Value::Kind::Object, "load_safetensors: the header of ", path,
+              " is not a JSON object");
 
   SafetensorsFile out;
   std::vector<std::tuple<uint64_t, uint64_t, std::string>> ranges;

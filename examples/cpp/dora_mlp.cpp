@@ -45,7 +45,9 @@ struct Linear {
   std::optional<at::Tensor> bias;
   dora_ext::DoraLayer dora;
 
-  at::Tensor operator()(const at::Tensor& x) const { return dora.forward(x, weight, bias); }
+  at::Tensor operator()(const at::Tensor& x) const {
+    return dora.forward(x, weight, bias);
+  }
 };
 
 struct Block {
@@ -70,7 +72,8 @@ class DoraMLP {
     };
     for (int i = 0; base.tensors.count("blocks." + std::to_string(i) + ".fc1.weight"); ++i) {
       const std::string p = "blocks." + std::to_string(i) + ".";
-      blocks_.push_back(Block{tensor(p + "norm.weight"), tensor(p + "norm.bias"), linear(p + "fc1"), linear(p + "fc2")});
+      blocks_.push_back(
+          Block{tensor(p + "norm.weight"), tensor(p + "norm.bias"), linear(p + "fc1"), linear(p + "fc2")});
     }
     TORCH_CHECK(!blocks_.empty(), "dora_mlp: ", base_path, " has no blocks.0.fc1.weight");
     head_ = linear("head");
@@ -103,16 +106,26 @@ Args parse(int argc, char** argv) {
     const std::string flag = argv[i];
     TORCH_CHECK(i + 1 < argc, "dora_mlp: ", flag, " needs a value");
     const std::string value = argv[++i];
-    if (flag == "--base") a.base = value;
-    else if (flag == "--adapter") a.adapter = value;
-    else if (flag == "--aoti") a.aoti = value;
-    else if (flag == "--input") a.input = value;
-    else if (flag == "--out") a.out = value;
-    else if (flag == "--device") a.device = value;
-    else if (flag == "--dtype") a.dtype = value;
-    else if (flag == "--threads") a.threads = std::stoi(value);
-    else if (flag == "--iters") a.iters = std::stoi(value);
-    else TORCH_CHECK(false, "dora_mlp: unknown flag ", flag);
+    if (flag == "--base")
+      a.base = value;
+    else if (flag == "--adapter")
+      a.adapter = value;
+    else if (flag == "--aoti")
+      a.aoti = value;
+    else if (flag == "--input")
+      a.input = value;
+    else if (flag == "--out")
+      a.out = value;
+    else if (flag == "--device")
+      a.device = value;
+    else if (flag == "--dtype")
+      a.dtype = value;
+    else if (flag == "--threads")
+      a.threads = std::stoi(value);
+    else if (flag == "--iters")
+      a.iters = std::stoi(value);
+    else
+      TORCH_CHECK(false, "dora_mlp: unknown flag ", flag);
   }
   TORCH_CHECK(!a.input.empty() && !a.out.empty(), "dora_mlp: --input and --out are required");
   TORCH_CHECK(!a.aoti.empty() || (!a.base.empty() && !a.adapter.empty()),
@@ -146,9 +159,9 @@ int main(int argc, char** argv) try {
   std::shared_ptr<DoraMLP> mlp;
   std::shared_ptr<torch::inductor::AOTIModelPackageLoader> aoti;
   if (!args.aoti.empty()) {
-    aoti = std::make_shared<torch::inductor::AOTIModelPackageLoader>(
-        args.aoti, "model", /*run_single_threaded=*/false, /*num_runners=*/std::max(1, args.threads),
-        device.is_cuda() ? device.index() : -1);
+    aoti = std::make_shared<torch::inductor::AOTIModelPackageLoader>(args.aoti, "model", /*run_single_threaded=*/false,
+                                                                     /*num_runners=*/std::max(1, args.threads),
+                                                                     device.is_cuda() ? device.index() : -1);
     run = [aoti](const at::Tensor& in) { return aoti->run({in}).at(0); };
   } else {
     mlp = std::make_shared<DoraMLP>(args.base, args.adapter, device, dtype);

@@ -38,8 +38,8 @@ struct DoraLayer {
 };
 
 struct DoraAdapter {
-  std::map<std::string, DoraLayer> layers;       // by module path, e.g. "blocks.0.fc1"
-  std::map<std::string, std::string> metadata;   // the file's metadata (format, dtype, source, ...)
+  std::map<std::string, DoraLayer> layers;      // by module path, e.g. "blocks.0.fc1"
+  std::map<std::string, std::string> metadata;  // the file's metadata (format, dtype, source, ...)
 
   // The layer at `name`; throws c10::Error listing the known layers if there is none.
   const DoraLayer& layer(const std::string& name) const;

@@ -11,8 +11,8 @@
 namespace dora_ext {
 
 struct SafetensorsFile {
-  std::map<std::string, at::Tensor> tensors;      // contiguous CPU tensors owning their memory
-  std::map<std::string, std::string> metadata;    // the header's "__metadata__" (string to string)
+  std::map<std::string, at::Tensor> tensors;    // contiguous CPU tensors owning their memory
+  std::map<std::string, std::string> metadata;  // the header's "__metadata__" (string to string)
 };
 
 // Reads a whole file. Supported dtypes: F64, F32, F16, BF16, I64, I32, I16, I8,
