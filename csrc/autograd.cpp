@@ -154,12 +154,22 @@ at::Tensor row_norm_autograd(const at::Tensor& weight, const at::Tensor& lora_A,
   return op.call(weight, lora_A, lora_B, scale);
 }
 
+at::Tensor row_norm_sq_autograd(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                double scale) {
+  // Detached, like the norm.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  static auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>("dora_ext::row_norm_sq");
+  return op.call(weight, lora_A, lora_B, scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dora_ext, Autograd, m) {
   m.impl("dora_linear", &dora_linear_autograd);
   m.impl("compose_delta", &compose_delta_autograd);
   m.impl("row_norm", &row_norm_autograd);
+  m.impl("row_norm_sq", &row_norm_sq_autograd);
 }
 
 }  // namespace dora_ext

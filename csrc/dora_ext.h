@@ -17,6 +17,11 @@ namespace dora_ext {
 // lora_A and lora_B have weight's dtype, or are float32 with a 16-bit weight.
 at::Tensor row_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
 
+// The squared row norm before the clamp and the root, fp32 (float64 for float64), never cached.
+// For column shards of W and A (each with its columns of d_in, B whole) the results add up to
+// the whole weight's squared norm: sum them across the shards, then sqrt(max(sum, 1e-12)).
+at::Tensor row_norm_sq(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
+
 // y = (m / n) * (x W^T + scale (x A^T) B^T) + bias, n = row_norm(W, A, B, scale)
 // detached. x is [..., d_in]; y is [..., d_out] in x's dtype. weight and bias have
 // x's dtype; lora_A and lora_B too, or both float32 with a 16-bit x (their products

@@ -66,6 +66,15 @@ std::vector<int64_t> output_shape(const at::Tensor& x, int64_t d_out) {
 
 at::Tensor row_norm_eager_parts(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
                                 double scale, const at::Tensor& cached_weight_sq, at::Tensor* weight_sq) {
+  return norm_from_squared(row_norm_sq_eager(weight, lora_A, lora_B, scale, cached_weight_sq, weight_sq));
+}
+
+at::Tensor norm_from_squared(at::Tensor squared) {
+  return squared.clamp_min_(kNormEpsilon * kNormEpsilon).sqrt_();
+}
+
+at::Tensor row_norm_sq_eager(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                             const at::Tensor& cached_weight_sq, at::Tensor* weight_sq) {
   const at::ScalarType acc = accumulate_type(weight.scalar_type());
   at::Tensor w_sq = cached_weight_sq;
   const at::Tensor u = matmul_nt_acc(weight, lora_A, acc, w_sq.defined() ? nullptr : &w_sq);  // W A^T [d_out, r]
@@ -74,8 +83,7 @@ at::Tensor row_norm_eager_parts(const at::Tensor& weight, const at::Tensor& lora
   const at::Tensor b = lora_B.to(acc);
   const at::Tensor cross = (b * u).sum(1);
   const at::Tensor quad = (at::mm(b, gram) * b).sum(1);
-  at::Tensor sq = at::add(w_sq, cross, 2.0 * scale).add_(quad, scale * scale);  // never in place on a cached w_sq
-  return sq.clamp_min_(kNormEpsilon * kNormEpsilon).sqrt_();
+  return at::add(w_sq, cross, 2.0 * scale).add_(quad, scale * scale);  // never in place on a cached w_sq
 }
 
 at::Tensor row_norm_cached_eager(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,

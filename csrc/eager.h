@@ -19,6 +19,15 @@ namespace dora_ext {
 at::Tensor row_norm_eager_parts(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
                                 double scale, const at::Tensor& cached_weight_sq, at::Tensor* weight_sq);
 
+// The squared row norm before the clamp: ||W_i||^2 + 2s<B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T in the
+// accumulate dtype. Linear in the sums over d_in, so the terms of a column shard of W and A add up
+// across shards to the whole weight's (the row_norm_sq op; dora_ext.distributed).
+at::Tensor row_norm_sq_eager(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                             const at::Tensor& cached_weight_sq, at::Tensor* weight_sq);
+
+// sqrt(max(squared norm, kNormEpsilon^2)): the norm from its squared form.
+at::Tensor norm_from_squared(at::Tensor squared);
+
 // row_norm_eager_parts through the norm cache (norm_cache.h); the result is shared
 // with the cache and must not be written to.
 at::Tensor row_norm_cached_eager(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,

@@ -3,6 +3,7 @@
 #include "dora_ext.h"
 
 #include "dispatch.h"
+#include "eager.h"
 #include "kernel_registry.h"
 #include "launcher.h"
 #include "norm_cache.h"
@@ -58,6 +59,10 @@ std::string build_info_op() {
 TORCH_LIBRARY(dora_ext, m) {
   // Public ops.
   m.def("row_norm(Tensor weight, Tensor lora_A, Tensor lora_B, float scale) -> Tensor");
+  // The squared norm before clamp and root, for column shards of W and A (sums over d_in add up).
+  m.def("row_norm_sq(Tensor weight, Tensor lora_A, Tensor lora_B, float scale) -> Tensor");
+  // The clamp of the norm: a zero row gets this norm (g = 0, output = bias).
+  m.def("norm_epsilon() -> float", [] { return kNormEpsilon; });
   m.def(
       "dora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor magnitude, "
       "float scale) -> Tensor");
@@ -97,6 +102,13 @@ TORCH_LIBRARY(dora_ext, m) {
 at::Tensor row_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("dora_ext::row_norm", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(weight, lora_A, lora_B, scale);
+}
+
+at::Tensor row_norm_sq(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dora_ext::row_norm_sq", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
   return op.call(weight, lora_A, lora_B, scale);
 }

@@ -29,6 +29,16 @@ at::Tensor row_norm_impl(const at::Tensor& weight, const at::Tensor& lora_A, con
   return row_norm_cached_eager(weight, lora_A, lora_B, scale, use).clone();
 }
 
+// The unclamped squared norm of (possibly column-sharded) factors, never cached: the factored ATen
+// path on every device (one [d_out] vector per shard for a distributed caller to sum).
+at::Tensor row_norm_sq_impl(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                            double scale) {
+  check_row_norm_args("row_norm_sq", weight, lora_A, lora_B);
+  OpScope scope(weight, weight.size(0), /*training=*/false, /*honor_forced_tier=*/false);
+  if (scope.fused()) scope.fall_back("row_norm_sq runs the factored ATen path on every device");
+  return row_norm_sq_eager(weight, lora_A, lora_B, scale, at::Tensor(), nullptr);
+}
+
 at::Tensor dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
                             double scale) {
@@ -99,6 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_impl(
 
 TORCH_LIBRARY_IMPL(dora_ext, CPU, m) {
   m.impl("row_norm", &row_norm_impl);
+  m.impl("row_norm_sq", &row_norm_sq_impl);
   m.impl("dora_linear", &dora_linear_impl);
   m.impl("dora_linear_forward", &dora_linear_forward_impl);
   m.impl("dora_linear_backward", &dora_linear_backward_impl);
@@ -109,6 +120,7 @@ TORCH_LIBRARY_IMPL(dora_ext, CPU, m) {
 // A CPU-only build serves CUDA tensors too, on the eager path (the dispatcher finds no kernels).
 TORCH_LIBRARY_IMPL(dora_ext, CUDA, m) {
   m.impl("row_norm", &row_norm_impl);
+  m.impl("row_norm_sq", &row_norm_sq_impl);
   m.impl("dora_linear", &dora_linear_impl);
   m.impl("dora_linear_forward", &dora_linear_forward_impl);
   m.impl("dora_linear_backward", &dora_linear_backward_impl);

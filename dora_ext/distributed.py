@@ -13,9 +13,10 @@ The factored norm splits along the shards::
 - ``W`` sharded along d_out (``Shard(0)``, FSDP2's layout): rows are independent. Each rank runs the
   ordinary op on its rows of W and B with the whole A (A is ``r x d_in``, r/d_out of W's size; an
   FSDP2-sharded A is all-gathered, W never is). The result is ``Shard(0)``.
-- ``W`` sharded along d_in (``Shard(1)``): ``||W_i||^2``, ``W A^T`` and ``A A^T`` are sums over d_in,
-  so each rank computes them over its own columns (with A's matching columns) and one all-reduce of
-  a ``d_out * (r + 1) + r * r`` buffer completes them. The result is replicated over those ranks.
+- ``W`` sharded along d_in (``Shard(1)``): ``||W_i||^2``, ``W A^T`` and ``A A^T`` are sums over d_in
+  and the squared norm is linear in them, so each rank computes the squared norm of its own columns
+  (``torch.ops.dora_ext.row_norm_sq`` with A's matching columns and all of B) and one all-reduce of
+  that ``[d_out]`` vector completes it. The result is replicated over those ranks.
 
 Both compose over the dims of a device mesh. Sums are accumulated in fp32 (float64 for float64),
 as in the op.
@@ -29,8 +30,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement
 
-from .nn import NORM_EPS
-from .ops import accumulate_dtype
+from .ops import NORM_EPS, accumulate_dtype
 from .ops import row_norm as _row_norm_op
 
 __all__ = ["row_norm", "row_norm_partials"]
@@ -57,13 +57,6 @@ def row_norm_partials(weight: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch
         w_sq[start:start + chunk.shape[0]] = chunk.square().sum(1)
         u[start:start + chunk.shape[0]] = chunk @ a.T
     return w_sq, u, a @ a.T
-
-
-def _combine(w_sq: torch.Tensor, u: torch.Tensor, gram: torch.Tensor, lora_B: torch.Tensor,
-             scale: float) -> torch.Tensor:
-    b = lora_B.to(u.dtype)
-    sq = w_sq + (2.0 * scale) * (b * u).sum(1) + (scale * scale) * ((b @ gram) * b).sum(1)
-    return sq.clamp_min(NORM_EPS * NORM_EPS).sqrt()
 
 
 def _check_placements(placements: Sequence[Placement]) -> list[Placement]:
@@ -139,14 +132,10 @@ def row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, s
     if not any(p == Shard(1) for p in placements):  # whole rows here: the op itself (fused on CUDA)
         norm = _row_norm_op(local_w, local_a, local_b, scale)
     else:
-        w_sq, u, gram = row_norm_partials(local_w, local_a)
-        # one all-reduce per d_in-sharded mesh dim of everything that sums over d_in
-        packed = torch.cat([w_sq.unsqueeze(1), u], dim=1).flatten()
-        buffer = torch.cat([packed, gram.flatten()])
+        # the squared norm of this rank's columns; one all-reduce of [rows] per d_in-sharded mesh dim
+        squared = torch.ops.dora_ext.row_norm_sq(local_w, local_a, local_b, scale)
         for i in reduce_dims:
-            dist.all_reduce(buffer, group=mesh.get_group(i))
-        head = buffer[:packed.numel()].view(rows, r + 1)
-        gram = buffer[packed.numel():].view(r, r)
-        norm = _combine(head[:, 0], head[:, 1:], gram, local_b, scale)
+            dist.all_reduce(squared, group=mesh.get_group(i))
+        norm = squared.clamp_min(NORM_EPS * NORM_EPS).sqrt()
     return DTensor.from_local(norm, mesh, b_placements, run_check=False, shape=torch.Size([d_out]),
                               stride=(1,))

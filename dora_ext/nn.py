@@ -39,7 +39,7 @@ from torch import nn
 
 from ._cast_cache import cast_for_forward
 from ._frozen import detach_if_frozen_view
-from .ops import compose_delta, dora_linear, row_norm
+from .ops import NORM_EPS, compose_delta, dora_linear, options, row_norm  # noqa: F401 (NORM_EPS: re-exported)
 
 __all__ = [
     "DoRALinear",
@@ -52,9 +52,6 @@ __all__ = [
     "to_peft_state_dict",
     "unmerge_dora_modules",
 ]
-
-#: The smallest row norm the ops use (a zero row gets n = NORM_EPS instead of a division by zero).
-NORM_EPS = 1e-6
 
 _DORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 
@@ -81,11 +78,12 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 @torch.no_grad()
 def dense_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
                    dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``||W_i + s (B A)_i||`` computed densely in ``dtype`` (default: float64 for fp32/fp64 weights,
-    fp32 otherwise), clamped at :data:`NORM_EPS`. For merges and references, not for the hot path."""
+    """``||W_i + s (B A)_i||`` of the factors cast to ``dtype`` (default: float64 for fp32/fp64
+    weights, fp32 otherwise), clamped at :data:`NORM_EPS`: the row_norm op (factored, accumulated in
+    float64 for a float64 ``dtype``) on the casts, outside the norm cache. For merges."""
     dtype = dtype or _high_precision(weight.dtype)
-    dense = weight.to(dtype) + scale * (lora_B.to(dtype) @ lora_A.to(dtype))
-    return torch.linalg.vector_norm(dense, dim=1).clamp_min(NORM_EPS)
+    with options(norm_cache=False):  # fresh casts every call: nothing to reuse
+        return row_norm(weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype), scale).to(dtype)
 
 
 class DoRALinear(nn.Module):
@@ -269,12 +267,17 @@ class DoRALinear(nn.Module):
         layer. Raises if the layer is merged already (W is not the base weight then)."""
         if self.merged:
             raise RuntimeError("DoRALinear.merged_weight: the layer is merged; unmerge() first")
+        return self._merged(self._norm_in(_high_precision(self.base_layer.weight.dtype)), dtype)
+
+    def _norm_in(self, hp: torch.dtype) -> torch.Tensor:
+        return dense_row_norm(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, hp)
+
+    def _merged(self, norm: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+        """``m * (W + s B A) / norm`` in ``norm``'s dtype, returned in ``dtype`` (default W's)."""
         weight = self.base_layer.weight
-        hp = _high_precision(weight.dtype)
+        hp = norm.dtype
         dense = weight.to(hp) + self.scaling * (self.lora_B.weight.to(hp) @ self.lora_A.weight.to(hp))
-        norm = torch.linalg.vector_norm(dense, dim=1).clamp_min(NORM_EPS)
-        merged = dense * (self.lora_magnitude_vector.to(hp) / norm).unsqueeze(1)
-        return merged.to(dtype or weight.dtype)
+        return (dense * (self.lora_magnitude_vector.to(hp) / norm).unsqueeze(1)).to(dtype or weight.dtype)
 
     @torch.no_grad()
     def merge(self, keep_original: bool = False) -> None:
@@ -288,10 +291,9 @@ class DoRALinear(nn.Module):
         if self.merged:
             return
         weight = self.base_layer.weight
-        hp = _high_precision(weight.dtype)
-        self._merge_norm = dense_row_norm(weight, self.lora_A.weight, self.lora_B.weight, self.scaling, hp)
+        self._merge_norm = self._norm_in(_high_precision(weight.dtype))
         self._original_weight = weight.detach().clone() if keep_original else None
-        weight.copy_(self.merged_weight())
+        weight.copy_(self._merged(self._merge_norm, None))
         self.merged = True
 
     @torch.no_grad()

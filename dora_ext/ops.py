@@ -19,6 +19,10 @@ from ._library import load_library
 load_library()
 _ops = torch.ops.dora_ext
 
+#: The smallest row norm the ops use: a zero row gets n = NORM_EPS (g = 0, output = bias), never a
+#: division by zero. Defined once, in C++ (eager.h kNormEpsilon).
+NORM_EPS: float = _ops.norm_epsilon.default()
+
 def _invalidate_after_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
     """Global optimizer step hook: every cached norm is recomputed after any optimizer step.
 
@@ -207,6 +211,12 @@ def _tokens(x: torch.Tensor) -> int:
 @torch.library.register_fake("dora_ext::row_norm")
 def _row_norm_fake(weight, lora_A, lora_B, scale):
     _fake_checks.row_norm_args("row_norm", weight, lora_A, lora_B)
+    return weight.new_empty((weight.shape[0],), dtype=accumulate_dtype(weight.dtype))
+
+
+@torch.library.register_fake("dora_ext::row_norm_sq")
+def _row_norm_sq_fake(weight, lora_A, lora_B, scale):
+    _fake_checks.row_norm_args("row_norm_sq", weight, lora_A, lora_B)
     return weight.new_empty((weight.shape[0],), dtype=accumulate_dtype(weight.dtype))
 
 

@@ -558,3 +558,24 @@ def test_compose_delta_norm_is_not_differentiated():
     want = torch.autograd.grad(ref_compose_delta(base, lora, m, n, s), [base, lora, m], gy)
     for a, b in zip((gb, gl, gm), want):
         assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_row_norm_sq_of_column_shards_adds_up(dtype):
+    """row_norm_sq is the squared norm before the clamp, and its values over a partition of d_in
+    (columns of W and A, all of B) sum to the whole weight's: what dora_ext.distributed all-reduces."""
+    inp = make_inputs(37, 11, 3, (1,), dtype)
+    W, A, B, s = inp["weight"], inp["lora_A"], inp["lora_B"], inp["scale"]
+    with torch.no_grad():
+        W[4].zero_()
+        B[4].zero_()  # a zero row: 0 here, unclamped (the norm clamps it)
+    ref = (W.double() + s * B.double() @ A.double()).square().sum(1)
+    whole = torch.ops.dora_ext.row_norm_sq(W, A, B, s)
+    assert whole.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert whole[4].item() == 0.0
+    shards = [(0, 10), (10, 29), (29, 37)]
+    summed = sum(torch.ops.dora_ext.row_norm_sq(W[:, a:b], A[:, a:b], B, s) for a, b in shards)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel_err(whole, ref) < tol and rel_err(summed, ref) < tol
+    torch.testing.assert_close(dora_ext.row_norm(W, A, B, s).double(), ref.clamp_min(1e-12).sqrt(),
+                               rtol=tol, atol=0)

@@ -71,6 +71,13 @@ def test_opcheck_row_norm(d_in, d_out, r, dtype, requires_grad):
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_opcheck_row_norm_sq(dtype, requires_grad):
+    inp = make_inputs(13, 9, 3, (1,), dtype, requires_grad=requires_grad)
+    opcheck(OPS.row_norm_sq.default, (inp["weight"], inp["lora_A"], inp["lora_B"], inp["scale"]))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
 @pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_opcheck_row_norm_float32_adapters(w_dtype, requires_grad):
     """row_norm's promotion rule (16-bit weight, float32 adapters) through the fake kernel too."""
