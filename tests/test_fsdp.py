@@ -49,14 +49,19 @@ def torchrun(script: Path, *args: str, ok_codes: tuple[int, ...] = (0,)) -> str:
     # no PYTHONPATH change: the scripts append the checkout themselves, so an installed dora_ext wins
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-        out, _ = proc.communicate()
-        pytest.fail(f"{script.name} did not finish in {TIMEOUT_S} s:\n{out[-4000:]}")
+    for attempt in range(2):
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+            out, _ = proc.communicate()
+            pytest.fail(f"{script.name} did not finish in {TIMEOUT_S} s:\n{out[-4000:]}")
+        # gloo's teardown can abort a rank whose peer is still tearing down (seen once, in a CI run on a
+        # loaded 2-core machine, after every result was computed): one more run, not a pass
+        if proc.returncode in ok_codes or "terminate called without an active exception" not in out or attempt:
+            break
     if proc.returncode not in ok_codes:
         pytest.fail(f"{script.name} exited with {proc.returncode}:\n{out[-6000:]}")
     return out
