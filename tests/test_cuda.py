@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import dora_ext
+from reference import FWD_TOL, rel_err
 
 pytestmark = [
     pytest.mark.cuda,
@@ -21,7 +22,6 @@ pytestmark = [
 ]
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-FWD_TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
 
 def _inputs(d_in, d_out, r, batch, dtype, bias=True, mag_dtype=None, g_near_one=False, seed=0):
@@ -60,9 +60,6 @@ def _plain_torch(x, W, b, A, B, m, s):
     return y if b is None else y + b
 
 
-def rel_err(out, ref):
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def _poison_allocator():

@@ -18,11 +18,7 @@ from dora_ext.nn import (
     to_peft_state_dict,
     unmerge_dora_modules,
 )
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().cpu().double(), b.detach().cpu().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+from reference import rel_err as rel
 
 
 def reference(x, weight, bias, lora_A, lora_B, magnitude, scale, dropout_mask=None):

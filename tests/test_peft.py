@@ -19,16 +19,13 @@ transformers = pytest.importorskip("transformers")
 import dora_ext  # noqa: E402
 import dora_ext.peft as dp  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from reference import rel_err as rel  # noqa: E402
 from peft.tuners.lora.layer import Linear as LoraLinear  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
 N_LINEAR = 14  # 2 decoder layers x (q, k, v, o, gate, up, down)
 
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().cpu().double(), b.detach().cpu().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
