@@ -35,7 +35,6 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from . import _safetensors
 from .nn import DoRALinear
 from .ops import accumulate_dtype, row_norm
 
@@ -58,6 +57,13 @@ class DoraLayerView:
     lora_B: torch.Tensor  # [d_out, r]
     magnitude: torch.Tensor  # [d_out]
     scale: float
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Union[str, Path], metadata: dict[str, str]) -> None:
+    """A safetensors file through the ``safetensors`` package (contiguous CPU copies, string metadata)."""
+    from safetensors.torch import save_file
+
+    save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, str(path), metadata=metadata)
 
 
 def _peft_root(model: nn.Module) -> Optional[nn.Module]:
@@ -162,7 +168,7 @@ def save_adapter(model: nn.Module, path: Union[str, Path], dtype: Optional[torch
         "torch_version": torch.__version__,
         "layers": json.dumps(sorted(layers)),
     }
-    _safetensors.save_file(tensors, path, metadata)
+    _save_file(tensors, path, metadata)
     return sorted(layers)
 
 
@@ -200,5 +206,5 @@ def save_base(model: nn.Module, path: Union[str, Path], dtype: Optional[torch.dt
         for bname in persistent:
             put(prefix + bname, module._buffers[bname])
     metadata = {"format": "dora_ext.base", "torch_version": torch.__version__}
-    _safetensors.save_file(tensors, path, metadata)
+    _save_file(tensors, path, metadata)
     return sorted(tensors)

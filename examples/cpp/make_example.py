@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dora_ext.export
-from dora_ext import _safetensors
+from safetensors.torch import save_file
 from dora_ext.nn import apply_dora, mark_only_dora_trainable
 
 LAYER_NORM_EPS = 1e-5
@@ -130,10 +130,10 @@ def main() -> None:
     dora_ext.export.save_adapter(model, args.out / "adapter.safetensors", dtype=dtype)
     model = model.to(device=args.device, dtype=dtype)
     x = make_input(model.blocks[0].fc1.in_features, dtype, tokens=args.tokens)
-    _safetensors.save_file({"x": x}, args.out / "input.safetensors")
+    save_file({"x": x.contiguous()}, str(args.out / "input.safetensors"))
     with torch.no_grad():
         y = model(x.to(args.device))
-    _safetensors.save_file({"y": y}, args.out / "python.safetensors")
+    save_file({"y": y.contiguous()}, str(args.out / "python.safetensors"))
     if args.bench > 0:
         print(json.dumps({"mode": "python", "device": args.device, "dtype": args.dtype,
                           "median_ms": bench(model, x.to(args.device), args.bench)}))
