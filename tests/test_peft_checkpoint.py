@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
+import dora_ext  # noqa: E402
 import dora_ext.peft as dp  # noqa: E402
 from test_peft import INPUT_IDS, N_LINEAR, Counting, dora_model, lora_layers, rel, step  # noqa: E402
 
@@ -41,9 +42,14 @@ def test_transformers_gradient_checkpointing(monkeypatch, use_reentrant, dtype):
     # PeftModel makes the embedding output require grad, as reentrant checkpointing needs
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     assert model.base_model.model.model.gradient_checkpointing
+    before = dora_ext.norm_cache_stats()
     ckpt = step(model)
+    after = dora_ext.norm_cache_stats()
     # every DoRA layer ran twice: once in the forward, once recomputed in backward
     assert counting.calls["dora_linear"] == 2 * N_LINEAR
+    # and the recompute reused the norm of its forward: N_LINEAR norms computed, not 2 * N_LINEAR
+    assert after["norm_misses"] - before["norm_misses"] == N_LINEAR, (before, after)
+    assert after["norm_hits"] - before["norm_hits"] == N_LINEAR, (before, after)
     assert_same_gradients(ckpt, plain)
     # and the checkpointed accelerated model agrees with checkpointed stock PEFT
     dp.restore(model)
