@@ -105,9 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_impl(
   return compose_delta_backward_eager(grad_out, base, lora, magnitude, norm, scale, mask);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(dora_ext, CPU, m) {
+// The same implementations for both backends.
+void register_impls(torch::Library& m) {
   m.impl("row_norm", &row_norm_impl);
   m.impl("row_norm_sq", &row_norm_sq_impl);
   m.impl("dora_linear", &dora_linear_impl);
@@ -117,15 +116,15 @@ TORCH_LIBRARY_IMPL(dora_ext, CPU, m) {
   m.impl("compose_delta_backward", &compose_delta_backward_impl);
 }
 
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dora_ext, CPU, m) {
+  register_impls(m);
+}
+
 // A CPU-only build serves CUDA tensors too, on the eager path (the dispatcher finds no kernels).
 TORCH_LIBRARY_IMPL(dora_ext, CUDA, m) {
-  m.impl("row_norm", &row_norm_impl);
-  m.impl("row_norm_sq", &row_norm_sq_impl);
-  m.impl("dora_linear", &dora_linear_impl);
-  m.impl("dora_linear_forward", &dora_linear_forward_impl);
-  m.impl("dora_linear_backward", &dora_linear_backward_impl);
-  m.impl("compose_delta", &compose_delta_impl);
-  m.impl("compose_delta_backward", &compose_delta_backward_impl);
+  register_impls(m);
 }
 
 }  // namespace dora_ext

@@ -50,3 +50,14 @@ def any_device(request, monkeypatch) -> torch.device:
         dora_ext.set_options(tier="fused")
         return torch.device("cuda")
     return torch.device(request.param)
+
+
+@pytest.fixture
+def fresh_norm_cache():
+    """The norm cache on and empty (counters reset) for the test, emptied again after it."""
+    import dora_ext
+
+    dora_ext.set_options(norm_cache=True)
+    dora_ext.clear_norm_cache()
+    yield
+    dora_ext.clear_norm_cache()

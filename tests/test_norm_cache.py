@@ -21,13 +21,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[
     pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
-
-@pytest.fixture(autouse=True)
-def _fresh_cache(monkeypatch):
-    dora_ext.set_options(norm_cache=True)
-    dora_ext.clear_norm_cache()
-    yield
-    dora_ext.clear_norm_cache()
+pytestmark = pytest.mark.usefixtures("fresh_norm_cache")
 
 
 def _stats_delta(before: dict[str, int]) -> dict[str, int]:

@@ -20,13 +20,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[
     pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
 STEPS = 4
 
-
-@pytest.fixture(autouse=True)
-def _fresh_cache(monkeypatch):
-    dora_ext.set_options(norm_cache=True)
-    dora_ext.clear_norm_cache()
-    yield
-    dora_ext.clear_norm_cache()
+pytestmark = pytest.mark.usefixtures("fresh_norm_cache")
 
 
 def _supports(cls: type, device: str, **flags) -> bool:
