@@ -6,23 +6,23 @@ The row norm is computed in factored form (no [d_out, d_in] product) with fp32
 accumulation; CUDA runs ahead-of-time compiled Triton kernels chosen by a C++
 dispatcher; every op has C++ autograd and works under torch.compile.
 """
-import importlib.metadata as _metadata
+import sys as _sys
 from pathlib import Path as _Path
 
 
 def _use_the_installed_build() -> None:
     """`python -m dora_ext` run from the repository root imports this source folder, which has no
     compiled library unless it was built in place; after `pip install .` the installed copy has one.
-    Then every submodule is imported from the installed copy (``__path__``), library included."""
+    Then every submodule is imported from the installed copy (``__path__``), library included: the
+    first other ``dora_ext`` folder with a library on ``sys.path``."""
     here = _Path(__file__).resolve().parent
     if any(here.glob("_C*.so")):
         return
-    try:
-        installed = _Path(_metadata.distribution("dora_ext").locate_file("dora_ext")).resolve()
-    except _metadata.PackageNotFoundError:
-        return
-    if installed != here and any(installed.glob("_C*.so")):
-        __path__[:] = [str(installed)]
+    for entry in _sys.path:
+        candidate = (_Path(entry or ".") / "dora_ext").resolve()
+        if candidate != here and any(candidate.glob("_C*.so")):
+            __path__[:] = [str(candidate)]
+            return
 
 
 _use_the_installed_build()

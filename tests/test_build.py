@@ -94,6 +94,10 @@ def test_source_folder_without_a_build_uses_the_installed_copy(tmp_path):
     dist_info = site / "dora_ext-0.1.0.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: dora_ext\nVersion: 0.1.0\n")
+    # pip's in-tree build leaves metadata in the checkout too (found first: it must not stop the lookup)
+    egg_info = source.parent / "dora_ext.egg-info"
+    egg_info.mkdir()
+    (egg_info / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: dora_ext\nVersion: 0.1.0\n")
     env = dict(os.environ, PYTHONPATH=str(site))
     script = ("import dora_ext, json; from dora_ext import _library; "
               "print(json.dumps([dora_ext.__file__, str(_library.library_path()), dora_ext.info()['kernels']]))")
