@@ -78,9 +78,24 @@ std::string spell(const Options& options, OptionId id) {
   return "";
 }
 
-// to.<id> = from.<id>
+// to.<id> = from.<id> (on every op call under a thread override: no string round trip)
 void copy_option(Options& to, const Options& from, OptionId id) {
-  assign(to, id, spell(from, id), kSpecs[id].name);
+  switch (id) {
+    case kTier:
+      to.tier = from.tier;
+      return;
+    case kNormCache:
+      to.norm_cache = from.norm_cache;
+      return;
+    case kDecodeMaxTokens:
+      to.decode_max_tokens = from.decode_max_tokens;
+      return;
+    case kFp32PartsMinTokens:
+      to.fp32_parts_min_tokens = from.fp32_parts_min_tokens;
+      return;
+    case kOptionCount:
+      break;
+  }
 }
 
 struct Process {
