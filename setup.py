@@ -72,7 +72,8 @@ def sources() -> list[str]:
 
 
 class BuildWithAOT(BuildExtension):
-    """Runs scripts/aot_build.py first and compiles its kernel_images.cpp into the library."""
+    """Runs scripts/aot_build.py first and compiles its kernel_images.cpp into the library (its
+    kernel_variants.h, the typed variant keys csrc/ launches by, on the include path)."""
 
     def run(self) -> None:
         aot_dir = Path(self.build_temp).resolve() / "aot"
@@ -82,6 +83,7 @@ class BuildWithAOT(BuildExtension):
         subprocess.check_call(cmd, cwd=ROOT)
         for ext in self.extensions:
             ext.sources.append(str(aot_dir / "kernel_images.cpp"))
+            ext.include_dirs.append(str(aot_dir))
         super().run()
         for ext in self.extensions:  # ship the manifest beside the library: dora_ext.info() reads it
             library_dir = Path(self.get_ext_fullpath(ext.name)).parent

@@ -15,22 +15,16 @@
 namespace dora_ext {
 namespace {
 
-// "a16" when every pointer is 16-byte aligned and every row stride and the
-// column count are multiples of 16 elements (the kernel then uses vector
-// loads); "any" otherwise.
-const char* alignment_key(std::initializer_list<const at::Tensor*> tensors, std::initializer_list<int64_t> counts) {
-  return all_aligned16(tensors, counts) ? "a16" : "any";
-}
-
 // out = g * z + bias over [rows, cols]; out may be z.
 void launch_scale(const at::Tensor& z, const at::Tensor& g, const std::optional<at::Tensor>& bias,
                   const at::Tensor& out) {
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const int64_t rows = z.size(0), cols = z.size(1);
-  const std::string variant = std::string(dtype_key(z.scalar_type())) + (b.defined() ? "_bias_" : "_nobias_") +
-                              alignment_key({&z, &g, &b, &out}, {cols, z.stride(0), out.stride(0)});
   const c10::DeviceIndex device = z.device().index();
-  const KernelImage& k = kernel_for("dora_scale_kernel", variant, device);
+  const KernelImage& k =
+      kernel_for(kernels::Scale{z.scalar_type(), b.defined(),
+                                all_aligned16({&z, &g, &b, &out}, {cols, z.stride(0), out.stride(0)})},
+                 device);
   launch(k, device, {cdiv(rows, k.tile_rows), cdiv(cols, k.tile_cols), 1},
          {z, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), out, rows, cols, z.stride(0), out.stride(0)});
 }
@@ -45,11 +39,10 @@ std::pair<at::Tensor, at::Tensor> launch_fp32_compose(const at::Tensor& base, co
   at::Tensor z = need_z ? at::empty_like(base) : at::Tensor();
   const int64_t rows = base.size(0), cols = base.size(1);
   const int64_t z_stride = need_z ? z.stride(0) : 0;
-  const std::string variant =
-      std::string(dtype_key(base.scalar_type())) + (b.defined() ? "_bias_" : "_nobias_") + (need_z ? "z_" : "noz_") +
-      alignment_key({&base, &lora, &g, &b, &y, &z}, {cols, base.stride(0), lora.stride(0), y.stride(0), z_stride});
+  const bool aligned =
+      all_aligned16({&base, &lora, &g, &b, &y, &z}, {cols, base.stride(0), lora.stride(0), y.stride(0), z_stride});
   const c10::DeviceIndex device = base.device().index();
-  const KernelImage& k = kernel_for("dora_fp32_compose_kernel", variant, device);
+  const KernelImage& k = kernel_for(kernels::Fp32Compose{base.scalar_type(), b.defined(), need_z, aligned}, device);
   launch(k, device, {cdiv(rows, k.tile_rows), cdiv(cols, k.tile_cols), 1},
          {base, lora, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), y,
           need_z ? KernelArg(z) : KernelArg::null_pointer(), rows, cols, base.stride(0), lora.stride(0), y.stride(0),
@@ -69,20 +62,14 @@ std::pair<at::Tensor, at::Tensor> delta_scales(const at::Tensor& magnitude, cons
   return {magnitude_scale(magnitude, norm).contiguous(), magnitude_scale_minus_one(magnitude, norm).contiguous()};
 }
 
-// "<base dtype>_<lora dtype>_": the delta kernels' dtype key (a 16-bit base may come with fp32 lora).
-std::string delta_variant(const at::Tensor& base, const at::Tensor& lora) {
-  return std::string(dtype_key(base.scalar_type())) + "_" + dtype_key(lora.scalar_type()) + "_";
-}
-
 // gz = gy * g and the fp32 magnitude gradient colsum(gy * z) / norm in one pass.
 std::pair<at::Tensor, at::Tensor> launch_grad_prologue(const at::Tensor& gy, const at::Tensor& z, const at::Tensor& g,
                                                        const at::Tensor& norm) {
   const int64_t rows = gy.size(0), cols = gy.size(1);
   at::Tensor gz = at::empty({rows, cols}, gy.options());
   const c10::DeviceIndex device = gy.device().index();
-  const std::string variant = std::string(dtype_key(gy.scalar_type())) + "_" +
-                              alignment_key({&gy, &z, &g, &gz}, {cols, gy.stride(0), z.stride(0), gz.stride(0)});
-  const KernelImage& k = kernel_for("dora_grad_prologue_kernel", variant, device);
+  const bool aligned = all_aligned16({&gy, &z, &g, &gz}, {cols, gy.stride(0), z.stride(0), gz.stride(0)});
+  const KernelImage& k = kernel_for(kernels::GradPrologue{gy.scalar_type(), aligned}, device);
   const int64_t col_tiles = cdiv(cols, k.tile_cols);
   const int64_t row_programs = partial_sum_programs(rows, col_tiles, k.tile_rows, device);
   at::Tensor partial = at::empty({row_programs, cols}, gy.options().dtype(at::kFloat));
@@ -145,12 +132,11 @@ at::Tensor decode_forward(const at::Tensor& x, const at::Tensor& weight, const s
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const int64_t rows = x2d.size(0), d_out = weight.size(0), d_in = weight.size(1), rank = lora_B.size(1);
   at::Tensor y = at::empty({rows, d_out}, x.options());
-  const std::string variant =
-      std::string(dtype_key(x.scalar_type())) + (b.defined() ? "_bias_" : "_nobias_") +
-      alignment_key({&x2d, &weight, &h, &lora_B, &g, &b, &y},
+  const bool aligned =
+      all_aligned16({&x2d, &weight, &h, &lora_B, &g, &b, &y},
                     {d_out, d_in, rank, x2d.stride(0), weight.stride(0), h.stride(0), lora_B.stride(0), y.stride(0)});
   const c10::DeviceIndex device = x.device().index();
-  const KernelImage& k = kernel_for("dora_decode_kernel", variant, device);
+  const KernelImage& k = kernel_for(kernels::Decode{x.scalar_type(), b.defined(), aligned}, device);
   launch(k, device, {cdiv(d_out, k.tile_cols), cdiv(rows, k.tile_rows), 1},
          {x2d, weight, h, lora_B, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), y, rows, d_out, d_in, rank,
           x2d.stride(0), weight.stride(0), h.stride(0), lora_B.stride(0), y.stride(0), static_cast<float>(scale)});
@@ -215,16 +201,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_line
 at::Tensor compose_delta_fused(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
                                const at::Tensor& norm, double scale) {
   const int64_t d_out = base.size(-1);
-  // base may be 16-bit with a float32 lora: the kernel reads it as it is (delta_variant).
+  // base may be 16-bit with a float32 lora: the kernel reads it as it is (two dtype axes).
   const at::Tensor base2d = as_rows(base), lora2d = as_rows(lora);
   const auto [g, gm1] = delta_scales(magnitude, norm);
   at::Tensor out = at::empty({base2d.size(0), d_out}, lora.options());
   const int64_t rows = out.size(0);
   const c10::DeviceIndex device = base.device().index();
-  const std::string variant =
-      delta_variant(base, lora) +
-      alignment_key({&base2d, &lora2d, &g, &gm1, &out}, {d_out, base2d.stride(0), lora2d.stride(0), out.stride(0)});
-  const KernelImage& k = kernel_for("dora_delta_kernel", variant, device);
+  const bool aligned =
+      all_aligned16({&base2d, &lora2d, &g, &gm1, &out}, {d_out, base2d.stride(0), lora2d.stride(0), out.stride(0)});
+  const KernelImage& k = kernel_for(kernels::Delta{base.scalar_type(), lora.scalar_type(), aligned}, device);
   launch(k, device, {cdiv(rows, k.tile_rows), cdiv(d_out, k.tile_cols), 1},
          {base2d, lora2d, g, gm1, out, rows, d_out, base2d.stride(0), lora2d.stride(0), out.stride(0),
           static_cast<float>(scale)});
@@ -242,11 +227,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_fused(
   at::Tensor grad_lora = at::empty({rows, d_out}, lora.options());
   const int64_t grad_base_stride = mask[0] ? grad_base.stride(0) : 0;
   const c10::DeviceIndex device = base.device().index();
-  const std::string variant =
-      delta_variant(base, lora) + (mask[0] ? "gbase_" : "nogbase_") +
-      alignment_key({&gy, &base2d, &lora2d, &g, &gm1, &grad_base, &grad_lora},
+  const bool aligned =
+      all_aligned16({&gy, &base2d, &lora2d, &g, &gm1, &grad_base, &grad_lora},
                     {d_out, gy.stride(0), base2d.stride(0), lora2d.stride(0), grad_base_stride, grad_lora.stride(0)});
-  const KernelImage& k = kernel_for("dora_delta_backward_kernel", variant, device);
+  const KernelImage& k =
+      kernel_for(kernels::DeltaBackward{base.scalar_type(), lora.scalar_type(), mask[0], aligned}, device);
   const int64_t col_tiles = cdiv(d_out, k.tile_cols);
   const int64_t row_programs = partial_sum_programs(rows, col_tiles, k.tile_rows, device);
   at::Tensor partial = at::empty({row_programs, d_out}, gy.options().dtype(at::kFloat));

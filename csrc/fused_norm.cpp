@@ -63,11 +63,8 @@ at::Tensor row_norm_fused(const at::Tensor& weight, const at::Tensor& lora_A, co
   // "a16" also promises r, B's row stride and B's pointer 16-aligned (vector loads
   // of B and G in the Gram epilogue).
   const bool a16 = all_aligned16({&lora_B}, {rank, lora_B.stride(0)});
-  const KernelImage* partials = find_kernel("dora_norm_partials_kernel",
-                                            std::string(dtype_key(dtype)) + "_r" + std::to_string(block_r) +
-                                                (want_wsq ? "_wsq" : "_nowsq") + (a16 ? "_a16" : "_any"),
-                                            device);
-  const KernelImage* finish = find_kernel("dora_norm_finish_kernel", "fp32", device);
+  const KernelImage* partials = find_kernel(kernels::NormPartials{dtype, block_r, want_wsq, a16}, device);
+  const KernelImage* finish = find_kernel(kernels::NormFinish{at::kFloat}, device);
   if (partials == nullptr || finish == nullptr) return {};
 
   c10::cuda::CUDAGuard guard(weight.device());

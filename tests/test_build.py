@@ -15,8 +15,8 @@ import dora_ext
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))  # after site-packages: the installed dora_ext wins
 
-from scripts.aot_build import compile_one, parse_archs  # noqa: E402
-from triton_src.specs import SPECS  # noqa: E402
+from scripts.aot_build import _struct_name, compile_one, parse_archs, write_variants_header  # noqa: E402
+from triton_src.specs import KERNEL_KEYS, SPECS  # noqa: E402
 
 MANIFEST = Path(dora_ext.__file__).parent / "aot_manifest.json"
 
@@ -63,6 +63,47 @@ def test_aot_compiles_without_a_gpu_or_driver(tmp_path, monkeypatch):
     assert image["params"] == "ppppplllllf"
     assert image["trailing_null_params"] in (0, 1, 2)
     assert image["num_warps"] == spec.num_warps
+
+
+def _cxx_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    names = {"fp16": "Half", "bf16": "BFloat16", "fp32": "Float"}
+    return f"c10::ScalarType::{names[value]}"
+
+
+def test_generated_variant_structs_spell_every_spec(tmp_path):
+    """csrc/ names a kernel variant through the structs aot_build.py generates (kernel_variants.h):
+    compiled and run, each struct spells every spec's key exactly as the cubin table does."""
+    import shutil
+
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    write_variants_header(tmp_path / "kernel_variants.h")
+    assert set(KERNEL_KEYS) == {s.kernel for s in SPECS}
+    lines = ['#include "kernel_variants.h"', "#include <iostream>", "int main() {",
+             "  using namespace dora_ext::kernels;"]
+    for spec in SPECS:
+        values = ", ".join(_cxx_value(v) for v in spec.key)
+        lines.append(f'  std::cout << {_struct_name(spec.kernel)}::kernel << ":" '
+                     f'<< {_struct_name(spec.kernel)}{{{values}}}.variant() << "\\n";')
+    lines += ["}", ""]
+    (tmp_path / "main.cpp").write_text("\n".join(lines))
+    std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 14) else "-std=c++17"
+    libs = library_paths()[0]
+    cmd = [compiler, std, "-O0", "-D_GLIBCXX_USE_CXX11_ABI=" + str(int(torch._C._GLIBCXX_USE_CXX11_ABI)),
+           "-I", str(tmp_path), *[f"-I{p}" for p in include_paths()], str(tmp_path / "main.cpp"),
+           f"-L{libs}", "-lc10", f"-Wl,-rpath,{libs}", "-o", str(tmp_path / "spell")]
+    build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run([str(tmp_path / "spell")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [s.name for s in SPECS]
 
 
 def test_import_and_eager_path_without_a_gpu():

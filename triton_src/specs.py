@@ -5,15 +5,17 @@ types, constexpr values and launch configuration fixed. The C++ launcher finds
 a cubin by ``(kernel, variant, arch)`` and reads the tile sizes from the table
 to size the grid, so block shapes live here and nowhere else.
 
-Variants:
-  <dtype>            storage dtype of the activations: fp16, bf16 or fp32 (the delta
-                     kernels: <base dtype>_<lora dtype>);
-  _gbase / _nogbase  (delta backward) whether the base gradient is written;
-  _bias / _nobias    (scale, fp32 compose and decode kernels) whether a bias is added;
-  _z / _noz          (fp32 compose) whether z is written for the backward;
-  _a16 / _any        _a16 promises 16-byte aligned pointers and row strides and a
-                     column count divisible by 16 (vectorised loads); _any
-                     promises nothing. The launcher checks and picks.
+Variants: each kernel's variant key is a tuple of typed axes (KERNEL_KEYS below):
+  dtype axes         a storage dtype: fp16, bf16 or fp32 (the delta kernels have two:
+                     the base's and the lora's);
+  flag axes          e.g. bias / nobias, z / noz, gbase / nogbase, wsq / nowsq;
+  aligned            a16 promises 16-byte aligned pointers and row strides and a column
+                     count divisible by 16 (vectorised loads); any promises nothing. The
+                     launcher checks and picks;
+  int axes           the norm kernel's rank tile, r16 ... r128.
+scripts/aot_build.py generates from KERNEL_KEYS one C++ struct per kernel
+(kernel_variants.h, namespace dora_ext::kernels) whose fields are these axes and whose
+variant() spells the key exactly as Spec.variant does: csrc/ never writes a key by hand.
 """
 from __future__ import annotations
 
@@ -23,10 +25,62 @@ DTYPES = ("fp16", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
+class Axis:
+    """One typed part of a variant key: a C++ field of the generated struct and its spelling."""
+
+    field: str                        # C++ field name
+    kind: str                         # "dtype" (at::ScalarType), "flag" (bool) or "int" (int64_t)
+    on: str = ""                      # flag: spelling when true; int: prefix of the number
+    off: str = ""                     # flag: spelling when false
+
+    def spell(self, value: str | bool | int) -> str:
+        if self.kind == "dtype":
+            assert value in DTYPES, value
+            return str(value)
+        if self.kind == "flag":
+            return self.on if value else self.off
+        return f"{self.on}{int(value)}"
+
+
+def _dtype(field: str) -> Axis:
+    return Axis(field, "dtype")
+
+
+def _flag(field: str, on: str, off: str) -> Axis:
+    return Axis(field, "flag", on, off)
+
+
+ALIGNED = _flag("aligned", "a16", "any")
+BIAS = _flag("bias", "bias", "nobias")
+
+# kernel -> the axes of its variant key, in order (joined with "_").
+KERNEL_KEYS: dict[str, tuple[Axis, ...]] = {
+    "dora_scale_kernel": (_dtype("dtype"), BIAS, ALIGNED),
+    "dora_delta_kernel": (_dtype("base_dtype"), _dtype("lora_dtype"), ALIGNED),
+    "dora_delta_backward_kernel": (_dtype("base_dtype"), _dtype("lora_dtype"),
+                                   _flag("write_grad_base", "gbase", "nogbase"), ALIGNED),
+    "dora_fp32_compose_kernel": (_dtype("dtype"), BIAS, _flag("write_z", "z", "noz"), ALIGNED),
+    "dora_grad_prologue_kernel": (_dtype("dtype"), ALIGNED),
+    "dora_decode_kernel": (_dtype("dtype"), BIAS, ALIGNED),
+    "dora_norm_partials_kernel": (_dtype("dtype"), Axis("rank_tile", "int", "r"),
+                                  _flag("weight_sq", "wsq", "nowsq"), ALIGNED),
+    "dora_norm_finish_kernel": (_dtype("dtype"),),
+}
+
+
+def variant_name(kernel: str, key: tuple) -> str:
+    """The variant string of ``key`` (one value per axis of ``KERNEL_KEYS[kernel]``)."""
+    axes = KERNEL_KEYS[kernel]
+    if len(key) != len(axes):
+        raise ValueError(f"{kernel}: key {key} has {len(key)} values for axes {[a.field for a in axes]}")
+    return "_".join(axis.spell(value) for axis, value in zip(axes, key))
+
+
+@dataclass(frozen=True)
 class Spec:
     module: str                       # module in triton_src holding the kernel
     kernel: str                       # @triton.jit function name
-    variant: str                      # key the C++ side asks for
+    key: tuple                        # one value per axis of KERNEL_KEYS[kernel]
     signature: dict[str, str]         # argument -> Triton type ("*bf16", "i64", "fp32")
     aligned: tuple[str, ...]          # arguments promised divisible by 16
     constexprs: dict[str, int] = field(default_factory=dict)
@@ -37,6 +91,11 @@ class Spec:
 
     def builds_for(self, arch: int) -> bool:
         return self.small_smem is None or (arch in SMALL_SMEM_ARCHS) == self.small_smem
+
+    @property
+    def variant(self) -> str:
+        """The key the C++ side asks for (through the struct generated for this kernel)."""
+        return variant_name(self.kernel, self.key)
 
     @property
     def name(self) -> str:
@@ -52,7 +111,7 @@ def _scale_specs() -> list[Spec]:
                        "n_rows": "i64", "n_cols": "i64", "stride_z": "i64", "stride_out": "i64"}
                 specs.append(Spec(
                     module="compose", kernel="dora_scale_kernel",
-                    variant=f"{dt}_{'bias' if bias else 'nobias'}_{'a16' if a16 else 'any'}",
+                    key=(dt, bias, a16),
                     signature=sig,
                     aligned=(("z_ptr", "g_ptr", "bias_ptr", "out_ptr", "n_cols", "stride_z", "stride_out")
                              if a16 else ()),
@@ -76,7 +135,7 @@ def _delta_specs() -> list[Spec]:
                    "stride_out": "i64", "scale": "fp32"}
             specs.append(Spec(
                 module="compose", kernel="dora_delta_kernel",
-                variant=f"{base_dt}_{dt}_{'a16' if a16 else 'any'}",
+                key=(base_dt, dt, a16),
                 signature=sig,
                 aligned=("base_ptr", "lora_ptr", "g_ptr", "gm1_ptr", "out_ptr", "n_cols", "stride_base", "stride_lora",
                          "stride_out") if a16 else (),
@@ -97,8 +156,7 @@ def _fp32_compose_specs() -> list[Spec]:
                            "scale": "fp32"}
                     specs.append(Spec(
                         module="compose", kernel="dora_fp32_compose_kernel",
-                        variant=f"{dt}_{'bias' if bias else 'nobias'}_{'z' if write_z else 'noz'}_"
-                                f"{'a16' if a16 else 'any'}",
+                        key=(dt, bias, write_z, a16),
                         signature=sig,
                         aligned=("base_ptr", "lora_ptr", "g_ptr", "bias_ptr", "y_ptr", "z_ptr", "n_cols",
                                  "stride_base", "stride_lora", "stride_y", "stride_z") if a16 else (),
@@ -119,7 +177,7 @@ def _delta_backward_specs() -> list[Spec]:
                        "stride_grad_lora": "i64", "scale": "fp32"}
                 specs.append(Spec(
                     module="compose", kernel="dora_delta_backward_kernel",
-                    variant=f"{base_dt}_{dt}_{'gbase' if write_grad_base else 'nogbase'}_{'a16' if a16 else 'any'}",
+                    key=(base_dt, dt, write_grad_base, a16),
                     signature=sig,
                     aligned=("gy_ptr", "base_ptr", "lora_ptr", "g_ptr", "gm1_ptr", "grad_base_ptr", "grad_lora_ptr",
                              "partial_ptr", "n_cols", "stride_gy", "stride_base", "stride_lora", "stride_grad_base",
@@ -138,7 +196,7 @@ def _grad_prologue_specs() -> list[Spec]:
                    "stride_z": "i64", "stride_gz": "i64"}
             specs.append(Spec(
                 module="compose", kernel="dora_grad_prologue_kernel",
-                variant=f"{dt}_{'a16' if a16 else 'any'}",
+                key=(dt, a16),
                 signature=sig,
                 aligned=("gy_ptr", "z_ptr", "g_ptr", "gz_ptr", "partial_ptr", "n_cols", "stride_gy", "stride_z",
                          "stride_gz") if a16 else (),
@@ -165,7 +223,7 @@ def _decode_specs() -> list[Spec]:
                        "stride_y": "i64", "scale": "fp32"}
                 specs.append(Spec(
                     module="decode", kernel="dora_decode_kernel",
-                    variant=f"{dt}_{'bias' if bias else 'nobias'}_{'a16' if a16 else 'any'}",
+                    key=(dt, bias, a16),
                     signature=sig,
                     aligned=("x_ptr", "w_ptr", "h_ptr", "b_ptr", "g_ptr", "bias_ptr", "y_ptr", "n_cols", "d_in",
                              "rank", "stride_x", "stride_w", "stride_h", "stride_b", "stride_y") if a16 else (),
@@ -208,7 +266,7 @@ def _norm_partials_specs() -> list[Spec]:
                 extra = ("b_ptr", "gram_ptr", "rank", "stride_b") if a16 else ()
                 specs.append(Spec(
                     module="norm", kernel="dora_norm_partials_kernel",
-                    variant=f"{dt}_r{block_r}_{'wsq' if wsq else 'nowsq'}_{'a16' if a16 else 'any'}",
+                    key=(dt, block_r, wsq, a16),
                     signature=sig,
                     aligned=("w_ptr", "a_ptr", "cross_ptr", "wsq_ptr", "d_in", "stride_w", "stride_a",
                              "k_per_split") + extra,
@@ -221,7 +279,7 @@ def _norm_partials_specs() -> list[Spec]:
 def _norm_finish_specs() -> list[Spec]:
     sig = {"cross_ptr": "*fp32", "wsq_ptr": "*fp32", "norm_ptr": "*fp32", "wsq_out_ptr": "*fp32", "d_out": "i64",
            "n_cross_parts": "i64", "n_wsq_parts": "i64", "write_wsq": "i64", "scale": "fp32", "eps_sq": "fp32"}
-    return [Spec(module="norm", kernel="dora_norm_finish_kernel", variant="fp32", signature=sig, aligned=(),
+    return [Spec(module="norm", kernel="dora_norm_finish_kernel", key=("fp32",), signature=sig, aligned=(),
                  constexprs={"BLOCK_M": 256}, num_warps=4, tile=(256, 1))]
 
 
