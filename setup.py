@@ -107,7 +107,7 @@ setup(
     packages=find_packages(include=["dora_ext", "dora_ext.*"]),
     package_data={"dora_ext": ["aot_manifest.json"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.8", "safetensors>=0.4"],  # safetensors: dora_ext.export
+    install_requires=["torch>=2.8"],
     ext_modules=[
         extension(
             name="dora_ext._C",

@@ -1,14 +1,19 @@
 """Export a trained DoRA model for C++ inference without Python (docs/CPP.md).
 
     import dora_ext.export
-    dora_ext.export.save_adapter(model, "adapter.safetensors")   # DoRA factors + precomputed norm
-    dora_ext.export.save_base(model, "base.safetensors")         # everything else: the base model
+    dora_ext.export.save_adapter(model, "adapter.pt")   # DoRA factors + precomputed norm
+    dora_ext.export.save_base(model, "base.pt")         # everything else: the base model
 
 ``model`` is a model with :class:`dora_ext.nn.DoRALinear` layers or a PEFT model whose DoRA adapter is
 active (stock or accelerated by :mod:`dora_ext.peft`). C++ reads the files with
-``dora_ext::load_adapter`` and ``dora_ext::load_safetensors`` (cpp/include/dora_ext/).
+``dora_ext::load_adapter`` and ``dora_ext::load_tensor_file`` (cpp/include/dora_ext/).
 
-Adapter file (safetensors, ``format = "dora_ext.adapter"``, ``format_version = "1"``), per DoRA layer
+Files are *tensor files*: PyTorch's own archive (``torch.save``) of
+``{"metadata": {str: str}, "tensors": {str: Tensor}}``, which LibTorch reads with its own
+serialization code (no parser of ours) and Python with ``torch.load(path, weights_only=True)``
+(:func:`load_tensors`).
+
+Adapter file (metadata ``format = "dora_ext.adapter"``, ``format_version = "2"``), per DoRA layer
 at module path ``<name>`` (PEFT's ``base_model.model.`` prefix removed)::
 
     <name>.lora_A     [r, d_in]   export dtype
@@ -38,10 +43,11 @@ from torch import nn
 from .nn import DoRALinear
 from .ops import accumulate_dtype, row_norm
 
-__all__ = ["DoraLayerView", "FORMAT", "FORMAT_VERSION", "dora_layers", "save_adapter", "save_base"]
+__all__ = ["DoraLayerView", "FORMAT", "FORMAT_VERSION", "dora_layers", "load_tensors", "save_adapter", "save_base",
+           "save_tensors"]
 
 FORMAT = "dora_ext.adapter"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 1 was a safetensors file
 _PEFT_PREFIX = "base_model.model."
 # Rows per float64 norm chunk: bounds the float64 copy of W to chunk x d_in.
 _NORM_CHUNK_ROWS = 1024
@@ -59,11 +65,26 @@ class DoraLayerView:
     scale: float
 
 
-def _save_file(tensors: dict[str, torch.Tensor], path: Union[str, Path], metadata: dict[str, str]) -> None:
-    """A safetensors file through the ``safetensors`` package (contiguous CPU copies, string metadata)."""
-    from safetensors.torch import save_file
+def save_tensors(tensors: dict[str, torch.Tensor], path: Union[str, Path],
+                 metadata: Optional[dict[str, str]] = None) -> None:
+    """Write a tensor file (``dora_ext::load_tensor_file`` reads it in C++): compact CPU copies of
+    ``tensors`` (a view does not carry its whole storage along) and string ``metadata``."""
+    metadata = dict(metadata or {})
+    bad = {k: type(v).__name__ for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
+    if bad:
+        raise TypeError(f"save_tensors: metadata keys and values must be strings, got {bad}")
+    metadata = {str(k): str(v) for k, v in metadata.items()}  # plain str: torch.__version__ is a subclass
+    copies = {str(k): t.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, t in tensors.items()}
+    torch.save({"metadata": metadata, "tensors": copies}, str(path))
 
-    save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, str(path), metadata=metadata)
+
+def load_tensors(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a tensor file (written by :func:`save_tensors` or C++'s
+    ``dora_ext::save_tensor_file``), read with ``torch.load(weights_only=True)``."""
+    content = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not (isinstance(content, dict) and isinstance(content.get("tensors"), dict)):
+        raise ValueError(f"load_tensors: {path} is not a tensor file (a dict with \"metadata\" and \"tensors\")")
+    return content["tensors"], dict(content.get("metadata", {}))
 
 
 def _peft_root(model: nn.Module) -> Optional[nn.Module]:
@@ -168,7 +189,7 @@ def save_adapter(model: nn.Module, path: Union[str, Path], dtype: Optional[torch
         "torch_version": torch.__version__,
         "layers": json.dumps(sorted(layers)),
     }
-    _save_file(tensors, path, metadata)
+    save_tensors(tensors, path, metadata)
     return sorted(layers)
 
 
@@ -206,5 +227,5 @@ def save_base(model: nn.Module, path: Union[str, Path], dtype: Optional[torch.dt
         for bname in persistent:
             put(prefix + bname, module._buffers[bname])
     metadata = {"format": "dora_ext.base", "torch_version": torch.__version__}
-    _save_file(tensors, path, metadata)
+    save_tensors(tensors, path, metadata)
     return sorted(tensors)

@@ -56,10 +56,10 @@ for DTYPE in float32 bfloat16; do
   # shellcheck disable=SC2086
   python3 examples/cpp/make_example.py --out "$DATA" --dtype "$DTYPE" --device cuda $AOTI_FLAG --bench 200 $DIMS \
     | tee "$RESULTS/example_$DTYPE.json"
-  "$EXE" --base "$DATA/base.safetensors" --adapter "$DATA/adapter.safetensors" --input "$DATA/input.safetensors" \
-    --out "$DATA/cpp.safetensors" --device cuda --threads 4 --iters 200 | tee -a "$RESULTS/example_$DTYPE.json"
+  "$EXE" --base "$DATA/base.pt" --adapter "$DATA/adapter.pt" --input "$DATA/input.pt" \
+    --out "$DATA/cpp.pt" --device cuda --threads 4 --iters 200 | tee -a "$RESULTS/example_$DTYPE.json"
   if [ -n "$AOTI_FLAG" ]; then
-    "$EXE" --aoti "$DATA/model.pt2" --input "$DATA/input.safetensors" --out "$DATA/aoti.safetensors" \
+    "$EXE" --aoti "$DATA/model.pt2" --input "$DATA/input.pt" --out "$DATA/aoti.pt" \
       --device cuda --threads 2 --iters 200 | tee -a "$RESULTS/example_$DTYPE.json"
   fi
 done
@@ -68,13 +68,13 @@ done
 (cd /tmp && python3 - "$WORK" "$RESULTS/compare.json") <<'EOF'
 import json, sys
 from pathlib import Path
-from dora_ext import _safetensors
+from dora_ext.export import load_tensors
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 result = {}
 for data in sorted(work.glob("data_*")):
-    py = _safetensors.load_file(data / "python.safetensors")[0]["y"].double()
-    for name in [n for n in ("cpp", "aoti") if (data / f"{n}.safetensors").exists()]:
-        outputs, meta = _safetensors.load_file(data / f"{name}.safetensors")
+    py = load_tensors(data / "python.pt")[0]["y"].double()
+    for name in [n for n in ("cpp", "aoti") if (data / f"{n}.pt").exists()]:
+        outputs, meta = load_tensors(data / f"{name}.pt")
         result[f"{data.name}/{name}"] = {"tier": meta.get("tier"), **{
             k: float((v.double() - py).norm() / py.norm()) for k, v in outputs.items()}}
 out.write_text(json.dumps(result, indent=1))

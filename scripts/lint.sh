@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m ruff check .
-git ls-files 'csrc/*.cpp' 'csrc/*.h' 'cpp/*.cpp' 'cpp/*.h' 'examples/*.cpp' | xargs clang-format --dry-run --Werror
+git ls-files 'csrc/*.cpp' 'csrc/*.h' 'cpp/*.cpp' 'cpp/*.h' 'examples/*.cpp' 'tests/*.cpp' | xargs clang-format --dry-run --Werror
 echo "lint: clean"

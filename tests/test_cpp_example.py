@@ -22,7 +22,6 @@ import pytest
 import torch
 
 import dora_ext.export
-from safetensors.torch import load_file, save_file
 from dora_ext.nn import DoRALinear
 from reference import rel_err
 
@@ -95,7 +94,7 @@ def example_exe(tmp_path_factory) -> Path:
         timings[name] = round(time.perf_counter() - start, 1)
     print(f"\ntest_cpp_example build times (s, {jobs} jobs): {json.dumps(timings)}")
     installed = {p.relative_to(prefix).as_posix() for p in prefix.rglob("*") if p.is_file()}
-    assert {"include/dora_ext/dora_ext.h", "include/dora_ext/adapter.h", "include/dora_ext/safetensors.h"} <= installed
+    assert {"include/dora_ext/dora_ext.h", "include/dora_ext/adapter.h", "include/dora_ext/tensor_file.h"} <= installed
     assert any(p.endswith("cmake/dora_ext/dora_extConfig.cmake") for p in installed)
     exe = work / "example" / "dora_mlp"
     assert exe.is_file()
@@ -126,22 +125,22 @@ def _ref_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _export(model, folder: Path, dtype: torch.dtype, tokens: int = 5) -> torch.Tensor:
     folder.mkdir(parents=True, exist_ok=True)
-    dora_ext.export.save_base(model, folder / "base.safetensors", dtype=dtype)
-    dora_ext.export.save_adapter(model, folder / "adapter.safetensors", dtype=dtype)
+    dora_ext.export.save_base(model, folder / "base.pt", dtype=dtype)
+    dora_ext.export.save_adapter(model, folder / "adapter.pt", dtype=dtype)
     x = make_example.make_input(model.blocks[0].fc1.in_features, dtype, seed=int(time.time_ns() % 2**31),
                                 tokens=tokens)
-    save_file({"x": x.contiguous()}, str(folder / "input.safetensors"))
+    dora_ext.export.save_tensors({"x": x}, folder / "input.pt")
     return x
 
 
 def _run_example(exe: Path, folder: Path, *flags: str) -> tuple[dict[str, torch.Tensor], dict]:
-    out = folder / f"out_{len(list(folder.glob('out_*')))}.safetensors"
-    args = [str(exe), "--input", str(folder / "input.safetensors"), "--out", str(out), *flags]
+    out = folder / f"out_{len(list(folder.glob('out_*')))}.pt"
+    args = [str(exe), "--input", str(folder / "input.pt"), "--out", str(out), *flags]
     if "--aoti" not in flags:
-        args += ["--base", str(folder / "base.safetensors"), "--adapter", str(folder / "adapter.safetensors")]
+        args += ["--base", str(folder / "base.pt"), "--adapter", str(folder / "adapter.pt")]
     proc = _run(args)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    return load_file(str(out)), summary
+    return dora_ext.export.load_tensors(out)[0], summary
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 1e-2)])
@@ -206,13 +205,13 @@ def test_cpp_runs_a_peft_export(example_exe, tmp_path):
 def test_cpp_rejects_a_corrupt_adapter(example_exe, trained, tmp_path):
     """A truncated adapter file is an error naming the file, not a crash or garbage output."""
     _export(trained, tmp_path, torch.float32)
-    adapter = tmp_path / "adapter.safetensors"
+    adapter = tmp_path / "adapter.pt"
     adapter.write_bytes(adapter.read_bytes()[:-100])
-    out = subprocess.run([str(example_exe), "--base", str(tmp_path / "base.safetensors"), "--adapter", str(adapter),
-                          "--input", str(tmp_path / "input.safetensors"), "--out", str(tmp_path / "o.safetensors")],
+    out = subprocess.run([str(example_exe), "--base", str(tmp_path / "base.pt"), "--adapter", str(adapter),
+                          "--input", str(tmp_path / "input.pt"), "--out", str(tmp_path / "o.pt")],
                          capture_output=True, text=True)
     assert out.returncode == 1
-    assert "adapter.safetensors" in out.stderr and "outside the data section" in out.stderr
+    assert "adapter.pt" in out.stderr and "not a readable tensor file" in out.stderr
 
 
 @pytest.mark.cuda

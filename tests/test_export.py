@@ -26,13 +26,10 @@ class Net(nn.Module):
 
 
 def _load(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file, through the safetensors package."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    return load_file(str(path)), metadata
+    """(tensors, metadata) of a tensor file, read with plain torch.load (weights only)."""
+    content = torch.load(str(path), weights_only=True)
+    assert set(content) == {"metadata", "tensors"}
+    return content["tensors"], content["metadata"]
 
 
 def _randomise_adapter(model: nn.Module) -> None:
@@ -68,10 +65,10 @@ def _forward_from_files(base: dict, adapter: dict, x: torch.Tensor) -> torch.Ten
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_adapter_file_layout_and_norm(tmp_path, dtype):
     model = _dora_net()
-    names = dora_ext.export.save_adapter(model, tmp_path / "a.safetensors", dtype=dtype)
+    names = dora_ext.export.save_adapter(model, tmp_path / "a.pt", dtype=dtype)
     assert names == ["fc1", "fc2"]
-    tensors, meta = _load(tmp_path / "a.safetensors")
-    assert meta["format"] == "dora_ext.adapter" and meta["format_version"] == "1"
+    tensors, meta = _load(tmp_path / "a.pt")
+    assert meta["format"] == "dora_ext.adapter" and meta["format_version"] == "2"
     assert json.loads(meta["layers"]) == names and meta["source"] == "dora_ext.nn"
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     for name in names:
@@ -87,11 +84,11 @@ def test_adapter_file_layout_and_norm(tmp_path, dtype):
 
 def test_files_reproduce_the_model(tmp_path):
     model = _dora_net()
-    dora_ext.export.save_adapter(model, tmp_path / "a.safetensors")
-    keys = dora_ext.export.save_base(model, tmp_path / "b.safetensors")
+    dora_ext.export.save_adapter(model, tmp_path / "a.pt")
+    keys = dora_ext.export.save_base(model, tmp_path / "b.pt")
     assert keys == ["fc1.bias", "fc1.weight", "fc2.weight", "norm.bias", "norm.weight"]
-    base, _ = _load(tmp_path / "b.safetensors")
-    adapter, _ = _load(tmp_path / "a.safetensors")
+    base, _ = _load(tmp_path / "b.pt")
+    adapter, _ = _load(tmp_path / "a.pt")
     x = torch.randn(4, 7, 20)
     with torch.no_grad():
         assert rel_err(_forward_from_files(base, adapter, x), model(x)) < 1e-6
@@ -102,11 +99,11 @@ def test_peft_export_matches_peft(tmp_path):
     model = peft.get_peft_model(Net(), peft.LoraConfig(r=4, lora_alpha=6, use_dora=True,
                                                        target_modules=["fc1", "fc2"])).eval()
     _randomise_adapter(model)
-    assert dora_ext.export.save_adapter(model, tmp_path / "a.safetensors") == ["fc1", "fc2"]
-    keys = dora_ext.export.save_base(model, tmp_path / "b.safetensors")
+    assert dora_ext.export.save_adapter(model, tmp_path / "a.pt") == ["fc1", "fc2"]
+    keys = dora_ext.export.save_base(model, tmp_path / "b.pt")
     assert keys == ["fc1.bias", "fc1.weight", "fc2.weight", "norm.bias", "norm.weight"]
-    base, _ = _load(tmp_path / "b.safetensors")
-    adapter, meta = _load(tmp_path / "a.safetensors")
+    base, _ = _load(tmp_path / "b.pt")
+    adapter, meta = _load(tmp_path / "a.pt")
     assert meta["source"] == "peft"
     x = torch.randn(5, 20)
     with torch.no_grad():
@@ -117,6 +114,6 @@ def test_export_refuses_what_it_cannot_represent(tmp_path):
     model = _dora_net()
     model.fc1.merge()
     with pytest.raises(ValueError, match="merged"):
-        dora_ext.export.save_adapter(model, tmp_path / "a.safetensors")
+        dora_ext.export.save_adapter(model, tmp_path / "a.pt")
     with pytest.raises(ValueError, match="no DoRA layers"):
-        dora_ext.export.save_adapter(Net(), tmp_path / "a.safetensors")
+        dora_ext.export.save_adapter(Net(), tmp_path / "a.pt")

@@ -1,9 +1,9 @@
 // A LibTorch program that runs a DoRA model exported from Python, with no Python.
 //
-//   dora_mlp --base base.safetensors --adapter adapter.safetensors --input input.safetensors \
-//            --out out.safetensors [--device cpu|cuda] [--dtype float32|float64|bfloat16|float16]
+//   dora_mlp --base base.pt --adapter adapter.pt --input input.pt \
+//            --out out.pt [--device cpu|cuda] [--dtype float32|float64|bfloat16|float16]
 //            [--threads N] [--iters N]
-//   dora_mlp --aoti model.pt2 --input input.safetensors --out out.safetensors [--device cpu|cuda]
+//   dora_mlp --aoti model.pt2 --input input.pt --out out.pt [--device cpu|cuda]
 //
 // The model mirrors examples/cpp/make_example.py: residual blocks
 // x + fc2(gelu(fc1(layer_norm(x)))) and a head, every linear a DoRA layer run
@@ -16,7 +16,7 @@
 // calls at once. Prints one JSON line: device, dtype, tier, median latency.
 #include <dora_ext/adapter.h>
 #include <dora_ext/dora_ext.h>
-#include <dora_ext/safetensors.h>
+#include <dora_ext/tensor_file.h>
 
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
@@ -58,7 +58,7 @@ struct Block {
 class DoraMLP {
  public:
   DoraMLP(const std::string& base_path, const std::string& adapter_path, c10::Device device, at::ScalarType dtype) {
-    dora_ext::SafetensorsFile base = dora_ext::load_safetensors(base_path);
+    dora_ext::TensorFile base = dora_ext::load_tensor_file(base_path);
     const dora_ext::DoraAdapter adapter = dora_ext::load_adapter(adapter_path).to(device, dtype);
     auto tensor = [&](const std::string& key) {
       auto it = base.tensors.find(key);
@@ -150,7 +150,7 @@ void synchronize(const c10::Device& device) {
 int main(int argc, char** argv) try {
   const Args args = parse(argc, argv);
   const c10::Device device(args.device);
-  at::Tensor x = dora_ext::load_safetensors(args.input).tensors.at("x");
+  at::Tensor x = dora_ext::load_tensor_file(args.input).tensors.at("x");
   const at::ScalarType dtype = args.dtype.empty() ? x.scalar_type() : parse_dtype(args.dtype);
   x = x.to(device, dtype);
 
@@ -209,7 +209,7 @@ int main(int argc, char** argv) try {
     std::sort(ms.begin(), ms.end());
     median_ms = ms[ms.size() / 2];
   }
-  dora_ext::save_safetensors(args.out, outputs, {{"tier", tier.first}});
+  dora_ext::save_tensor_file(args.out, outputs, {{"tier", tier.first}});
   std::cout << "{\"mode\": \"" << (args.aoti.empty() ? "adapter" : "aoti") << "\", \"device\": \"" << device.str()
             << "\", \"dtype\": \"" << c10::toString(dtype) << "\", \"tier\": \"" << tier.first
             << "\", \"threads\": " << args.threads << ", \"median_ms\": " << median_ms << "}" << std::endl;

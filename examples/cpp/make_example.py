@@ -5,10 +5,10 @@
                                         [--tokens T --d-model D --d-hidden H --d-out O --blocks N] [--bench N]
 
 Writes into --out:
-    base.safetensors      the base model (dora_ext.export.save_base)
-    adapter.safetensors   the DoRA adapter with precomputed norms (dora_ext.export.save_adapter)
-    input.safetensors     "x": a batch [batch, tokens, d_model] in the model dtype
-    python.safetensors    "y": the Python model's output for x (eval mode, dora_ext ops)
+    base.pt      the base model (dora_ext.export.save_base)
+    adapter.pt   the DoRA adapter with precomputed norms (dora_ext.export.save_adapter)
+    input.pt     "x": a batch [batch, tokens, d_model] in the model dtype
+    python.pt    "y": the Python model's output for x (eval mode, dora_ext ops)
     model.pt2             with --aoti: the model exported by torch.export and compiled by AOTInductor
 The model (attention-free): ``blocks`` residual MLP blocks ``x + fc2(gelu(fc1(layer_norm(x))))`` and a
 ``head``; fc1, fc2 and head are DoRA layers. dora_mlp.cpp mirrors it layer for layer.
@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import dora_ext.export
-from safetensors.torch import save_file
 from dora_ext.nn import apply_dora, mark_only_dora_trainable
 
 LAYER_NORM_EPS = 1e-5
@@ -126,14 +125,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     model = trained_model(d_model=args.d_model, d_hidden=args.d_hidden, d_out=args.d_out, blocks=args.blocks)
-    dora_ext.export.save_base(model, args.out / "base.safetensors", dtype=dtype)
-    dora_ext.export.save_adapter(model, args.out / "adapter.safetensors", dtype=dtype)
+    dora_ext.export.save_base(model, args.out / "base.pt", dtype=dtype)
+    dora_ext.export.save_adapter(model, args.out / "adapter.pt", dtype=dtype)
     model = model.to(device=args.device, dtype=dtype)
     x = make_input(model.blocks[0].fc1.in_features, dtype, tokens=args.tokens)
-    save_file({"x": x.contiguous()}, str(args.out / "input.safetensors"))
+    dora_ext.export.save_tensors({"x": x}, args.out / "input.pt")
     with torch.no_grad():
         y = model(x.to(args.device))
-    save_file({"y": y.contiguous()}, str(args.out / "python.safetensors"))
+    dora_ext.export.save_tensors({"y": y}, args.out / "python.pt")
     if args.bench > 0:
         print(json.dumps({"mode": "python", "device": args.device, "dtype": args.dtype,
                           "median_ms": bench(model, x.to(args.device), args.bench)}))

@@ -1,5 +1,5 @@
 #pragma once
-// DoRA adapters exported from Python by dora_ext.export (a safetensors file, see
+// DoRA adapters exported from Python by dora_ext.export (a tensor file, tensor_file.h; see
 // docs/CPP.md): load them in C++ and run DoRA layers with the row norm that was
 // computed at export time, so inference never recomputes it.
 #include <ATen/core/Tensor.h>
@@ -13,7 +13,7 @@ namespace dora_ext {
 
 // The "format" metadata value of an adapter file, and the version this reader understands.
 inline constexpr const char* kAdapterFormat = "dora_ext.adapter";
-inline constexpr const char* kAdapterFormatVersion = "1";
+inline constexpr const char* kAdapterFormatVersion = "2";
 
 // One DoRA layer: W' = m * (W + s B A) / norm, with W (and the bias) kept by the caller.
 struct DoraLayer {
