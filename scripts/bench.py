@@ -3,7 +3,7 @@
 Hugging Face PEFT's DoRA and LoRA and a plain nn.Linear, in one run.
 
 For every shape (d_in x d_out), token count T, rank r and dtype it times, as
-medians of triton.testing.do_bench:
+medians of triton.testing.do_bench (scripts/timing.py):
   fwd      inference forward (no grad); dora_ext with its norm cache warm (the
            weights do not change in inference), PEFT recomputing its norm as it does
   fwd+bwd  forward and backward (adapters trainable, base frozen); dora_ext recomputes
@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch.autograd.graph import increment_version
-from triton.testing import do_bench
 
 import dora_ext
+from timing import median_ms  # scripts/timing.py
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_SHAPES = ["4096x4096", "4096x14336", "14336x4096", "8192x8192", "5120x27648"]
@@ -42,10 +42,6 @@ DEFAULT_GRID = [
     ([1, 16, 128], [16, 384], ["bf16"]),
 ]
 MIN_TRAINING_TOKENS = 512
-
-
-def median_ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def gemm_tflops(dtype: torch.dtype) -> float:

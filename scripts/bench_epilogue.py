@@ -10,8 +10,8 @@
     above that.
 
 Same cached norm (``g = m / n``), bf16, r = 384 by default, the layer shapes of scripts/bench.py.
-Writes ``epilogue.json`` and ``epilogue.md``: medians (``triton.testing.do_bench``), the FLOP floor
-from the GEMM rate measured in the same run, and the relative error of (b) and (c) against (a).
+Writes ``epilogue.json`` and ``epilogue.md``: medians (``triton.testing.do_bench``, scripts/timing.py), the
+FLOP floor from the GEMM rate measured in the same run, and the relative error of (b) and (c) against (a).
 
     python3 scripts/bench_epilogue.py --out R [--tokens 4096 1 16 64] [--rank 384]
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import triton
+from timing import median_ms  # scripts/timing.py
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: an installed dora_ext wins
 from triton_src.decode import dora_decode_kernel  # noqa: E402
@@ -59,8 +60,6 @@ def fused_gemm(x: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, lora_B: t
 
 
 def main() -> None:
-    from triton.testing import do_bench
-
     import dora_ext
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,14 +69,11 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    def ms(fn) -> float:
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
     def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
         return float((y.double() - ref.double()).norm() / ref.double().norm())
 
     square = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    rate = 2 * 8192 ** 3 / (ms(lambda: square @ square) * 1e-3)  # the bf16 GEMM rate, FLOP/s
+    rate = 2 * 8192 ** 3 / (median_ms(lambda: square @ square) * 1e-3)  # the bf16 GEMM rate, FLOP/s
     rows = []
     for d_in, d_out in SHAPES:
         for T in args.tokens:
@@ -93,22 +89,22 @@ def main() -> None:
             with torch.no_grad(), dora_ext.options(tier="fused"):
                 with dora_ext.options(decode_max_tokens=0):
                     ref = dora_ext.dora_linear(x, W, bias, A, B, m, s)  # also warms the norm cache
-                    t_cublas = ms(lambda: dora_ext.dora_linear(x, W, bias, A, B, m, s))
+                    t_cublas = median_ms(lambda: dora_ext.dora_linear(x, W, bias, A, B, m, s))
                 y_lib = dora_ext.dora_linear(x, W, bias, A, B, m, s)
                 lib_path = dora_ext.last_tier()[1]
-                t_lib = ms(lambda: dora_ext.dora_linear(x, W, bias, A, B, m, s))
+                t_lib = median_ms(lambda: dora_ext.dora_linear(x, W, bias, A, B, m, s))
             best = None
             for config in CONFIGS:
                 if config[0] > max(16, triton.next_power_of_2(T)) * 8:
                     continue  # tiles far taller than the batch
                 try:
                     y = fused_gemm(x, W, x @ A.t(), B, g, bias, s, config)
-                    t = ms(lambda: fused_gemm(x, W, x @ A.t(), B, g, bias, s, config))
+                    t = median_ms(lambda: fused_gemm(x, W, x @ A.t(), B, g, bias, s, config))
                 except triton.runtime.errors.OutOfResources:
                     continue
                 if best is None or t < best[0]:
                     best = (t, config, rel(y, ref))
-            t_linear = ms(lambda: torch.nn.functional.linear(x, W, bias))
+            t_linear = median_ms(lambda: torch.nn.functional.linear(x, W, bias))
             floor = 2 * T * (d_in * d_out + r * (d_in + d_out)) / rate * 1e3
             row = {"d_in": d_in, "d_out": d_out, "T": T, "r": r, "floor_ms": floor, "linear_ms": t_linear,
                    "cublas_plus_pass_ms": t_cublas, "triton_gemm_ms": best[0], "config": best[1],

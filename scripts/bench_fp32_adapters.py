@@ -6,8 +6,8 @@
 (c) the library's default (the parts from 2048 tokens).
 Per layer shape and token count: the inference forward (cached norm) and the training step
 (forward + backward, the norm recomputed from the cached ||W||^2 after an in-place update of B),
-medians of ``triton.testing.do_bench``, and the relative error of (a) against (b) for the output
-and the gradients of A and B. Writes ``fp32_adapters.json`` and ``fp32_adapters.md``.
+medians of ``triton.testing.do_bench`` (scripts/timing.py), and the relative error of (a) against (b)
+for the output and the gradients of A and B. Writes ``fp32_adapters.json`` and ``fp32_adapters.md``.
 
     python3 scripts/bench_fp32_adapters.py --out R [--tokens 1 512 2048 4096] [--rank 384]
 """
@@ -21,6 +21,7 @@ import torch
 import triton
 
 import dora_ext
+from timing import median_ms  # scripts/timing.py
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # d_in x d_out
 ROUTES = {"(a) bf16 parts": 0, "(b) fp32 GEMMs": 1 << 40, "(c) default": None}
@@ -62,8 +63,8 @@ def main() -> None:
             for name, limit in ROUTES.items():
                 with dora_ext.options(fp32_parts_min_tokens=limit):
                     with torch.no_grad():
-                        row[f"{name} infer ms"] = triton.testing.do_bench(lambda: dora_ext.dora_linear(**inp))
-                    row[f"{name} step ms"] = triton.testing.do_bench(lambda: _step(inp, gy))
+                        row[f"{name} infer ms"] = median_ms(lambda: dora_ext.dora_linear(**inp))
+                    row[f"{name} step ms"] = median_ms(lambda: _step(inp, gy))
                     with torch.no_grad():
                         y = dora_ext.dora_linear(**inp)
                     inp["lora_B"].grad = inp["lora_A"].grad = None

@@ -11,7 +11,7 @@ with <a> = fp32 (PEFT's default, autocast_adapter_dtype=True: adapters and magni
 the bf16 base) and bf16 (autocast_adapter_dtype=False).
 
 Measured per config, medians over --reps timed runs after --warmup untimed ones (CUDA events on
-a GPU, perf_counter on the CPU):
+a GPU, perf_counter on the CPU: scripts/timing.py's median_wall_ms):
   fwd_ms      inference forward, no_grad, eval mode
   step_ms     gradient step: zero_grad, forward, LM loss, backward (no optimizer; dora_ext
               computes the norm every step, as in training: its cache serves no norm to a
@@ -46,9 +46,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 if importlib.util.find_spec("dora_ext") is None:  # not installed: use the checkout (built in place)
     sys.path.append(str(ROOT))
+if str(HERE) not in sys.path:  # loaded by a test, not run as scripts/bench_model.py
+    sys.path.insert(0, str(HERE))
+from timing import median_wall_ms  # noqa: E402  (scripts/timing.py)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -87,9 +91,7 @@ class Timer:
         self.device, self.warmup, self.reps = device, warmup, reps
 
     def median_ms(self, fn: Callable[[], Any]) -> float:
-        from dora_ext._timing import median_ms  # after the sys.path fallback above
-
-        return median_ms(fn, self.reps, self.warmup, cuda=self.device.type == "cuda")
+        return median_wall_ms(fn, self.reps, self.warmup, cuda=self.device.type == "cuda")
 
 
 def build_base(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:

@@ -21,19 +21,17 @@ import time
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench
 
 import dora_ext
+from timing import median_ms  # scripts/timing.py
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "csrc" / "crossover_table.inc"
 D_OUTS = [256, 512, 1024, 2048, 4096, 8192]
 TOKENS = [1, 8, 64, 256, 1024, 4096]
 RANKS = [16, 64]
-
-
-def median_ms(fn) -> float:
-    return do_bench(fn, warmup=10, rep=40, return_mode="median")
+# do_bench's budgets in ms (scripts/timing.py), shorter than its defaults: the grid takes 288 timings
+WARMUP_MS, REP_MS = 10, 40
 
 
 def time_point(d: int, T: int, r: int, tier: str) -> tuple[float, float]:
@@ -45,12 +43,12 @@ def time_point(d: int, T: int, r: int, tier: str) -> tuple[float, float]:
     m = torch.rand(d, device=dev, dtype=dt).add_(0.5).requires_grad_(True)
     x = torch.randn(T, d, device=dev, dtype=dt, requires_grad=True)
     with dora_ext.overrides(tier=tier), torch.no_grad():
-        infer = median_ms(lambda: dora_ext.dora_linear(x, W, None, A, B, m, 2.0))
+        infer = median_ms(lambda: dora_ext.dora_linear(x, W, None, A, B, m, 2.0), WARMUP_MS, REP_MS)
 
     def step():
         dora_ext.dora_linear(x, W, None, A, B, m, 2.0).sum().backward()
     with dora_ext.overrides(tier=tier, norm_cache=False):
-        train = median_ms(step)
+        train = median_ms(step, WARMUP_MS, REP_MS)
     return infer, train
 
 

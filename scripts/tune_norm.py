@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.testing import do_bench
+from timing import median_ms  # scripts/timing.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from triton_src.norm import dora_norm_partials_kernel  # noqa: E402
@@ -107,8 +107,8 @@ def compare_split_rules(dtype: torch.dtype, sms: int, out: Path, name: str) -> N
         w = torch.randn(d_out, d_in, device="cuda", dtype=dtype)
         a = torch.randn(rank, d_in, device="cuda", dtype=dtype)
         b = torch.randn(d_out, rank, device="cuda", dtype=dtype)
-        old = do_bench(run(w, a, b, block_r, configs[block_r], sms, splits_two_per_sm), return_mode="median")
-        new = do_bench(run(w, a, b, block_r, configs[block_r], sms), return_mode="median")
+        old = median_ms(run(w, a, b, block_r, configs[block_r], sms, splits_two_per_sm))
+        new = median_ms(run(w, a, b, block_r, configs[block_r], sms))
         lines.append(f"| {d_in}×{d_out} | {rank} | {old:.4f} | {new:.4f} | {new / old:.2f} |")
         print(lines[-1], flush=True)
         del w, a, b
@@ -130,7 +130,7 @@ def main() -> None:
         return
     n = 8192
     square = torch.randn(n, n, device="cuda", dtype=dtype)
-    gemm_rate = 2 * n ** 3 / (do_bench(lambda: square @ square, return_mode="median") * 1e-3)
+    gemm_rate = 2 * n ** 3 / (median_ms(lambda: square @ square) * 1e-3)
     results, best = [], {}
     for block_r, ranks in RANKS.items():
         totals = {}
@@ -138,11 +138,11 @@ def main() -> None:
             w = torch.randn(d_out, d_in, device="cuda", dtype=dtype)
             a = torch.randn(rank, d_in, device="cuda", dtype=dtype)
             b = torch.randn(d_out, rank, device="cuda", dtype=dtype)
-            cublas = do_bench(lambda: torch.mm(w, a.t()), return_mode="median")
+            cublas = median_ms(lambda: torch.mm(w, a.t()))
             floor = max(2 * d_out * d_in * rank / gemm_rate, w.numel() * w.element_size() / 3.0e12) * 1e3
             for cfg in CANDIDATES[block_r]:
                 try:
-                    ms = do_bench(run(w, a, b, block_r, cfg, sms), return_mode="median")
+                    ms = median_ms(run(w, a, b, block_r, cfg, sms))
                 except Exception as exc:  # out of shared memory etc.: not a candidate here
                     print(f"r{block_r} {cfg}: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
                     ms = float("inf")

@@ -29,15 +29,10 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # an installed dor
 import dora_ext  # noqa: E402
 from dora_ext.distributed import row_norm  # noqa: E402
 from dora_ext.nn import DoRALinear  # noqa: E402
+from reference import NORM_TOL, ref_row_norm, rel_err  # noqa: E402  (tests/: this script's folder)
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float64: 1e-12}  # DESIGN.md §6, the norm
 SCALE = 1.7
 DEVICE = torch.device("cpu")  # set by main()
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def factors(seed: int, d_out: int, d_in: int, r: int, dtype: torch.dtype):
@@ -48,11 +43,6 @@ def factors(seed: int, d_out: int, d_in: int, r: int, dtype: torch.dtype):
     return w, a, b
 
 
-def dense_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = SCALE) -> torch.Tensor:
-    w, a, b = (t.detach().double().cpu() for t in (w, a, b))
-    return torch.linalg.vector_norm(w + scale * b @ a, dim=1)
-
-
 def comm_counts(comm: CommDebugMode) -> dict[str, int]:
     return {str(op): n for op, n in comm.get_comm_counts().items()}
 
@@ -60,7 +50,7 @@ def comm_counts(comm: CommDebugMode) -> dict[str, int]:
 def case(name: str, mesh, w_pl, a_spec, b_spec, dtype, shape, seed) -> dict[str, Any]:
     """``a_spec`` / ``b_spec``: a list of placements (a DTensor) or "full" (a plain full tensor)."""
     w, a, b = factors(seed, *shape, dtype)
-    want = dense_norm(w, a, b)
+    want = ref_row_norm(w, a, b, SCALE)
     dw = distribute_tensor(w, mesh, w_pl)
     da = a if a_spec == "full" else distribute_tensor(a, mesh, a_spec)
     db = b if b_spec == "full" else distribute_tensor(b, mesh, b_spec)
@@ -68,13 +58,13 @@ def case(name: str, mesh, w_pl, a_spec, b_spec, dtype, shape, seed) -> dict[str,
         got = row_norm(dw, da, db, SCALE)
     expected_out = [Shard(0) if p == Shard(0) else Replicate() for p in w_pl]
     full = got.full_tensor()
-    err = rel(full, want)
+    err = rel_err(full, want)
     counts = comm_counts(comm)
     gathers = sum(n for op, n in counts.items() if "gather" in op)
     out = {
-        "case": name, "dtype": str(dtype), "shape": shape, "rel_err": err, "tol": TOL[dtype],
+        "case": name, "dtype": str(dtype), "shape": shape, "rel_err": err, "tol": NORM_TOL[dtype],
         "out_dtype": str(full.dtype), "placements": [str(p) for p in got.placements], "comm": counts,
-        "ok": (err < TOL[dtype] and isinstance(got, DTensor) and list(got.placements) == expected_out
+        "ok": (err < NORM_TOL[dtype] and isinstance(got, DTensor) and list(got.placements) == expected_out
                and full.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
                and not got.requires_grad),
     }
@@ -101,14 +91,13 @@ def fsdp_layer_case(mesh: DeviceMesh) -> dict[str, Any]:
     layer = DoRALinear.from_linear(nn.Linear(19, 13), r=3, alpha=5.0).to(DEVICE)
     with torch.no_grad():
         layer.lora_B.weight.normal_(0, 0.3)
-    want = dense_norm(layer.base_layer.weight.detach(), layer.lora_A.weight.detach(), layer.lora_B.weight.detach(),
-                      layer.scaling)
+    want = ref_row_norm(layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight, layer.scaling)
     fully_shard(layer, mesh=mesh)  # explicit: fully_shard's default mesh is CUDA wherever a GPU exists
     assert isinstance(layer.base_layer.weight, DTensor)
     got = layer.row_norm()
-    err = rel(got.full_tensor(), want)
-    return {"case": "DoRALinear.row_norm under fully_shard", "rel_err": err, "tol": TOL[torch.float32],
-            "placements": [str(p) for p in got.placements], "ok": err < TOL[torch.float32]}
+    err = rel_err(got.full_tensor(), want)
+    return {"case": "DoRALinear.row_norm under fully_shard", "rel_err": err, "tol": NORM_TOL[torch.float32],
+            "placements": [str(p) for p in got.placements], "ok": err < NORM_TOL[torch.float32]}
 
 
 def error_cases(mesh) -> dict[str, Any]:
@@ -165,7 +154,7 @@ def main() -> None:
     # plain tensors go to the op unchanged
     w, a, b = factors(99, 7, 5, 2, torch.float32)
     plain = row_norm(w, a, b, SCALE)
-    results.append({"case": "plain tensors", "rel_err": rel(plain, dense_norm(w, a, b)),
+    results.append({"case": "plain tensors", "rel_err": rel_err(plain, ref_row_norm(w, a, b, SCALE)),
                     "ok": not isinstance(plain, DTensor) and torch.equal(plain, dora_ext.row_norm(w, a, b, SCALE))})
     dist.barrier()  # a rank that tears gloo down while its peer still talks aborts the peer
     if dist.get_rank() == 0:

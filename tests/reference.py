@@ -13,14 +13,20 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "BATCH_GRAD_TOL",
     "FWD_TOL",
     "GRAD_TOL",
     "NORM_EPS",
     "NORM_TOL",
+    "ROUNDED_ONCE_TOL",
+    "SAME_NORM_TOL",
+    "SAME_TOL",
     "as_ref",
     "make_inputs",
     "ref_compose_delta",
     "ref_dora_linear",
+    "ref_dora_linear_dropout",
+    "ref_dora_linear_for",
     "ref_row_norm",
     "ref_weight",
     "rel_err",
@@ -38,6 +44,23 @@ NORM_EPS = 1e-6
 FWD_TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}
 NORM_TOL = {torch.float16: 1e-4, torch.bfloat16: 1e-4, torch.float32: 1e-5, torch.float64: 1e-12}
 GRAD_TOL = {**FWD_TOL, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+# Gradients of a batch of tokens (tens or more): grad_A and grad_B sum an outer product per token, and
+# the sum averages the 16-bit roundings that make a single token's rank-1 grad_A need GRAD_TOL.
+BATCH_GRAD_TOL = {**GRAD_TOL, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+# The same computation run twice by other machinery on the same values (a CUDA-graph replay, a
+# torch.compile'd graph, against the eager call): the same kernels and shapes, so the two differ in
+# rounding order at most (cuBLAS may pick another algorithm inside a capture, Inductor fuses the
+# elementwise ops differently). Elementwise, for torch.testing.assert_close; bf16's rtol is about
+# 4 units of its roundoff (2**-8). The row norm, fp32 whatever the inputs and clamped away from 0,
+# is held relatively only.
+SAME_TOL = {torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+SAME_NORM_TOL = dict(rtol=1e-5, atol=0)
+
+# One Triton kernel under the interpreter against float64 of its own inputs (g, the Gram matrix and
+# the like given, not recomputed), its output rounded once to its dtype: a rounding moves a value by
+# at most 2**-11 (fp16) or 2**-24 (fp32) relatively, plus the fp32 accumulation of the dot products.
+ROUNDED_ONCE_TOL = {torch.float16: 1e-3, torch.float32: 1e-6}
 
 
 def as_ref(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -72,21 +95,55 @@ def ref_dora_linear(
     s: float,
     *,
     attach_norm: bool = False,
+    lora_x: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(m / n) * (x @ (W + s B A)^T) + bias`` in float64 on the CPU, shape ``[..., d_out]``.
 
     Differentiable in x, A, B, m and bias; the norm ``n`` is detached (DoRA
     section 4.3) unless ``attach_norm=True`` (a different function, only for
-    showing that a gradient test can fail).
+    showing that a gradient test can fail). ``lora_x``: the low-rank path's own
+    input (x after dropout, where dora_ext.nn.DoRALinear applies it):
+    ``(m / n) * (x @ W^T + s (lora_x @ A^T) @ B^T)``.
     """
     Wp = ref_weight(W, A, B, s)
     n = _norm_of(Wp)
     if not attach_norm:
         n = n.detach()
-    y = (as_ref(x) @ Wp.T) * (as_ref(m) / n)
+    if lora_x is None:
+        y = (as_ref(x) @ Wp.T) * (as_ref(m) / n)
+    else:
+        y = (as_ref(x) @ as_ref(W).T + s * (as_ref(lora_x) @ as_ref(A).T) @ as_ref(B).T) * (as_ref(m) / n)
     if bias is not None:
         y = y + as_ref(bias)
     return y
+
+
+def ref_dora_linear_dropout(
+    x: torch.Tensor,
+    x_dropped: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    m: torch.Tensor,
+    s: float,
+) -> torch.Tensor:
+    """PEFT's DoRA layer in training with lora_dropout, in float64 on the CPU:
+    ``x W^T + bias + (g - 1) (x_d W^T) + g s (x_d A^T) B^T``, ``g = m / n``, n detached.
+    Differentiable in x, x_dropped, A, B, m and bias."""
+    n = _norm_of(ref_weight(W, A, B, s)).detach()
+    W64, xd = as_ref(W), as_ref(x_dropped)
+    g = as_ref(m) / n
+    y = as_ref(x) @ W64.T + (g - 1) * (xd @ W64.T) + g * s * ((xd @ as_ref(A).T) @ as_ref(B).T)
+    if bias is not None:
+        y = y + as_ref(bias)
+    return y
+
+
+def ref_dora_linear_for(inp: dict, **kw) -> torch.Tensor:
+    """:func:`ref_dora_linear` of a :func:`make_inputs` dict (``kw``: its keyword options)."""
+    return ref_dora_linear(inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], inp["magnitude"],
+                           inp["scale"], **kw)
 
 
 def ref_compose_delta(

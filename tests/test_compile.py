@@ -13,6 +13,7 @@ import torch._dynamo
 import torch._dynamo.testing
 
 import dora_ext
+from reference import SAME_TOL
 
 SCALE = 0.5
 
@@ -73,8 +74,7 @@ def _run(mod, x, gy=None):
 
 
 def _assert_same(a, b, dtype=torch.float32):
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(a, b, **SAME_TOL[dtype])
 
 
 @pytest.mark.parametrize("backend", ["inductor", "aot_eager"])

@@ -16,7 +16,7 @@ from reference import (
     NORM_EPS,
     make_inputs,
     ref_compose_delta,
-    ref_dora_linear,
+    ref_dora_linear_for,
     FWD_TOL,
     GRAD_TOL,
     NORM_TOL,
@@ -43,12 +43,6 @@ def _dt_id(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
-def _ref_for(inp: dict, **kw) -> torch.Tensor:
-    return ref_dora_linear(
-        inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], inp["magnitude"], inp["scale"], **kw
-    )
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -62,7 +56,7 @@ def _grads_and_ref_grads(inp: dict, y: torch.Tensor, **ref_kw) -> tuple[dict, di
     for k in keys:
         assert got[k] is not None, f"no gradient for {k}"
         inp[k].grad = None
-    ref = _ref_for(inp, **ref_kw)
+    ref = ref_dora_linear_for(inp, **ref_kw)
     want = dict(zip(keys, torch.autograd.grad(ref, [inp[k] for k in keys], gy.to(torch.float64))))
     return got, want
 
@@ -164,7 +158,7 @@ def test_dora_linear_forward_matches_reference(dtype, d_in, d_out, r, batch, bia
     assert y.dtype == dtype
     assert y.shape == (*batch, d_out)
     assert torch.isfinite(y).all()
-    assert rel_err(y, _ref_for(inp)) < FWD_TOL[dtype]
+    assert rel_err(y, ref_dora_linear_for(inp)) < FWD_TOL[dtype]
     assert dora_ext.last_tier()[0] == "eager"
 
 
@@ -190,7 +184,7 @@ def test_inputs_are_not_modified():
 def test_dora_linear_scales(scale):
     inp = make_inputs(30, 14, 4, (6,), torch.float64, scale=scale)
     y = dora_ext.dora_linear(**inp)
-    assert rel_err(y, _ref_for(inp)) < FWD_TOL[torch.float64]
+    assert rel_err(y, ref_dora_linear_for(inp)) < FWD_TOL[torch.float64]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=_dt_id)
@@ -225,7 +219,7 @@ def test_dora_linear_noncontiguous(dtype, layout):
     inp["x"] = xv
     y = dora_ext.dora_linear(**inp)
     assert y.shape == (*x.shape[:-1], d_out)
-    assert rel_err(y, _ref_for(dict(inp, x=x))) < FWD_TOL[dtype]
+    assert rel_err(y, ref_dora_linear_for(dict(inp, x=x))) < FWD_TOL[dtype]
 
 
 @pytest.mark.parametrize(
@@ -244,7 +238,7 @@ def test_magnitude_dtype_does_not_change_output_dtype(x_dtype, mag_dtype):
     assert inp["magnitude"].dtype == mag_dtype
     y = dora_ext.dora_linear(**inp)
     assert y.dtype == x_dtype, "the magnitude's dtype must not promote the output"
-    assert rel_err(y, _ref_for(inp)) < FWD_TOL[x_dtype]
+    assert rel_err(y, ref_dora_linear_for(inp)) < FWD_TOL[x_dtype]
     got, want = _grads_and_ref_grads(inp, y)
     assert got["magnitude"].dtype == mag_dtype
     for k in ("x", "bias", "lora_A", "lora_B"):
@@ -260,7 +254,7 @@ def test_dora_linear_g_near_one(dtype):
     g = inp["magnitude"].double() / ref_row_norm(inp["weight"], inp["lora_A"], inp["lora_B"], inp["scale"])
     assert 0 < (g - 1).abs().max() < 1e-3
     y = dora_ext.dora_linear(**inp)
-    assert rel_err(y, _ref_for(inp)) < FWD_TOL[dtype]
+    assert rel_err(y, ref_dora_linear_for(inp)) < FWD_TOL[dtype]
 
 
 # fp16 stops at 1e3: outputs of ~1e6 are beyond its range (65504).
@@ -275,7 +269,7 @@ def test_large_magnitudes(dtype, factor):
         inp["magnitude"].mul_(factor)
     y = dora_ext.dora_linear(**inp)
     assert torch.isfinite(y).all()
-    assert rel_err(y, _ref_for(inp)) < FWD_TOL[dtype]
+    assert rel_err(y, ref_dora_linear_for(inp)) < FWD_TOL[dtype]
     got, want = _grads_and_ref_grads(inp, y)
     for k in GRAD_KEYS:
         assert torch.isfinite(got[k]).all(), k
@@ -302,7 +296,7 @@ def test_zero_row_is_finite(dtype, row_mag):
     assert torch.isfinite(y).all()
     # z_i = 0 for the zero row, so y_i is exactly the bias
     torch.testing.assert_close(y[:, 4], inp["bias"].detach()[4].expand(5), rtol=0, atol=0)
-    assert rel_err(y, _ref_for(inp)) < FWD_TOL[dtype]
+    assert rel_err(y, ref_dora_linear_for(inp)) < FWD_TOL[dtype]
     got, want = _grads_and_ref_grads(inp, y)
     for k in GRAD_KEYS:
         assert torch.isfinite(got[k]).all(), f"gradient of {k} is not finite"
@@ -334,7 +328,7 @@ def test_empty_batch(dtype, batch):
 
 def test_no_grad_and_inference_mode():
     inp = make_inputs(20, 10, 2, (4,), torch.float32, requires_grad=True)
-    ref = _ref_for(inp).detach()
+    ref = ref_dora_linear_for(inp).detach()
     with torch.no_grad():
         y = dora_ext.dora_linear(**inp)
     assert not y.requires_grad
@@ -387,7 +381,7 @@ def test_gradients_only_for_requested_inputs():
     (gB,) = torch.autograd.grad(y.sum(), [inp["lora_B"]])
     ref_inp = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
     ref_inp["lora_B"].requires_grad_(True)
-    (wB,) = torch.autograd.grad(_ref_for(ref_inp).sum(), [ref_inp["lora_B"]])
+    (wB,) = torch.autograd.grad(ref_dora_linear_for(ref_inp).sum(), [ref_inp["lora_B"]])
     assert rel_err(gB, wB) < 1e-5
     for k in ("x", "lora_A", "magnitude", "bias"):
         assert inp[k].grad is None
@@ -400,12 +394,12 @@ def test_lora_gradients_exclude_the_norm_path():
     gy = torch.randn_like(y)
     gA, gB = torch.autograd.grad(y, [inp["lora_A"], inp["lora_B"]], gy)
 
-    ref = _ref_for(inp)
+    ref = ref_dora_linear_for(inp)
     wA, wB = torch.autograd.grad(ref, [inp["lora_A"], inp["lora_B"]], gy)
     assert rel_err(gA, wA) < 1e-12
     assert rel_err(gB, wB) < 1e-12
 
-    attached = _ref_for(inp, attach_norm=True)
+    attached = ref_dora_linear_for(inp, attach_norm=True)
     aA, aB = torch.autograd.grad(attached, [inp["lora_A"], inp["lora_B"]], gy)
     # Same forward value, different gradient: the test above can tell them apart.
     assert rel_err(attached, ref) < 1e-14

@@ -17,16 +17,13 @@ import pytest
 import torch
 
 import dora_ext
-from reference import make_inputs, ref_compose_delta, ref_dora_linear, ref_row_norm, rel_err
+from reference import (BATCH_GRAD_TOL, FWD_TOL, NORM_TOL, make_inputs, ref_compose_delta, ref_dora_linear,
+                       ref_row_norm, rel_err)
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
 ]
-
-FWD_TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
-GRAD_TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-4}
-NORM_TOL = {torch.bfloat16: 1e-4, torch.float16: 1e-4, torch.float32: 1e-5}
 
 
 def check_device(index: int, dtype: torch.dtype, seed: int, device_type: str = "cuda") -> dict[str, Any]:
@@ -72,7 +69,7 @@ def assert_ok(r: dict[str, Any], dtype: torch.dtype) -> None:
     assert r["norm"] < NORM_TOL[dtype], r
     for k, v in r.items():
         if k.startswith("grad_"):
-            assert v < GRAD_TOL[dtype], (k, r)
+            assert v < BATCH_GRAD_TOL[dtype], (k, r)  # 111 tokens
 
 
 def first_on_0_then_1() -> list[dict[str, Any]]:

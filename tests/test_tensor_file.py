@@ -147,7 +147,7 @@ def _crafted(tmp: Path) -> dict[str, tuple[Path, str]]:
         "metadata_has_a_tensor": (_file({}, {"format": _Tensor(s, 0, [4], [1])}), {"0": FOUR}, "must be a string"),
         "unknown_top_level_key": ({"metadata": {}, "tensors": {}, "code": "x"}, {}, "unexpected top-level key"),
         "no_tensors": ({"metadata": {}}, {}, "no \"tensors\""),
-        "deep_nesting": ({"metadata": {}, "tensors": {}, "x": _nested(500)}, {}, ""),
+        "deep_nesting": ({"metadata": {}, "tensors": {}, "x": _nested(200)}, {}, ""),
     }
     out = {}
     for name, (root, records, phrase) in cases.items():
