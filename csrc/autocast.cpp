@@ -82,6 +82,18 @@ at::Tensor dora_linear_autocast(const at::Tensor& x, const at::Tensor& weight, c
 }
 
 template <c10::DeviceType device>
+at::Tensor dora_linear_dropout_autocast(const at::Tensor& x, const at::Tensor& x_dropped, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                        const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<device>());
+  const at::ScalarType dt = at::autocast::get_autocast_dtype(device);
+  return dora_linear_dropout(at::autocast::cached_cast(dt, x, device), at::autocast::cached_cast(dt, x_dropped, device),
+                             at::autocast::cached_cast(dt, weight, device), at::autocast::cached_cast(dt, bias, device),
+                             at::autocast::cached_cast(dt, lora_A, device),
+                             at::autocast::cached_cast(dt, lora_B, device), magnitude, scale);
+}
+
+template <c10::DeviceType device>
 at::Tensor row_norm_autocast(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
                              double scale) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<device>());
@@ -108,12 +120,14 @@ at::Tensor compose_delta_autocast(const at::Tensor& base, const at::Tensor& lora
 
 TORCH_LIBRARY_IMPL(dora_ext, AutocastCPU, m) {
   m.impl("dora_linear", &dora_linear_autocast<c10::DeviceType::CPU>);
+  m.impl("dora_linear_dropout", &dora_linear_dropout_autocast<c10::DeviceType::CPU>);
   m.impl("row_norm", &row_norm_autocast<c10::DeviceType::CPU>);
   m.impl("compose_delta", &compose_delta_autocast<c10::DeviceType::CPU>);
 }
 
 TORCH_LIBRARY_IMPL(dora_ext, AutocastCUDA, m) {
   m.impl("dora_linear", &dora_linear_autocast<c10::DeviceType::CUDA>);
+  m.impl("dora_linear_dropout", &dora_linear_dropout_autocast<c10::DeviceType::CUDA>);
   m.impl("row_norm", &row_norm_autocast<c10::DeviceType::CUDA>);
   m.impl("compose_delta", &compose_delta_autocast<c10::DeviceType::CUDA>);
 }

@@ -84,6 +84,50 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
   }
 };
 
+class DoraLinearDropoutFunction : public torch::autograd::Function<DoraLinearDropoutFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& x_dropped,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, double)>("dora_ext::dora_linear_dropout_forward");
+    auto [out, z_dropped, h, norm] = op.call(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale);
+    // x is not saved: its gradient is gy W.
+    ctx->save_for_backward({x_dropped, weight, lora_A, lora_B, magnitude, norm, z_dropped, h});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    save_options(ctx);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    ThreadOptionsGuard options(saved_options(ctx));
+    const auto saved = ctx->get_saved_variables();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    // needs_input_grad counts tensor inputs only: x, x_dropped, weight, [bias], lora_A, lora_B, magnitude.
+    const size_t b = ctx->saved_data["has_bias"].toBool() ? 1 : 0;
+    const std::array<bool, 6> mask = {ctx->needs_input_grad(0),     ctx->needs_input_grad(1),
+                                      ctx->needs_input_grad(3 + b), ctx->needs_input_grad(4 + b),
+                                      ctx->needs_input_grad(5 + b), b == 1 && ctx->needs_input_grad(3)};
+    static auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, std::array<bool, 6>)>(
+        "dora_ext::dora_linear_dropout_backward");
+    auto [gx, gxd, gA, gB, gm, gbias] =
+        op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7], scale, mask);
+    return {grad_or_undefined(gx, mask[0]),
+            grad_or_undefined(gxd, mask[1]),
+            at::Tensor(),
+            grad_or_undefined(gbias, mask[5]),
+            grad_or_undefined(gA, mask[2]),
+            grad_or_undefined(gB, mask[3]),
+            grad_or_undefined(gm, mask[4]),
+            at::Tensor()};
+  }
+};
+
 class ComposeDeltaFunction : public torch::autograd::Function<ComposeDeltaFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& base, const at::Tensor& lora,
@@ -140,6 +184,26 @@ at::Tensor dora_linear_autograd(const at::Tensor& x, const at::Tensor& weight, c
   return DoraLinearFunction::apply(x, weight, bias, lora_A, lora_B, magnitude, scale);
 }
 
+at::Tensor dora_linear_dropout_autograd(const at::Tensor& x, const at::Tensor& x_dropped, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                        const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+  const at::Tensor no_bias;
+  const at::Tensor& b = bias.has_value() ? *bias : no_bias;
+  const bool grad = at::GradMode::is_enabled() && any_requires_grad({&x, &x_dropped, &b, &lora_A, &lora_B, &magnitude});
+  TORCH_CHECK(!(at::GradMode::is_enabled() && weight.requires_grad()),
+              "dora_linear_dropout: weight requires grad, but the DoRA base weight is frozen and gets no gradient; "
+              "call weight.requires_grad_(False) (train lora_A, lora_B and magnitude instead)");
+  if (!grad) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static auto op =
+        find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>(
+            "dora_ext::dora_linear_dropout");
+    return op.call(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale);
+  }
+  return DoraLinearDropoutFunction::apply(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale);
+}
+
 at::Tensor compose_delta_autograd(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
                                   const at::Tensor& norm, double scale) {
   return ComposeDeltaFunction::apply(base, lora, magnitude, norm, scale);
@@ -167,6 +231,7 @@ at::Tensor row_norm_sq_autograd(const at::Tensor& weight, const at::Tensor& lora
 
 TORCH_LIBRARY_IMPL(dora_ext, Autograd, m) {
   m.impl("dora_linear", &dora_linear_autograd);
+  m.impl("dora_linear_dropout", &dora_linear_dropout_autograd);
   m.impl("compose_delta", &compose_delta_autograd);
   m.impl("row_norm", &row_norm_autograd);
   m.impl("row_norm_sq", &row_norm_sq_autograd);

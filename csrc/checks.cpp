@@ -87,6 +87,21 @@ void check_dora_linear_args(const char* op, const at::Tensor& x, const at::Tenso
   }
 }
 
+void check_dora_linear_dropout_args(const char* op, const at::Tensor& x, const at::Tensor& x_dropped,
+                                    const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude) {
+  check_dora_linear_args(op, x, weight, bias, lora_A, lora_B, magnitude);
+  TORCH_CHECK(x_dropped.sizes() == x.sizes(), op, ": x_dropped must have the shape of x ", x.sizes(), ", got ",
+              x_dropped.sizes());
+  check_same_device(op, "x_dropped", x_dropped, x, "x");
+  const at::ScalarType dt = x_dropped.scalar_type();
+  TORCH_CHECK(dt == x.scalar_type() || dt == lora_A.scalar_type(), op, ": x_dropped must have the dtype of x (",
+              x.scalar_type(), ") or of lora_A (", lora_A.scalar_type(),
+              ", PEFT's dropout of the input cast to the "
+              "adapter dtype), got ",
+              dt);
+}
+
 void check_compose_delta_args(const char* op, const at::Tensor& base, const at::Tensor& lora,
                               const at::Tensor& magnitude, const at::Tensor& norm) {
   TORCH_CHECK(base.dim() >= 1, op, ": base must have at least 1 dimension [..., d_out], got a 0-D tensor");

@@ -10,6 +10,12 @@ void check_dora_linear_args(const char* op, const at::Tensor& x, const at::Tenso
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
                             const at::Tensor& magnitude);
 
+// dora_linear's arguments, and x_dropped (lora_dropout(x)): x's shape and device, x's dtype or the
+// adapters' (PEFT casts x to the adapter dtype before its dropout).
+void check_dora_linear_dropout_args(const char* op, const at::Tensor& x, const at::Tensor& x_dropped,
+                                    const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude);
+
 // lora_A and lora_B have the weight's dtype, or are both float32 with a float16/bfloat16
 // weight (PEFT keeps adapters in float32 by default).
 void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B);

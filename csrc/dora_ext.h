@@ -29,6 +29,14 @@ at::Tensor row_norm_sq(const at::Tensor& weight, const at::Tensor& lora_A, const
 at::Tensor dora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude, double scale);
 
+// dora_linear with LoRA dropout, as PEFT trains it: x_dropped = lora_dropout(x) (drawn by the
+// caller; x's shape, and x's dtype or the adapters') feeds the adapter's terms,
+// y = x W^T + bias + (g - 1) (x_dropped W^T) + g scale (x_dropped A^T) B^T. Gradients reach x,
+// x_dropped, lora_A, lora_B, magnitude and bias. With x_dropped = x it equals dora_linear.
+at::Tensor dora_linear_dropout(const at::Tensor& x, const at::Tensor& x_dropped, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                               const at::Tensor& lora_B, const at::Tensor& magnitude, double scale);
+
 // The DoRA delta for callers that already have base = x W^T (no bias) and
 // lora = (x A^T) B^T: (g - 1) * base + g * scale * lora, g = magnitude / norm.
 // base and lora share a dtype, or base is 16-bit and lora float32 (delta float32).

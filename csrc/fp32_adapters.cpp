@@ -62,17 +62,28 @@ at::Tensor mm_nt_exact(const at::Tensor& a, const at::Tensor& b) {
   return sum_blocks(at::mm(a, bf16_parts(b, 0).t(), at::kFloat), 1);
 }
 
+bool fp32_adapters_use_parts(const at::Tensor& x2d) {
+  return use_bf16_parts(x2d);
+}
+
+std::pair<at::Tensor, at::Tensor> lora_fp32_adapters(const at::Tensor& x_lora2d, const at::Tensor& lora_A,
+                                                     const at::Tensor& lora_B, bool parts) {
+  // A bfloat16 x is exact: its products with A's three parts are A's float32 products. A float32 x
+  // (PEFT's dropout of the upcast input) runs the small [T, r] GEMM in float32.
+  const at::Tensor h = parts && x_lora2d.scalar_type() == at::kBFloat16 ? mm_nt_exact(x_lora2d, lora_A)
+                                                                        : at::mm(x_lora2d.to(at::kFloat), lora_A.t());
+  if (parts) {
+    const auto [h6, b6] = six_products(h, 1, lora_B, 1);
+    return {at::mm(h6, b6.t(), at::kFloat), h};
+  }
+  return {at::mm(h, lora_B.t()), h};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gemms_fp32_adapters(const at::Tensor& x2d, const at::Tensor& weight,
                                                                    const at::Tensor& lora_A, const at::Tensor& lora_B) {
   const at::Tensor base = at::mm(x2d, weight.t());  // rounded to x's dtype, as PEFT's base layer output
-  if (use_bf16_parts(x2d)) {
-    // x is exact in bfloat16: its products with A's three parts are A's float32 products
-    const at::Tensor h = mm_nt_exact(x2d, lora_A);
-    const auto [h6, b6] = six_products(h, 1, lora_B, 1);
-    return {base, at::mm(h6, b6.t(), at::kFloat), h};
-  }
-  const at::Tensor h = at::mm(x2d.to(at::kFloat), lora_A.t());
-  return {base, at::mm(h, lora_B.t()), h};
+  auto [lora, h] = lora_fp32_adapters(x2d, lora_A, lora_B, use_bf16_parts(x2d));
+  return {base, lora, h};
 }
 
 std::pair<at::Tensor, at::Tensor> compose_fp32_adapters(const at::Tensor& base, const at::Tensor& lora,
@@ -88,28 +99,44 @@ std::pair<at::Tensor, at::Tensor> compose_fp32_adapters(const at::Tensor& base, 
   return {y, need_z ? z.to(base.scalar_type()) : at::Tensor()};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_fp32_adapters(
+    const at::Tensor& gy, const at::Tensor& g, const at::Tensor& x_lora2d, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& h, double scale, bool parts, bool need_gh, bool need_A, bool need_B) {
+  // The gradient of h B^T is s g gy: gy is exact in x's dtype, so s g goes onto B's rows (grad of h)
+  // and onto grad_B's rows instead of onto a float32 copy of gy.
+  const at::Tensor sg = (g * scale).unsqueeze(1);  // [d_out, 1] float32
+  at::Tensor gh, grad_A, grad_B;
+  const bool x_exact = parts && x_lora2d.scalar_type() == at::kBFloat16;
+  if (parts) {
+    if (need_B) grad_B = mm_nt_exact(gy.t(), h.t()).mul_(sg);
+    if (need_gh || need_A) gh = mm_nt_exact(gy, (lora_B * sg).t());  // [T, r]
+  } else {
+    if (need_B) grad_B = at::mm(gy.t().to(at::kFloat), h).mul_(sg);
+    if (need_gh || need_A) gh = at::mm(gy.to(at::kFloat), lora_B * sg);
+  }
+  if (need_A) {
+    grad_A = x_exact ? sum_blocks(at::mm(bf16_parts(gh, 1).t(), x_lora2d, at::kFloat), 0)
+                     : at::mm(gh.t(), x_lora2d.to(at::kFloat));
+  }
+  return {gh, grad_A, grad_B};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemms_fp32_adapters(
     const at::Tensor& gy, const at::Tensor& gz, const at::Tensor& g, const at::Tensor& x2d, const at::Tensor& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& h, double scale, bool need_x, bool need_A,
     bool need_B) {
-  // The gradient of h B^T is s g gy: gy is exact in x's dtype, so s g goes onto B's rows (grad of h)
-  // and onto grad_B's rows instead of onto a float32 copy of gy.
-  const at::Tensor sg = (g * scale).unsqueeze(1);  // [d_out, 1] float32
-  at::Tensor grad_x, grad_A, grad_B, gh;
-  if (use_bf16_parts(x2d)) {
-    if (need_B) grad_B = mm_nt_exact(gy.t(), h.t()).mul_(sg);
-    if (need_x || need_A) gh = mm_nt_exact(gy, (lora_B * sg).t());  // [T, r]
-    if (need_A) grad_A = sum_blocks(at::mm(bf16_parts(gh, 1).t(), x2d, at::kFloat), 0);
-    if (need_x) {
+  const bool parts = use_bf16_parts(x2d);
+  auto [gh, grad_A, grad_B] =
+      lora_backward_fp32_adapters(gy, g, x2d, lora_A, lora_B, h, scale, parts, need_x, need_A, need_B);
+  at::Tensor grad_x;
+  if (need_x) {
+    if (parts) {
       const auto [gh6, a6] = six_products(gh, 1, lora_A, 0);
       grad_x = at::mm(gz, weight).addmm_(gh6, a6);
+    } else {
+      grad_x = at::mm(gz, weight).to(at::kFloat).addmm_(gh, lora_A).to(x2d.scalar_type());
     }
-    return {grad_x, grad_A, grad_B};
   }
-  if (need_B) grad_B = at::mm(gy.t().to(at::kFloat), h).mul_(sg);
-  if (need_x || need_A) gh = at::mm(gy.to(at::kFloat), lora_B * sg);
-  if (need_A) grad_A = at::mm(gh.t(), x2d.to(at::kFloat));
-  if (need_x) grad_x = at::mm(gz, weight).to(at::kFloat).addmm_(gh, lora_A).to(x2d.scalar_type());
   return {grad_x, grad_A, grad_B};
 }
 

@@ -28,6 +28,16 @@ bool has_fp32_adapters(const at::Tensor& x, const at::Tensor& lora_A);
 // b's three exact bfloat16 parts, so every product is exact and only the accumulation rounds.
 at::Tensor mm_nt_exact(const at::Tensor& a, const at::Tensor& b);
 
+// Whether the GEMMs of float32 adapters on these 2-D activations run on tensor cores through exact
+// bfloat16 parts (bfloat16 on CUDA, from fp32_parts_min_tokens tokens) or as float32 GEMMs.
+bool fp32_adapters_use_parts(const at::Tensor& x2d);
+
+// The adapter's forward GEMMs on 2-D x_lora (the 16-bit activations, or PEFT's float32 dropout of
+// them): {lora = (x A^T) B^T [T, d_out], h = x A^T [T, r]}, both float32; `parts` from
+// fp32_adapters_use_parts of the layer's activations.
+std::pair<at::Tensor, at::Tensor> lora_fp32_adapters(const at::Tensor& x_lora2d, const at::Tensor& lora_A,
+                                                     const at::Tensor& lora_B, bool parts);
+
 // The forward's GEMMs on 2-D x: {base = x W^T rounded to x's dtype (PEFT's base layer output),
 // lora = (x A^T) B^T [T, d_out] and h = x A^T [T, r], both float32}.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gemms_fp32_adapters(const at::Tensor& x2d, const at::Tensor& weight,
@@ -39,6 +49,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gemms_fp32_adapters(const at::Ten
 std::pair<at::Tensor, at::Tensor> compose_fp32_adapters(const at::Tensor& base, const at::Tensor& lora,
                                                         const at::Tensor& g, const std::optional<at::Tensor>& bias,
                                                         double scale, bool need_z);
+
+// The adapter's backward GEMMs from the output gradient gy [T, d_out] (16-bit, exact) and g = m / n:
+// {gh = s (g gy) B [T, r], grad_A = gh^T x_lora [r, d_in], grad_B = s (g gy)^T h [d_out, r]}, float32,
+// each undefined unless needed (gh when need_gh or need_A).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_fp32_adapters(
+    const at::Tensor& gy, const at::Tensor& g, const at::Tensor& x_lora2d, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& h, double scale, bool parts, bool need_gh, bool need_A, bool need_B);
 
 // The backward GEMMs from the output gradient gy [T, d_out] (x's dtype), gz = gy * g rounded
 // to x's dtype (the base GEMM's gradient, as PEFT's base layer receives it) and g = m / n

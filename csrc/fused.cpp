@@ -62,22 +62,6 @@ std::pair<at::Tensor, at::Tensor> delta_scales(const at::Tensor& magnitude, cons
   return {magnitude_scale(magnitude, norm).contiguous(), magnitude_scale_minus_one(magnitude, norm).contiguous()};
 }
 
-// gz = gy * g and the fp32 magnitude gradient colsum(gy * z) / norm in one pass.
-std::pair<at::Tensor, at::Tensor> launch_grad_prologue(const at::Tensor& gy, const at::Tensor& z, const at::Tensor& g,
-                                                       const at::Tensor& norm) {
-  const int64_t rows = gy.size(0), cols = gy.size(1);
-  at::Tensor gz = at::empty({rows, cols}, gy.options());
-  const c10::DeviceIndex device = gy.device().index();
-  const bool aligned = all_aligned16({&gy, &z, &g, &gz}, {cols, gy.stride(0), z.stride(0), gz.stride(0)});
-  const KernelImage& k = kernel_for(kernels::GradPrologue{gy.scalar_type(), aligned}, device);
-  const int64_t col_tiles = cdiv(cols, k.tile_cols);
-  const int64_t row_programs = partial_sum_programs(rows, col_tiles, k.tile_rows, device);
-  at::Tensor partial = at::empty({row_programs, cols}, gy.options().dtype(at::kFloat));
-  launch(k, device, {row_programs, col_tiles, 1},
-         {gy, z, g, gz, partial, rows, cols, gy.stride(0), z.stride(0), gz.stride(0)});
-  return {gz, partial.sum(0).div_(norm)};
-}
-
 // The detached norm (through the cache) and g = m / n (fp32, contiguous for the kernels).
 std::pair<at::Tensor, at::Tensor> norm_and_magnitude_scale(const at::Tensor& weight, const at::Tensor& lora_A,
                                                            const at::Tensor& lora_B, const at::Tensor& magnitude,
@@ -145,6 +129,22 @@ at::Tensor decode_forward(const at::Tensor& x, const at::Tensor& weight, const s
 
 }  // namespace
 
+// gz = gy * g and the fp32 magnitude gradient colsum(gy * z) / norm in one pass.
+std::pair<at::Tensor, at::Tensor> grad_prologue_fused(const at::Tensor& gy, const at::Tensor& z, const at::Tensor& g,
+                                                      const at::Tensor& norm) {
+  const int64_t rows = gy.size(0), cols = gy.size(1);
+  at::Tensor gz = at::empty({rows, cols}, gy.options());
+  const c10::DeviceIndex device = gy.device().index();
+  const bool aligned = all_aligned16({&gy, &z, &g, &gz}, {cols, gy.stride(0), z.stride(0), gz.stride(0)});
+  const KernelImage& k = kernel_for(kernels::GradPrologue{gy.scalar_type(), aligned}, device);
+  const int64_t col_tiles = cdiv(cols, k.tile_cols);
+  const int64_t row_programs = partial_sum_programs(rows, col_tiles, k.tile_rows, device);
+  at::Tensor partial = at::empty({row_programs, cols}, gy.options().dtype(at::kFloat));
+  launch(k, device, {row_programs, col_tiles, 1},
+         {gy, z, g, gz, partial, rows, cols, gy.stride(0), z.stride(0), gz.stride(0)});
+  return {gz, partial.sum(0).div_(norm)};
+}
+
 at::Tensor row_norm_cached_fused(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
                                  double scale, NormUse use) {
   return cached_row_norm(weight, lora_A, lora_B, scale, use, [&](const at::Tensor& cached_wsq, at::Tensor* wsq) {
@@ -187,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_line
     const at::Tensor& h, double scale, std::array<bool, 5> mask) {
   const at::Tensor gy = as_rows(grad_out);
   const at::Tensor g = cached_magnitude_scale(weight, magnitude, norm);
-  auto [gz, grad_m] = launch_grad_prologue(gy, as_rows(z), g, norm);
+  auto [gz, grad_m] = grad_prologue_fused(gy, as_rows(z), g, norm);
   auto [grad_x, grad_A, grad_B] =
       backward_gemms(gy, gz, g, as_rows(x), weight, lora_A, lora_B, h, scale, mask[0], mask[1], mask[2]);
   at::Tensor grad_bias;

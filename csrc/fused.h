@@ -31,6 +31,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_line
     const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z,
     const at::Tensor& h, double scale, std::array<bool, 5> output_mask);
 
+// The backward's prologue on 2-D gy and z (x's dtype) and g = m / n (float32, contiguous), in one pass:
+// {gz = gy * g in gy's dtype, the magnitude gradient colsum(gy * z) / norm in float32}.
+std::pair<at::Tensor, at::Tensor> grad_prologue_fused(const at::Tensor& gy, const at::Tensor& z, const at::Tensor& g,
+                                                      const at::Tensor& norm);
+
 at::Tensor compose_delta_fused(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
                                const at::Tensor& norm, double scale);
 

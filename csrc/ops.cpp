@@ -66,6 +66,11 @@ TORCH_LIBRARY(dora_ext, m) {
   m.def(
       "dora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor magnitude, "
       "float scale) -> Tensor");
+  // dora_linear with PEFT's lora_dropout: x_dropped = lora_dropout(x) feeds the adapter's terms,
+  // y = x W^T + bias + (g - 1) (x_dropped W^T) + g s (x_dropped A^T) B^T (csrc/dropout.h).
+  m.def(
+      "dora_linear_dropout(Tensor x, Tensor x_dropped, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor magnitude, float scale) -> Tensor");
   m.def("compose_delta(Tensor base, Tensor lora, Tensor magnitude, Tensor norm, float scale) -> Tensor");
   // Training forward and backward behind dora_linear's and compose_delta's autograd.
   m.def(
@@ -75,6 +80,14 @@ TORCH_LIBRARY(dora_ext, m) {
       "dora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "Tensor magnitude, Tensor norm, Tensor z, Tensor h, float scale, bool[5] output_mask) "
       "-> (Tensor grad_x, Tensor grad_lora_A, Tensor grad_lora_B, Tensor grad_magnitude, Tensor grad_bias)");
+  m.def(
+      "dora_linear_dropout_forward(Tensor x, Tensor x_dropped, Tensor weight, Tensor? bias, Tensor lora_A, "
+      "Tensor lora_B, Tensor magnitude, float scale) -> (Tensor out, Tensor z_dropped, Tensor h, Tensor norm)");
+  m.def(
+      "dora_linear_dropout_backward(Tensor grad_out, Tensor x_dropped, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "Tensor magnitude, Tensor norm, Tensor z_dropped, Tensor h, float scale, bool[6] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_x_dropped, Tensor grad_lora_A, Tensor grad_lora_B, Tensor grad_magnitude, "
+      "Tensor grad_bias)");
   m.def(
       "compose_delta_backward(Tensor grad_out, Tensor base, Tensor lora, Tensor magnitude, Tensor norm, "
       "float scale, bool[3] output_mask) -> (Tensor grad_base, Tensor grad_lora, Tensor grad_magnitude)");
@@ -120,6 +133,17 @@ at::Tensor dora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                          const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
   return op.call(x, weight, bias, lora_A, lora_B, magnitude, scale);
+}
+
+at::Tensor dora_linear_dropout(const at::Tensor& x, const at::Tensor& x_dropped, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                               const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dora_ext::dora_linear_dropout", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale);
 }
 
 at::Tensor compose_delta(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,

@@ -3,6 +3,7 @@
 // then the fused body (fused.h, CUDA builds) or the eager one (eager.h).
 // Validation happens here only: the bodies trust their arguments.
 #include "checks.h"
+#include "dropout.h"
 #include "eager.h"
 #include "norm_cache.h"
 #include "op_scope.h"
@@ -11,6 +12,7 @@
 #include "fused.h"
 #endif
 
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 namespace dora_ext {
@@ -77,6 +79,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_line
   return dora_linear_backward_eager(grad_out, x, weight, lora_A, lora_B, magnitude, norm, z, h, scale, mask);
 }
 
+at::Tensor dora_linear_dropout_impl(const at::Tensor& x, const at::Tensor& x_dropped, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+  check_dora_linear_dropout_args("dora_linear_dropout", x, x_dropped, weight, bias, lora_A, lora_B, magnitude);
+  OpScope scope(x, weight.size(0), /*training=*/false);
+  return std::get<0>(dora_linear_dropout_forward_body(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale,
+                                                      NormUse::Inference, scope.fused()));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_dropout_forward_impl(
+    const at::Tensor& x, const at::Tensor& x_dropped, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+  check_dora_linear_dropout_args("dora_linear_dropout", x, x_dropped, weight, bias, lora_A, lora_B, magnitude);
+  OpScope scope(x, weight.size(0), /*training=*/true);
+  return dora_linear_dropout_forward_body(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale,
+                                          NormUse::Recording, scope.fused());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_dropout_backward_impl(
+    const at::Tensor& grad_out, const at::Tensor& x_dropped, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z_dropped,
+    const at::Tensor& h, double scale, std::array<bool, 6> mask) {
+  // x (not saved) has x_dropped's shape and the weight's dtype: a stand-in of that shape, no memory.
+  const at::Tensor x_like = at::empty({}, x_dropped.options().dtype(weight.scalar_type())).expand(x_dropped.sizes());
+  check_dora_linear_dropout_args("dora_linear_dropout_backward", x_like, x_dropped, weight, std::nullopt, lora_A,
+                                 lora_B, magnitude);
+  check_grad_out("dora_linear_dropout_backward", grad_out, output_shape(x_dropped, weight.size(0)),
+                 weight.scalar_type(), x_dropped.device());
+  OpScope scope(grad_out, weight.size(0), /*training=*/true);
+  norm_used_by_backward(norm);
+  return dora_linear_dropout_backward_body(grad_out, x_dropped, weight, lora_A, lora_B, magnitude, norm, z_dropped, h,
+                                           scale, mask, scope.fused());
+}
+
 at::Tensor compose_delta_impl(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
                               const at::Tensor& norm, double scale) {
   check_compose_delta_args("compose_delta", base, lora, magnitude, norm);
@@ -112,6 +148,9 @@ void register_impls(torch::Library& m) {
   m.impl("dora_linear", &dora_linear_impl);
   m.impl("dora_linear_forward", &dora_linear_forward_impl);
   m.impl("dora_linear_backward", &dora_linear_backward_impl);
+  m.impl("dora_linear_dropout", &dora_linear_dropout_impl);
+  m.impl("dora_linear_dropout_forward", &dora_linear_dropout_forward_impl);
+  m.impl("dora_linear_dropout_backward", &dora_linear_dropout_backward_impl);
   m.impl("compose_delta", &compose_delta_impl);
   m.impl("compose_delta_backward", &compose_delta_backward_impl);
 }

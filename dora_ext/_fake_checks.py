@@ -99,6 +99,17 @@ def dora_linear_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch
                                                  f"{_sz(bias)}")
 
 
+def dora_linear_dropout_args(op: str, x: torch.Tensor, x_dropped: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                             magnitude: torch.Tensor) -> None:
+    dora_linear_args(op, x, weight, bias, lora_A, lora_B, magnitude)
+    _check(x_dropped.shape == x.shape, f"{op}: x_dropped must have the shape of x {_sz(x)}, got {_sz(x_dropped)}")
+    _same_device(op, "x_dropped", x_dropped, x, "x")
+    _check(x_dropped.dtype in (x.dtype, lora_A.dtype),
+           f"{op}: x_dropped must have the dtype of x ({_dt(x.dtype)}) or of lora_A ({_dt(lora_A.dtype)}, PEFT's "
+           f"dropout of the input cast to the adapter dtype), got {_dt(x_dropped.dtype)}")
+
+
 def compose_delta_args(op: str, base: torch.Tensor, lora: torch.Tensor, magnitude: torch.Tensor,
                        norm: torch.Tensor) -> None:
     _check(base.dim() >= 1, f"{op}: base must have at least 1 dimension [..., d_out], got a 0-D tensor")

@@ -75,6 +75,29 @@ def dora_linear(
     return _ops.dora_linear.default(x, weight, bias, lora_A, lora_B, magnitude, scale)
 
 
+def dora_linear_dropout(
+    x: torch.Tensor,
+    x_dropped: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """DoRA linear layer with LoRA dropout, exactly as PEFT's DoRA layer trains:
+    ``x W^T + bias + (g - 1) (x_d W^T) + g * scale (x_d A^T) B^T`` with ``g = m / n``.
+
+    ``x_dropped`` (``x_d``) is ``lora_dropout(x)``, drawn by the caller (the layer's own dropout
+    module, so a seeded run reproduces its masks): ``x``'s shape and device, and ``x``'s dtype or
+    the adapters' (PEFT casts ``x`` to the adapter dtype before its dropout). Other arguments as
+    :func:`dora_linear`, which this equals for ``x_dropped = x``. One op: the two base GEMMs as one
+    GEMM over ``[x; x_d]``, the factored norm, one fused pass for the DoRA terms (CUDA), C++
+    autograd. Gradients flow to x, x_dropped, lora_A, lora_B, magnitude and bias.
+    """
+    return _ops.dora_linear_dropout.default(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale)
+
+
 def compose_delta(
     base: torch.Tensor, lora: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -250,6 +273,44 @@ def _dora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, magnitude, n
         lora_B.new_empty(lora_B.shape) if output_mask[2] else x.new_empty((0,)),
         magnitude.new_empty(magnitude.shape if output_mask[3] else (0,)),
         x.new_empty((weight.shape[0],) if output_mask[4] else (0,)),
+    )
+
+
+@torch.library.register_fake("dora_ext::dora_linear_dropout")
+def _dora_linear_dropout_fake(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale):
+    _fake_checks.dora_linear_dropout_args("dora_linear_dropout", x, x_dropped, weight, bias, lora_A, lora_B,
+                                          magnitude)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("dora_ext::dora_linear_dropout_forward")
+def _dora_linear_dropout_forward_fake(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale):
+    _fake_checks.dora_linear_dropout_args("dora_linear_dropout", x, x_dropped, weight, bias, lora_A, lora_B,
+                                          magnitude)
+    d_out, tokens = weight.shape[0], _tokens(x)
+    return (
+        x.new_empty((*x.shape[:-1], d_out)),
+        x.new_empty((tokens, d_out)),
+        lora_A.new_empty((tokens, lora_A.shape[0])),
+        x.new_empty((d_out,), dtype=accumulate_dtype(x.dtype)),
+    )
+
+
+@torch.library.register_fake("dora_ext::dora_linear_dropout_backward")
+def _dora_linear_dropout_backward_fake(grad_out, x_dropped, weight, lora_A, lora_B, magnitude, norm, z_dropped, h,
+                                       scale, output_mask):
+    op = "dora_linear_dropout_backward"
+    x_like = x_dropped.new_empty(()).to(weight.dtype).expand(x_dropped.shape)
+    _fake_checks.dora_linear_dropout_args(op, x_like, x_dropped, weight, None, lora_A, lora_B, magnitude)
+    _fake_checks.grad_out(op, grad_out, (*x_dropped.shape[:-1], weight.shape[0]), weight.dtype, x_dropped.device)
+    none = (0,)
+    return (
+        weight.new_empty(x_dropped.shape) if output_mask[0] else x_dropped.new_empty(none),
+        x_dropped.new_empty(x_dropped.shape if output_mask[1] else none),
+        lora_A.new_empty(lora_A.shape) if output_mask[2] else x_dropped.new_empty(none),
+        lora_B.new_empty(lora_B.shape) if output_mask[3] else x_dropped.new_empty(none),
+        magnitude.new_empty(magnitude.shape if output_mask[4] else none),
+        weight.new_empty((weight.shape[0],)) if output_mask[5] else x_dropped.new_empty(none),
     )
 
 

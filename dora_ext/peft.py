@@ -12,12 +12,14 @@ that only overrides ``forward`` (parameters, buffers, adapters, state dict, ``me
 
 The new forward reproduces PEFT's ``Linear.forward`` + ``DoraLinearVariant.forward`` semantics:
 
-* one active DoRA adapter, unmerged, no dropout in training (or eval), no ``lora_bias``, a frozen
-  base weight, and either autocast, one dtype for x/W/A/B, or PEFT's default float32 adapters on a
-  16-bit x/W: the whole layer is **one ``dora_ext.dora_linear`` call** (the base GEMM is not run
-  separately; float32 adapters' products at float32 accuracy, as PEFT computes them);
-* otherwise (several adapters, dropout in training, ``lora_bias``, a trainable base weight, hooks
-  on the base layer): the base layer runs as in PEFT and
+* one active DoRA adapter, unmerged, no ``lora_bias``, a frozen base weight, and either autocast,
+  one dtype for x/W/A/B, or PEFT's default float32 adapters on a 16-bit x/W: the whole layer is
+  **one ``dora_ext.dora_linear`` call** (the base GEMM is not run separately; float32 adapters'
+  products at float32 accuracy, as PEFT computes them); with ``lora_dropout > 0`` in training,
+  **one ``dora_ext.dora_linear_dropout`` call** on ``x`` and the layer's own ``lora_dropout(x)``
+  (x cast to the adapter dtype first, as PEFT does: same draws, same masks);
+* otherwise (several adapters, ``lora_bias``, a trainable base weight, hooks on the base layer):
+  the base layer runs as in PEFT and
   each DoRA adapter adds ``dora_ext.compose_delta(base_result, lora_result, m, row_norm(...), s)``
   (the norm in factored form, no ``[d_out, d_in]`` product); vanilla LoRA adapters active in the same
   layer add ``B A dropout(x) s`` as in PEFT;
@@ -55,7 +57,7 @@ from torch import nn
 
 from ._frozen import detach_if_frozen_view
 from ._cast_cache import cast_for_forward
-from .ops import compose_delta, dora_linear, row_norm
+from .ops import compose_delta, dora_linear, dora_linear_dropout, row_norm
 
 __all__ = ["DoraExtLinear", "accelerate", "fallback_counts", "is_accelerated", "report", "restore"]
 
@@ -224,12 +226,13 @@ def _dropout_active(layer: "DoraExtLinear", adapter: str) -> bool:
 
 
 def _single_call(layer: "DoraExtLinear", x: torch.Tensor, adapter: str) -> Optional[torch.Tensor]:
-    """The whole layer as one dora_linear call, or None when this call does not qualify."""
+    """The whole layer as one dora_linear call (dora_linear_dropout with dropout in training), or
+    None when this call does not qualify."""
     base = layer.base_layer
     weight = _base_weight(layer)
     lora_A = layer.lora_A[adapter]
     lora_B = layer.lora_B[adapter]
-    if _dropout_active(layer, adapter) or lora_B.bias is not None:
+    if lora_B.bias is not None:
         return None
     if (weight.requires_grad and torch.is_grad_enabled()) or base._forward_hooks or base._forward_pre_hooks:
         return None
@@ -247,6 +250,21 @@ def _single_call(layer: "DoraExtLinear", x: torch.Tensor, adapter: str) -> Optio
         if x.dtype != dtype or lora_B.weight.dtype != adapter_dtype or (adapter_dtype != dtype and not fp32_adapters):
             return None  # dtypes dora_linear does not take: the compose path, as PEFT computes them
     bias = detach_if_frozen_view(base.bias)
+    if _dropout_active(layer, adapter):
+        # PEFT's order: x cast to the adapter dtype, then the layer's own dropout module (the same
+        # draw from the same generator state: a seeded run gets PEFT's masks)
+        x_dropped = layer.lora_dropout[adapter](layer._cast_input_dtype(x, lora_A.weight.dtype))
+        with torch.autocast(device_type, enabled=False):
+            return dora_linear_dropout(
+                x.to(dtype),
+                x_dropped if x_dropped.dtype == adapter_dtype else x_dropped.to(dtype),
+                weight.to(dtype),
+                bias.to(dtype) if bias is not None else None,
+                cast_for_forward(lora_A.weight, adapter_dtype),
+                cast_for_forward(lora_B.weight, adapter_dtype),
+                layer.lora_magnitude_vector[adapter].weight,
+                layer.scaling[adapter],
+            )
     with torch.autocast(device_type, enabled=False):
         return dora_linear(
             x.to(dtype),

@@ -26,6 +26,8 @@ a GPU, perf_counter on the CPU: scripts/timing.py's median_wall_ms):
 
     python scripts/bench_model.py --out model_bench                # one H100/H200, defaults above
     python scripts/bench_model.py --autocast --out model_bench_amp # the same under torch.autocast
+    python scripts/bench_model.py --recipe dropout --out model_dropout  # lora_dropout 0.05 in training
+    python scripts/bench_model.py --recipe ckpt --out model_ckpt        # gradient checkpointing
     python scripts/bench_model.py --tiny --device cpu --out /tmp/x # smoke test (seconds)
 
 Writes OUT/bench_model.json and OUT/bench_model.md. Adapters start from PEFT's init with B and the
@@ -54,6 +56,7 @@ if str(HERE) not in sys.path:  # loaded by a test, not run as scripts/bench_mode
     sys.path.insert(0, str(HERE))
 from timing import median_wall_ms  # noqa: E402  (scripts/timing.py)
 
+RECIPES = ("default", "dropout", "ckpt")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -75,6 +78,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--autocast", action="store_true",
                    help="run every config under torch.autocast(bfloat16), as mixed-precision trainers do")
     p.add_argument("--adapter-dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
+    p.add_argument("--recipe", choices=RECIPES, default="default",
+                   help="default: no dropout, no checkpointing; dropout: lora_dropout=--dropout in training "
+                        "(TRL/Axolotl settings); ckpt: transformers' gradient checkpointing (non-reentrant)")
+    p.add_argument("--dropout", type=float, default=0.05, help="lora_dropout of the dropout recipe")
     p.add_argument("--tiny", action="store_true",
                    help="hidden 64, intermediate 128, 4/2 heads, 2 layers, vocab 128, r 8, 32 tokens, 1 rep")
     args = p.parse_args(argv)
@@ -177,6 +184,7 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, timer: Timer, args: argpa
     out["step_peak_gib"] = None
     model.zero_grad(set_to_none=True)
     free(device)
+    torch.manual_seed(args.step_seed)  # the measured step's dropout masks: the same for every config
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -198,6 +206,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     device = torch.device(args.device)
     timer = Timer(device, args.warmup, args.reps)
+    args.step_seed = 1234
+    lora_dropout = args.dropout if args.recipe == "dropout" else 0.0
+
+    def with_recipe(model: Any) -> Any:
+        if args.recipe == "ckpt":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=gen).to(device)
     rows: list[dict[str, Any]] = []
@@ -225,8 +241,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         autocast_adapter_dtype = adapter_dtype == "fp32"
         what = "default fp32 adapters" if autocast_adapter_dtype else "bf16 adapters"
 
-        lora_cfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, lora_dropout=0.0)
-        lora = peft.get_peft_model(base, lora_cfg, autocast_adapter_dtype=autocast_adapter_dtype)
+        lora_cfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS,
+                                   lora_dropout=lora_dropout)
+        lora = with_recipe(peft.get_peft_model(base, lora_cfg, autocast_adapter_dtype=autocast_adapter_dtype))
         perturb_adapters(lora, seed=2)
         m = measure(lora, ids, timer, args, train=True)
         record(f"peft_lora_{adapter_dtype}", f"PEFT LoRA, {what}", m, None, {})
@@ -235,9 +252,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         del lora
         free(device)
 
-        dora_cfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, lora_dropout=0.0,
-                                   use_dora=True)
-        dora = peft.get_peft_model(base, dora_cfg, autocast_adapter_dtype=autocast_adapter_dtype)
+        dora_cfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS,
+                                   lora_dropout=lora_dropout, use_dora=True)
+        dora = with_recipe(peft.get_peft_model(base, dora_cfg, autocast_adapter_dtype=autocast_adapter_dtype))
         perturb_adapters(dora, seed=3)
         ref = measure(dora, ids, timer, args, train=True)
         ref["logits_fp64"] = float64_logits(dora, ids)
@@ -280,7 +297,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Model-level benchmark ({s['device']}, torch {s['torch']}, peft {s['peft']}, transformers "
         f"{s['transformers']}): Llama-style decoder, hidden {s['hidden']}, intermediate {s['intermediate']}, "
         f"{s['heads']}/{s['kv_heads']} heads, {s['layers']} layers, vocab {s['vocab']}, every linear adapted "
-        f"at r={s['rank']}, batch {s['batch']}x{s['tokens']}, bf16 base"
+        f"at r={s['rank']}, batch {s['batch']}x{s['tokens']}, bf16 base, recipe {s.get('recipe', 'default')}"
+        f"{' (lora_dropout ' + str(s['dropout']) + ')' if s.get('recipe') == 'dropout' else ''}"
         f"{', under torch.autocast(bf16)' if s['autocast'] else ''}; median ms of {s['reps']} runs.",
         "",
         "| config | inference fwd ms | gradient step ms | peak GiB (step) | logits cos vs PEFT DoRA "

@@ -211,3 +211,56 @@ def test_opcheck_compose_delta_backward_bf16_base_float32_lora(mask):
     base, lora, m, norm, s = _mixed_compose_sample((5,))
     grad_out = torch.randn(base.shape)  # the delta's dtype: float32
     opcheck(OPS.compose_delta_backward.default, (grad_out, base, lora, m, norm, s, mask))
+
+
+# ---------------------------------------------------------------------------
+# dora_linear_dropout: x_dropped in x's dtype, or float32 with float32 adapters on bf16 x (PEFT
+# casts x to the adapter dtype before its dropout)
+
+
+def _dropout_args(inp, requires_grad=False, dropped_dtype=None):
+    x = inp["x"]
+    x_dropped = torch.nn.functional.dropout(x.detach().to(dropped_dtype or x.dtype), p=0.4, training=True)
+    if requires_grad:
+        x_dropped.requires_grad_(True)
+    return (x, x_dropped, inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], inp["magnitude"], inp["scale"])
+
+
+DROPOUT_DTYPES = LINEAR_DTYPES + [pytest.param(FP32_ADAPTERS, "fp32", id="bf16-fp32adapters-fp32dropped")]
+
+
+def _dropout_inputs(d_in, d_out, r, batch, dtype, dropped, bias, requires_grad=False):
+    inp = _linear_inputs(d_in, d_out, r, batch, dtype, None if dropped == "fp32" else dropped, bias, requires_grad)
+    return inp, (torch.float32 if dropped == "fp32" else None)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("dtype, dropped", DROPOUT_DTYPES)
+@pytest.mark.parametrize("d_in, d_out, r, batch, bias", LINEAR_SHAPES)
+def test_opcheck_dora_linear_dropout(d_in, d_out, r, batch, bias, dtype, dropped, requires_grad):
+    inp, dropped_dtype = _dropout_inputs(d_in, d_out, r, batch, dtype, dropped, bias, requires_grad)
+    opcheck(OPS.dora_linear_dropout.default, _dropout_args(inp, requires_grad, dropped_dtype))
+
+
+@pytest.mark.parametrize("dtype, dropped", DROPOUT_DTYPES)
+@pytest.mark.parametrize("d_in, d_out, r, batch, bias", LINEAR_SHAPES)
+def test_opcheck_dora_linear_dropout_forward(d_in, d_out, r, batch, bias, dtype, dropped):
+    inp, dropped_dtype = _dropout_inputs(d_in, d_out, r, batch, dtype, dropped, bias)
+    opcheck(OPS.dora_linear_dropout_forward.default, _dropout_args(inp, dropped_dtype=dropped_dtype))
+
+
+@pytest.mark.parametrize("mask", [[True] * 6, [True, False, True, True, True, False], [False, True, False, False,
+                                                                                     True, True],
+                                  [False, False, False, False, True, False]],
+                         ids=lambda m: "".join("1" if v else "0" for v in m))
+@pytest.mark.parametrize("dtype, dropped", DROPOUT_DTYPES)
+@pytest.mark.parametrize("d_in, d_out, r, batch, bias", [LINEAR_SHAPES[0], LINEAR_SHAPES[2]])
+def test_opcheck_dora_linear_dropout_backward(d_in, d_out, r, batch, bias, dtype, dropped, mask):
+    inp, dropped_dtype = _dropout_inputs(d_in, d_out, r, batch, dtype, dropped, bias)
+    x, x_dropped, weight, b, A, B, m, s = _dropout_args(inp, dropped_dtype=dropped_dtype)
+    out, z_dropped, h, norm = OPS.dora_linear_dropout_forward(x, x_dropped, weight, b, A, B, m, s)
+    args = (torch.randn_like(out), x_dropped, weight, A, B, m, norm, z_dropped, h, s, mask)
+    opcheck(OPS.dora_linear_dropout_backward.default, args)
+    for wanted, g in zip(mask, OPS.dora_linear_dropout_backward(*args)):
+        if not wanted:
+            assert g.shape == (0,)

@@ -101,7 +101,7 @@ class Counting:
     """Counts the dora_ext ops dora_ext.peft calls (which path a layer took)."""
 
     def __init__(self, monkeypatch):
-        self.calls = {"dora_linear": 0, "compose_delta": 0}
+        self.calls = {"dora_linear": 0, "dora_linear_dropout": 0, "compose_delta": 0}
         for name in self.calls:
             fn = getattr(dp, name)
             monkeypatch.setattr(dp, name, self._wrap(name, fn))
@@ -130,7 +130,7 @@ def test_accelerate_matches_stock_peft_logits_and_gradients(monkeypatch, any_dev
     ours = step(model)
     assert_same_step(ours, theirs, n_grads=3 * N_LINEAR)
     # one fused op per layer: single adapter, unmerged, no dropout
-    assert counting.calls == {"dora_linear": N_LINEAR, "compose_delta": 0}
+    assert counting.calls == {"dora_linear": N_LINEAR, "dora_linear_dropout": 0, "compose_delta": 0}
     assert dp.fallback_counts(model) == {}
     assert repr(lora_layers(model)[0]).startswith("lora.Linear(")
 
@@ -164,7 +164,7 @@ def test_rslora_and_trainable_base_weight(monkeypatch):
     assert_same_step(ours, theirs)
     assert "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight" in ours[1]
     # the layer with a trainable base weight takes the compose path (dora_linear keeps W frozen)
-    assert counting.calls == {"dora_linear": N_LINEAR - 1, "compose_delta": 1}
+    assert counting.calls == {"dora_linear": N_LINEAR - 1, "dora_linear_dropout": 0, "compose_delta": 1}
 
 
 # ----------------------------------------------------------------------------------------- dropout
@@ -180,11 +180,13 @@ def test_lora_dropout_eval_and_training(monkeypatch):
     dp.accelerate(model)
     model.eval()
     assert_same_step(step(model), theirs_eval)
-    assert counting.calls == {"dora_linear": N_LINEAR, "compose_delta": 0}
+    assert counting.calls == {"dora_linear": N_LINEAR, "dora_linear_dropout": 0, "compose_delta": 0}
     counting.reset()
-    model.train()  # PEFT feeds dropout(x) to the LoRA path and to the (g - 1) W term: same masks here
+    # PEFT feeds dropout(x) to the LoRA path and to the (g - 1) W term; the layer's own dropout
+    # module draws it here too (same masks): one dora_linear_dropout call per layer
+    model.train()
     assert_same_step(step(model, seed=123), theirs_train)
-    assert counting.calls == {"dora_linear": 0, "compose_delta": N_LINEAR}
+    assert counting.calls == {"dora_linear": 0, "dora_linear_dropout": N_LINEAR, "compose_delta": 0}
 
 
 # ------------------------------------------------------------------------------- adapters and state
@@ -201,7 +203,7 @@ def test_multiple_adapters_set_adapter_and_mixed_lora(monkeypatch):
     perturb(model, seed=6, adapter="plain")
     counting = Counting(monkeypatch)
 
-    def compare(active, n_dora_linear=None):
+    def compare(active, n_dora_linear=None, n_dropout=None):
         model.base_model.set_adapter(active)
         dp.restore(model)
         theirs = step(model, seed=11)  # "second" has dropout: same masks for both
@@ -210,8 +212,10 @@ def test_multiple_adapters_set_adapter_and_mixed_lora(monkeypatch):
         assert_same_step(step(model, seed=11), theirs)
         if n_dora_linear is not None:
             assert counting.calls["dora_linear"] == n_dora_linear
+        if n_dropout is not None:
+            assert counting.calls["dora_linear_dropout"] == n_dropout
 
-    compare("second", n_dora_linear=0)        # dropout in training: compose path on q, v
+    compare("second", n_dora_linear=0, n_dropout=4)  # dropout in training: one op on q, v (2 layers)
     compare("default", n_dora_linear=N_LINEAR)
     compare(["default", "second"], n_dora_linear=N_LINEAR - 4)  # two active on q, v: compose path there
     compare(["default", "plain"])             # vanilla LoRA next to DoRA in q_proj and down_proj
@@ -305,7 +309,7 @@ def test_16bit_base_with_fp32_adapters_without_autocast(dtype, any_device, monke
     counting = Counting(monkeypatch)
     dp.accelerate(model)
     ours = step(model)
-    assert counting.calls == {"dora_linear": N_LINEAR, "compose_delta": 0}
+    assert counting.calls == {"dora_linear": N_LINEAR, "dora_linear_dropout": 0, "compose_delta": 0}
     assert ours[0].dtype == dtype
     # the norm agrees to fp32 rounding, but in a 16-bit network a one-ulp change flips 16-bit
     # roundings downstream: held to DESIGN.md section 6's bounds for 16-bit inputs and its 2x rule
@@ -319,6 +323,29 @@ def test_16bit_base_with_fp32_adapters_without_autocast(dtype, any_device, monke
         assert ours[1][name].dtype == theirs[1][name].dtype == torch.float32, name
         assert rel(ours[1][name], theirs[1][name]) < 2e-2, name
         assert rel(ours[1][name], truth[1][name]) <= 2 * rel(theirs[1][name], truth[1][name]) + 1e-3, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16bit_base_with_fp32_adapters_and_dropout(dtype, any_device, monkeypatch):
+    """PEFT's default adapters with lora_dropout in training (TRL/Axolotl recipes): one
+    dora_linear_dropout call per layer, the layer's own dropout drawing PEFT's masks (the seeded
+    runs agree), within 16-bit rounding of PEFT (which runs the dropped input's base GEMM in fp32)."""
+    model = dora_model(dtype=dtype, device=any_device, lora_dropout=0.1)
+    model.train()
+    theirs = step(model, seed=5)
+    counting = Counting(monkeypatch)
+    dp.accelerate(model)
+    ours = step(model, seed=5)
+    assert counting.calls == {"dora_linear": 0, "dora_linear_dropout": N_LINEAR, "compose_delta": 0}
+    assert ours[0].dtype == dtype
+    assert rel(ours[0], theirs[0]) < 1e-2
+    assert cosine(ours[0], theirs[0]) >= 0.9999  # different masks would decorrelate far more
+    assert ours[1].keys() == theirs[1].keys() and len(ours[1]) == 3 * N_LINEAR
+    for name in theirs[1]:
+        assert ours[1][name].dtype == theirs[1][name].dtype == torch.float32, name
+        assert rel(ours[1][name], theirs[1][name]) < 2e-2, name
+    other_masks = step(model, seed=6)
+    assert rel(other_masks[0], theirs[0]) > 10 * rel(ours[0], theirs[0])  # the test sees the masks
 
 
 def test_eval_under_autocast_reuses_the_norm_of_fp32_adapters(any_device):
