@@ -108,6 +108,7 @@ setup(
     package_data={"dora_ext": ["aot_manifest.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.8"],
+    extras_require={"qdora": ["bitsandbytes>=0.45"]},  # PEFT DoRA on 4-bit / 8-bit bases (dora_ext.peft)
     ext_modules=[
         extension(
             name="dora_ext._C",

@@ -55,6 +55,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
+from . import _quantized
 from ._frozen import detach_if_frozen_view
 from ._cast_cache import cast_for_forward
 from .ops import compose_delta, dora_linear, dora_linear_dropout, row_norm
@@ -83,14 +84,17 @@ def _is_dora_adapter(layer: LoraLayer, adapter: str) -> bool:
 
 def _why_not_servable(layer: nn.Module) -> Optional[str]:
     """None if ``layer`` can be routed, else the reason."""
-    if type(layer) is DoraExtLinear:
+    if is_accelerated(layer):
         return None
     if not isinstance(layer, LoraLayer):
         return "not a LoRA layer"
     if not any(isinstance(v, DoraLinearVariant) for v in getattr(layer, "lora_variant", {}).values()):
         return "no DoRA adapter"
+    if type(layer) in _quantized.peft_bnb_classes():
+        return _why_not_servable_quantized(layer)
     if type(layer) is not LoraLinear:
-        return f"layer type {type(layer).__module__}.{type(layer).__qualname__} is not served (only peft Linear)"
+        return (f"layer type {type(layer).__module__}.{type(layer).__qualname__} is not served (only peft Linear "
+                "and, with bitsandbytes, its Linear4bit / Linear8bitLt)")
     base = layer.base_layer
     conv1d = _conv1d_type()
     if type(base) is not nn.Linear and (conv1d is None or type(base) is not conv1d):
@@ -115,6 +119,36 @@ def _why_not_servable(layer: nn.Module) -> Optional[str]:
     return None
 
 
+def _why_not_servable_quantized(layer: LoraLayer) -> Optional[str]:
+    """None if a PEFT bitsandbytes LoRA layer (QDoRA) can be routed, else the reason."""
+    base = layer.base_layer
+    if not _quantized.is_quantized_base(base):
+        return f"base layer type {type(base).__qualname__} is not a bitsandbytes Linear4bit / Linear8bitLt"
+    reason = _quantized.quantized_weight_reason(base.weight)
+    if reason is not None:
+        return reason
+    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+        return "the base layer has forward hooks (e.g. accelerate offloading)"
+    for adapter, variant in layer.lora_variant.items():
+        if type(variant) is DoraLinearVariant and type(layer.lora_magnitude_vector[adapter]) is not DoraLinearLayer:
+            return f"adapter {adapter!r} has a magnitude module of type {type(layer.lora_magnitude_vector[adapter])}"
+    return None
+
+
+def _routed_class(peft_class: type) -> type:
+    """The dora_ext class that a PEFT layer class is changed to (created once per PEFT class)."""
+    if peft_class is LoraLinear:
+        return DoraExtLinear
+    routed = _ROUTED_QUANTIZED.get(peft_class)
+    if routed is None:
+        routed = type(f"DoraExt{peft_class.__name__}", (peft_class,),
+                      {"forward": _quantized_forward, "_get_name": lambda self: peft_class.__name__,
+                       "__module__": __name__, "__doc__": f"PEFT's {peft_class.__name__} routed through dora_ext "
+                                                          "(QDoRA: dora_ext._quantized)."})
+        _ROUTED_QUANTIZED[peft_class] = routed
+    return routed
+
+
 def accelerate(peft_model: nn.Module) -> int:
     """Route every servable DoRA ``peft.tuners.lora.layer.Linear`` of ``peft_model`` (a ``PeftModel``
     or any module holding PEFT LoRA layers) through dora_ext. Returns the number of routed layers
@@ -132,8 +166,8 @@ def accelerate(peft_model: nn.Module) -> int:
                 logger.info("dora_ext.peft: %s stays on PEFT's forward: %s", name, reason)
             setattr(module, _STATUS, reason)
             continue
-        if type(module) is not DoraExtLinear:
-            module.__class__ = DoraExtLinear
+        if not is_accelerated(module):
+            module.__class__ = _routed_class(type(module))
             setattr(module, _FALLBACKS, Counter())
         setattr(module, _STATUS, ROUTED)
         routed += 1
@@ -146,8 +180,9 @@ def restore(peft_model: nn.Module) -> int:
     Returns the number of layers restored."""
     restored = 0
     for module in peft_model.modules():
-        if type(module) is DoraExtLinear:
-            module.__class__ = LoraLinear
+        if is_accelerated(module):
+            module.__class__ = type(module).__bases__[0]
+            _quantized.forget_norms(module)
             restored += 1
         for attr in (_STATUS, _FALLBACKS):
             if attr in module.__dict__:
@@ -157,7 +192,7 @@ def restore(peft_model: nn.Module) -> int:
 
 def is_accelerated(layer: nn.Module) -> bool:
     """Whether ``layer`` is routed through dora_ext."""
-    return type(layer) is DoraExtLinear
+    return type(layer) is DoraExtLinear or type(layer) in _ROUTED_QUANTIZED.values()
 
 
 def report(peft_model: nn.Module) -> dict[str, str]:
@@ -180,7 +215,7 @@ def report(peft_model: nn.Module) -> dict[str, str]:
 def fallback_counts(peft_model: nn.Module) -> dict[str, dict[str, int]]:
     """``{module name: {reason: calls}}``: forward calls that routed layers handed to PEFT's code."""
     return {name: dict(getattr(m, _FALLBACKS)) for name, m in peft_model.named_modules()
-            if type(m) is DoraExtLinear and getattr(m, _FALLBACKS, None)}
+            if is_accelerated(m) and getattr(m, _FALLBACKS, None)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,7 +230,8 @@ def _call_fallback_reason(layer: "DoraExtLinear", x: torch.Tensor, args: tuple, 
     if layer.disable_adapters or layer.merged:
         return None
     weight = layer.base_layer.weight
-    if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
+    quantized = _quantized.is_quantized_base(layer.base_layer)
+    if not quantized and type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
         return "the base weight is a tensor subclass (quantized / DTensor)"
     device = weight.device
     for adapter in layer.active_adapters:
@@ -353,3 +389,62 @@ class DoraExtLinear(LoraLinear):
                 lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
                 result = result + lora_B(lora_A(self.lora_dropout[adapter](x))) * self.scaling[adapter]
         return result.to(result_dtype)
+
+
+_ROUTED_QUANTIZED: dict[type, type] = {}
+
+
+def _fall_back(layer: nn.Module, reason: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    counts = layer.__dict__.get(_FALLBACKS)
+    if counts is not None:
+        counts[reason] += 1
+    return type(layer).__bases__[0].forward(layer, x, *args, **kwargs)
+
+
+def _quantized_dora_delta(layer: nn.Module, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """PEFT's ``DoraLinearLayer.forward`` on a bitsandbytes base (``result``: its output, bias included):
+    the norm from a transient dequantized weight (or the layer's kept norm), the delta by compose_delta."""
+    lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
+    scaling = layer.scaling[adapter]
+    base = layer.base_layer
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    dropout = _dropout_active(layer, adapter)
+    with torch.autocast(device_type, enabled=False):
+        a = cast_for_forward(lora_A.weight, dtype)
+        b = cast_for_forward(lora_B.weight, dtype)
+        norm = _quantized.cached_norm(layer, adapter, lora_A.weight, lora_B.weight, dtype)
+        weight = _quantized.dequantized_weight(base) if norm is None or dropout else None
+        if norm is None:
+            norm = row_norm(_to_compute_dtype(weight, dtype), a, b, scaling)
+            _quantized.keep_norm(layer, adapter, lora_A.weight, lora_B.weight, dtype, norm)
+        if dropout:
+            x = layer.lora_dropout[adapter](x)
+            base_result = F.linear(x.to(weight.dtype), weight)  # PEFT's GEMM on the dropped input
+        else:
+            base_result = result if base.bias is None else result - base.bias
+        del weight  # the only dequantized copy: gone before the adapter's GEMMs
+        lora_result = F.linear(F.linear(x.to(dtype), a), b)
+        return compose_delta(_to_compute_dtype(base_result, dtype), lora_result,
+                             layer.lora_magnitude_vector[adapter].weight, norm, scaling)
+
+
+def _quantized_forward(self: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The forward of a routed PEFT bitsandbytes LoRA layer: PEFT's, with the DoRA terms of one active
+    DoRA adapter from dora_ext (several adapters, mixed batches and other calls: PEFT's own)."""
+    reason = _call_fallback_reason(self, x, args, kwargs)
+    if reason is not None:
+        return _fall_back(self, reason, x, *args, **kwargs)
+    adapters = [a for a in self.active_adapters if a in self.lora_A]
+    if self.disable_adapters or self.merged or not adapters:
+        return type(self).__bases__[0].forward(self, x)
+    if len(adapters) != 1 or not _is_dora_adapter(self, adapters[0]):
+        return _fall_back(self, "several active adapters (or a non-DoRA one) on a quantized base", x)
+    adapter = adapters[0]
+    result = self.base_layer(x)  # bitsandbytes' own kernels
+    requires_conversion = not torch.is_autocast_enabled(x.device.type)
+    expected_dtype = result.dtype
+    if requires_conversion:
+        x = self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype)
+    result = result + _quantized_dora_delta(self, adapter, x, result)
+    return result.to(expected_dtype) if requires_conversion else result

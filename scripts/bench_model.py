@@ -56,7 +56,7 @@ if str(HERE) not in sys.path:  # loaded by a test, not run as scripts/bench_mode
     sys.path.insert(0, str(HERE))
 from timing import median_wall_ms  # noqa: E402  (scripts/timing.py)
 
-RECIPES = ("default", "dropout", "ckpt")
+RECIPES = ("default", "dropout", "ckpt", "qdora")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -80,7 +80,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--adapter-dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
     p.add_argument("--recipe", choices=RECIPES, default="default",
                    help="default: no dropout, no checkpointing; dropout: lora_dropout=--dropout in training "
-                        "(TRL/Axolotl settings); ckpt: transformers' gradient checkpointing (non-reentrant)")
+                        "(TRL/Axolotl settings); ckpt: transformers' gradient checkpointing (non-reentrant); "
+                        "qdora: the decoder's linears as bitsandbytes NF4 with double quantization, bf16 compute")
     p.add_argument("--dropout", type=float, default=0.05, help="lora_dropout of the dropout recipe")
     p.add_argument("--tiny", action="store_true",
                    help="hidden 64, intermediate 128, 4/2 heads, 2 layers, vocab 128, r 8, 32 tokens, 1 rep")
@@ -113,6 +114,29 @@ def build_base(args: argparse.Namespace, device: torch.device) -> torch.nn.Modul
     with torch.device(device):
         model = transformers.LlamaForCausalLM(config)
     return model.to(torch.bfloat16).requires_grad_(False)
+
+
+def quantize_nf4(model: torch.nn.Module) -> torch.nn.Module:
+    """Every decoder linear as a bitsandbytes Linear4bit (NF4, double quantization, bf16 compute),
+    quantized on the model's device, as BitsAndBytesConfig(load_in_4bit=True, ...) would load it."""
+    import bitsandbytes as bnb
+
+    device = next(model.parameters()).device
+    for module in list(model.model.layers.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(module, name, q.to(device))
+                del child
+    model.is_loaded_in_4bit = True
+    free(device)
+    return model
 
 
 def perturb_adapters(model: torch.nn.Module, seed: int) -> None:
@@ -221,7 +245,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def record(name: str, label: str, m: dict[str, Any], ref: Optional[dict[str, Any]], extra: dict[str, Any]) -> None:
         row = {"config": name, "label": label, **{k: m.get(k) for k in ("fwd_ms", "step_ms", "step_peak_gib")}}
         row["logits_cos"] = cosine(m["logits"], ref["logits"]) if ref is not None else None
-        row["logits_cos_fp64"] = cosine(m["logits"], ref["logits_fp64"]) if ref is not None else None
+        row["logits_cos_fp64"] = (cosine(m["logits"], ref["logits_fp64"])
+                                  if ref is not None and ref.get("logits_fp64") is not None else None)
         row["grad_cos"] = (cosine(m["grads"], ref["grads"]) if ref is not None and m.get("grads") is not None
                            and ref.get("grads") is not None else None)
         row.update(extra)
@@ -230,6 +255,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(shown), flush=True)
 
     base = build_base(args, device)
+    if args.recipe == "qdora":
+        base = quantize_nf4(base)
     base_m = measure(base, ids, timer, args, train=False)
     record("base", "base model, no adapter", base_m, None, {})
     del base_m
@@ -257,7 +284,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dora = with_recipe(peft.get_peft_model(base, dora_cfg, autocast_adapter_dtype=autocast_adapter_dtype))
         perturb_adapters(dora, seed=3)
         ref = measure(dora, ids, timer, args, train=True)
-        ref["logits_fp64"] = float64_logits(dora, ids)
+        # (a float64 copy of a 4-bit model has no meaning: its weights are the quantized ones)
+        ref["logits_fp64"] = float64_logits(dora, ids) if args.recipe != "qdora" else None
         record(f"peft_dora_{adapter_dtype}", f"PEFT DoRA, {what}", ref, ref, {})
         free(device)
 

@@ -1,0 +1,211 @@
+"""QDoRA: PEFT DoRA layers on bitsandbytes 4-bit (NF4 / FP4, double quantization or not) and 8-bit
+bases, routed by dora_ext.peft.accelerate, against stock PEFT's QDoRA on the same quantized model.
+
+bitsandbytes' CPU backend quantizes and runs 4-bit layers, so the 4-bit cases run in CI; its 8-bit
+layers quantize on CUDA only (those cases run on the GPU).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+
+import dora_ext  # noqa: E402
+import dora_ext.peft as dp  # noqa: E402
+from dora_ext import _quantized  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+N_LINEAR = 14  # 2 decoder layers x 7 projections
+IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(7))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu().flatten(), b.detach().double().cpu().flatten()
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+def _quantized_linear(linear: torch.nn.Linear, kind: str, compute_dtype: torch.dtype) -> torch.nn.Module:
+    bias = linear.bias is not None
+    if kind == "int8":
+        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False)
+        q.weight = bnb.nn.Int8Params(linear.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    else:
+        quant_type, double = kind.split("-")
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=compute_dtype,
+                              quant_type=quant_type, compress_statistics=double == "dq")
+        q.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type=quant_type,
+                                     compress_statistics=double == "dq")
+    if bias:
+        q.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return q
+
+
+def qdora_model(kind: str, device: str, dtype: torch.dtype = torch.bfloat16, **config):
+    """A tiny Llama whose decoder linears are bitsandbytes layers (quantized on ``device``), with PEFT
+    DoRA adapters (PEFT's defaults: float32 adapters) and a 'trained' B and magnitude."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).to(dtype)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and name != "lm_head":
+                setattr(module, name, _quantized_linear(child, kind, dtype))
+    model = model.to(device)  # bitsandbytes quantizes here
+    setattr(model, "is_loaded_in_8bit" if kind == "int8" else "is_loaded_in_4bit", True)
+    kwargs = {"r": 8, "lora_alpha": 16, "use_dora": True, "target_modules": "all-linear", **config}
+    peft_model = get_peft_model(model, LoraConfig(**kwargs))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen).to(p))
+    return peft_model
+
+
+def step(model, seed: int | None = None):
+    model.zero_grad(set_to_none=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    logits = model(input_ids=IDS.to(next(model.parameters()).device)).logits
+    logits.float().square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return logits.detach(), grads
+
+
+def assert_close_to_peft(ours, theirs, n_grads=3 * N_LINEAR):
+    # both runs share the quantized weights, the same dequantization and bitsandbytes' base GEMM:
+    # they differ by the norm's accumulation order and the compose's rounding only
+    assert ours[0].dtype == theirs[0].dtype
+    assert rel(ours[0], theirs[0]) < 1e-2 and cosine(ours[0], theirs[0]) >= 0.9999
+    assert ours[1].keys() == theirs[1].keys() and len(ours[1]) == n_grads
+    for name in theirs[1]:
+        assert rel(ours[1][name], theirs[1][name]) < 2e-2, name
+
+
+def _devices(kinds):
+    out = []
+    for kind in kinds:
+        if kind != "int8":
+            out.append(pytest.param(kind, "cpu", id=f"{kind}-cpu"))
+        out.append(pytest.param(kind, "cuda", id=f"{kind}-cuda", marks=[
+            pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]))
+    return out
+
+
+@pytest.mark.parametrize("kind, device", _devices(["nf4-dq", "nf4-nodq", "fp4-dq", "int8"]))
+def test_qdora_step_matches_peft(kind, device, monkeypatch):
+    model = qdora_model(kind, device)
+    theirs = step(model)
+    calls = {"compose_delta": 0}
+    compose = dp.compose_delta
+
+    def counting(*args):
+        calls["compose_delta"] += 1
+        return compose(*args)
+
+    monkeypatch.setattr(dp, "compose_delta", counting)
+    assert dp.accelerate(model) == N_LINEAR
+    assert set(dp.report(model).values()) == {"routed"}
+    ours = step(model)
+    assert calls["compose_delta"] == N_LINEAR
+    assert dp.fallback_counts(model) == {}
+    assert_close_to_peft(ours, theirs)
+    assert dp.restore(model) == N_LINEAR
+    again = step(model)
+    assert torch.equal(again[0], theirs[0])
+
+
+@pytest.mark.parametrize("kind, device", _devices(["nf4-dq"]))
+def test_qdora_with_dropout_draws_peft_masks(kind, device):
+    model = qdora_model(kind, device, lora_dropout=0.1)
+    model.train()
+    theirs = step(model, seed=5)
+    dp.accelerate(model)
+    ours = step(model, seed=5)
+    assert_close_to_peft(ours, theirs)
+    assert rel(step(model, seed=6)[0], theirs[0]) > 10 * rel(ours[0], theirs[0])
+
+
+@pytest.mark.parametrize("kind, device", _devices(["nf4-dq"]))
+def test_eval_reuses_the_norm_without_dequantizing(kind, device, monkeypatch):
+    model = qdora_model(kind, device)
+    dp.accelerate(model)
+    model.eval()
+    count = {"n": 0}
+    dequantize = _quantized.dequantized_weight
+
+    def counting(base):
+        count["n"] += 1
+        return dequantize(base)
+
+    monkeypatch.setattr(_quantized, "dequantized_weight", counting)
+    with torch.no_grad():
+        first = model(input_ids=IDS.to(device)).logits
+        assert count["n"] == N_LINEAR
+        second = model(input_ids=IDS.to(device)).logits
+    assert count["n"] == N_LINEAR  # the kept norms served: no dequantization
+    assert torch.equal(first, second)
+    # a training step (backward) and an optimizer step change the adapters: the next eval recomputes
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    step(model)
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        third = model(input_ids=IDS.to(device)).logits
+    assert count["n"] == 2 * N_LINEAR + N_LINEAR  # training forward, then a fresh eval norm
+    dp.restore(model)
+    with torch.no_grad():
+        assert rel(third, model(input_ids=IDS.to(device)).logits) < 1e-2
+
+
+@pytest.mark.parametrize("kind, device", _devices(["nf4-dq"]))
+def test_checkpoint_recompute_reuses_the_norm(kind, device, monkeypatch):
+    model = qdora_model(kind, device)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    theirs = step(model)
+    dp.accelerate(model)
+    count = {"n": 0}
+    row_norm = dp.row_norm
+
+    def counting(*args):
+        count["n"] += 1
+        return row_norm(*args)
+
+    monkeypatch.setattr(dp, "row_norm", counting)
+    ours = step(model)
+    assert count["n"] == N_LINEAR  # the recompute inside the backward pass used the forward's norms
+    assert_close_to_peft(ours, theirs)
+
+
+def test_only_quantized_bitsandbytes_weights_are_served():
+    model = qdora_model("nf4-dq", "cpu")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert _quantized.quantized_weight_reason(layer.base_layer.weight) is None
+    assert "not a bitsandbytes" in _quantized.quantized_weight_reason(torch.nn.Parameter(torch.zeros(2)))
+
+
+def test_norm_cache_option_off_recomputes(monkeypatch):
+    model = qdora_model("nf4-dq", "cpu")
+    dp.accelerate(model)
+    model.eval()
+    count = {"n": 0}
+    dequantize = _quantized.dequantized_weight
+    monkeypatch.setattr(_quantized, "dequantized_weight", lambda base: (count.__setitem__("n", count["n"] + 1),
+                                                                        dequantize(base))[1])
+    with dora_ext.options(norm_cache=False), torch.no_grad():
+        model(input_ids=IDS)
+        model(input_ids=IDS)
+    assert count["n"] == 2 * N_LINEAR
