@@ -29,9 +29,13 @@ dtypes follow PEFT: x is cast to the adapter dtype (``cast_input_dtype``); under
 run in the autocast dtype, otherwise in the adapter dtype; the result is cast back to the base
 layer's output dtype. ``g = m / n`` is kept in fp32 (PEFT computes it in the adapter dtype).
 
-Not served, observably (PEFT's own forward runs): layers that are not exactly
-``peft.tuners.lora.layer.Linear`` (Embedding, Conv, bitsandbytes/torchao/HQQ layers, ...), base
-layers other than ``nn.Linear`` / transformers ``Conv1D``, quantized or tensor-subclass weights
+QDoRA: PEFT's bitsandbytes layers (``peft.tuners.lora.bnb.Linear4bit`` / ``Linear8bitLt`` on a quantized
+bitsandbytes base) are routed too (dora_ext._quantized): bitsandbytes' own base GEMM, the factored norm
+from a transient dequantized weight (kept per layer while nothing changes), ``compose_delta``.
+
+Not served, observably (PEFT's own forward runs): other layer types (Embedding, Conv, torchao/HQQ
+layers, ...), base layers other than ``nn.Linear`` / transformers ``Conv1D`` (or bitsandbytes under a
+PEFT bitsandbytes layer), other quantized or tensor-subclass weights
 (DTensor weights are served: FSDP2 hands forward the unsharded tensors; see docs/FSDP.md),
 base layers with hooks, ``ephemeral_gpu_offload``. :func:`report` gives the reason per layer and
 ``accelerate`` logs it on the ``dora_ext.peft`` logger. Calls that a routed layer hands back to PEFT
