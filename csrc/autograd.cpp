@@ -204,6 +204,30 @@ at::Tensor dora_linear_dropout_autograd(const at::Tensor& x, const at::Tensor& x
   return DoraLinearDropoutFunction::apply(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale);
 }
 
+// Serving only: a call that would record gradients is refused (no silent wrong gradients).
+at::Tensor dora_linear_mixed_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, at::TensorList lora_A,
+                                      at::TensorList lora_B, const c10::List<std::optional<at::Tensor>>& magnitude,
+                                      at::ArrayRef<double> scale, const at::Tensor& adapter_index) {
+  if (at::GradMode::is_enabled()) {
+    bool grad = x.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->requires_grad());
+    for (const at::Tensor& t : lora_A) grad = grad || t.requires_grad();
+    for (const at::Tensor& t : lora_B) grad = grad || t.requires_grad();
+    for (size_t k = 0; k < magnitude.size(); ++k) {
+      const std::optional<at::Tensor> m = magnitude.get(k);
+      grad = grad || (m.has_value() && m->defined() && m->requires_grad());
+    }
+    TORCH_CHECK(!grad,
+                "dora_linear_mixed: mixed-adapter batches are for inference and record no gradients; call it under "
+                "torch.no_grad() / inference_mode (train one adapter at a time with dora_linear)");
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                      at::TensorList, at::TensorList, const c10::List<std::optional<at::Tensor>>&,
+                                      at::ArrayRef<double>, const at::Tensor&)>("dora_ext::dora_linear_mixed");
+  return op.call(x, weight, bias, lora_A, lora_B, magnitude, scale, adapter_index);
+}
+
 at::Tensor compose_delta_autograd(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
                                   const at::Tensor& norm, double scale) {
   return ComposeDeltaFunction::apply(base, lora, magnitude, norm, scale);
@@ -232,6 +256,7 @@ at::Tensor row_norm_sq_autograd(const at::Tensor& weight, const at::Tensor& lora
 TORCH_LIBRARY_IMPL(dora_ext, Autograd, m) {
   m.impl("dora_linear", &dora_linear_autograd);
   m.impl("dora_linear_dropout", &dora_linear_dropout_autograd);
+  m.impl("dora_linear_mixed", &dora_linear_mixed_autograd);
   m.impl("compose_delta", &compose_delta_autograd);
   m.impl("row_norm", &row_norm_autograd);
   m.impl("row_norm_sq", &row_norm_sq_autograd);

@@ -1,5 +1,6 @@
 #include "checks.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -100,6 +101,40 @@ void check_dora_linear_dropout_args(const char* op, const at::Tensor& x, const a
               ", PEFT's dropout of the input cast to the "
               "adapter dtype), got ",
               dt);
+}
+
+void check_dora_linear_mixed_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
+                                  const c10::List<std::optional<at::Tensor>>& magnitude, at::ArrayRef<double> scale,
+                                  const at::Tensor& adapter_index) {
+  TORCH_CHECK(x.dim() >= 2, op, ": x must be [rows, ..., d_in] (one adapter per row), got shape ", x.sizes());
+  const size_t adapters = lora_A.size();
+  TORCH_CHECK(lora_B.size() == adapters && magnitude.size() == adapters && scale.size() == adapters, op,
+              ": lora_A, lora_B, magnitude and scale must list the same adapters, got ", adapters, ", ", lora_B.size(),
+              ", ", magnitude.size(), " and ", scale.size(), " entries");
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [d_out, d_in], got shape ", weight.sizes());
+  for (size_t k = 0; k < adapters; ++k) {
+    const std::string where = std::string(op) + " (adapter " + std::to_string(k) + ")";
+    const std::optional<at::Tensor> m = magnitude.get(k);
+    // a plain LoRA adapter has no magnitude: check the rest against a stand-in of the right shape
+    const at::Tensor m_or_stand_in =
+        m.has_value() && m->defined() ? *m : at::empty({weight.size(0)}, x.options().dtype(at::kFloat));
+    check_dora_linear_args(where.c_str(), x, weight, bias, lora_A[k], lora_B[k], m_or_stand_in);
+  }
+  if (adapters == 0)
+    check_dora_linear_args(op, x, weight, bias, weight.new_empty({1, weight.size(1)}),
+                           weight.new_empty({weight.size(0), 1}), weight.new_empty({weight.size(0)}));
+  TORCH_CHECK(adapter_index.dim() == 1 && adapter_index.size(0) == x.size(0), op, ": adapter_index must be [rows] = [",
+              x.size(0), "] (one adapter per leading row of x), got shape ", adapter_index.sizes());
+  TORCH_CHECK(adapter_index.scalar_type() == at::kLong || adapter_index.scalar_type() == at::kInt, op,
+              ": adapter_index must be int64 or int32, got ", adapter_index.scalar_type());
+  TORCH_CHECK(adapter_index.device().is_cpu() || adapter_index.device() == x.device(), op, ": adapter_index is on ",
+              adapter_index.device(), "; it must be on the CPU or on x's device ", x.device());
+  if (adapter_index.numel() > 0) {
+    const int64_t low = adapter_index.min().item<int64_t>(), high = adapter_index.max().item<int64_t>();
+    TORCH_CHECK(low >= -1 && high < static_cast<int64_t>(adapters), op, ": adapter_index holds ", low < -1 ? low : high,
+                ", but there are ", adapters, " adapters (valid: -1 for the base model, 0 .. number of adapters - 1)");
+  }
 }
 
 void check_compose_delta_args(const char* op, const at::Tensor& base, const at::Tensor& lora,

@@ -1,6 +1,7 @@
 #pragma once
 // Argument validation shared by every op and every backend: each failure is a
 // c10::Error naming the op, the argument and the expected vs actual value.
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
@@ -15,6 +16,13 @@ void check_dora_linear_args(const char* op, const at::Tensor& x, const at::Tenso
 void check_dora_linear_dropout_args(const char* op, const at::Tensor& x, const at::Tensor& x_dropped,
                                     const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude);
+
+// Each adapter k as dora_linear's arguments (magnitude[k] None: a plain LoRA adapter); lists of one
+// length; adapter_index [rows] int64/int32 in -1 .. adapters - 1 (-1: the base model).
+void check_dora_linear_mixed_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
+                                  const c10::List<std::optional<at::Tensor>>& magnitude, at::ArrayRef<double> scale,
+                                  const at::Tensor& adapter_index);
 
 // lora_A and lora_B have the weight's dtype, or are both float32 with a float16/bfloat16
 // weight (PEFT keeps adapters in float32 by default).

@@ -4,6 +4,7 @@
 // same device dispatch, fused kernels and autograd as torch.ops.dora_ext.*.
 //
 // DoRA: y = m * (W + s B A) / ||W + s B A||_row applied to x, plus bias.
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
@@ -36,6 +37,16 @@ at::Tensor dora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
 at::Tensor dora_linear_dropout(const at::Tensor& x, const at::Tensor& x_dropped, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                const at::Tensor& lora_B, const at::Tensor& magnitude, double scale);
+
+// Many adapters in one batch (serving): leading row i of x ([rows, ..., d_in]) uses adapter
+// adapter_index[i] (-1: the base model, x W^T + bias). Adapter k is lora_A[k] [r_k, d_in],
+// lora_B[k] [d_out, r_k], scale[k], and magnitude[k] [d_out] for DoRA (its norm computed once and
+// cached while the adapter is unchanged) or nullopt for plain LoRA; ranks may differ. The base GEMM
+// runs once for the whole batch. Inference only (no autograd).
+at::Tensor dora_linear_mixed(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             at::TensorList lora_A, at::TensorList lora_B,
+                             const c10::List<std::optional<at::Tensor>>& magnitude, at::ArrayRef<double> scale,
+                             const at::Tensor& adapter_index);
 
 // The DoRA delta for callers that already have base = x W^T (no bias) and
 // lora = (x A^T) B^T: (g - 1) * base + g * scale * lora, g = magnitude / norm.

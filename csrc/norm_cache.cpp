@@ -8,6 +8,7 @@
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/graph_task.h>
 
+#include <algorithm>
 #include <atomic>
 #include <mutex>
 #include <unordered_map>
@@ -42,15 +43,41 @@ struct Fingerprint {
   }
 };
 
+// One adapter's norm on a weight (and g = m / norm for one magnitude).
+struct AdapterNorm {
+  Fingerprint lora_A, lora_B;
+  double scale = 0.0;
+  at::Tensor norm;
+  Fingerprint magnitude;
+  at::Tensor g;  // m / norm for `norm` above, undefined until computed
+
+  bool matches(const at::Tensor& a, const at::Tensor& b, double s) const {
+    return lora_A.matches(a) && lora_B.matches(b) && scale == s;
+  }
+};
+
+// Several adapters of one base weight live side by side (PEFT's set_adapter, mixed-adapter batches):
+// up to this many norms per weight, the oldest dropped first.
+constexpr size_t kAdaptersPerWeight = 64;
+
 struct Entry {
   uint64_t epoch = 0;  // Cache::epoch when computed: older entries are stale (rule 3)
   Fingerprint weight;
-  at::Tensor weight_sq;  // ||W_i||^2, undefined until a computation produced it
-  Fingerprint lora_A, lora_B;
-  double scale = 0.0;
-  at::Tensor norm;  // undefined until computed
-  Fingerprint magnitude;
-  at::Tensor g;  // m / norm for `norm` above, undefined until computed
+  at::Tensor weight_sq;               // ||W_i||^2, undefined until a computation produced it
+  std::vector<AdapterNorm> adapters;  // oldest first
+
+  AdapterNorm* find(const at::Tensor& a, const at::Tensor& b, double s) {
+    for (AdapterNorm& n : adapters) {
+      if (n.matches(a, b, s)) return &n;
+    }
+    return nullptr;
+  }
+  AdapterNorm* holding(const at::Tensor& norm) {
+    for (AdapterNorm& n : adapters) {
+      if (n.norm.is_same(norm)) return &n;
+    }
+    return nullptr;
+  }
 };
 
 // Entries are dropped when their weight dies, checked whenever the table has
@@ -97,8 +124,9 @@ void drop_entries_holding_locked(Cache& c, const std::vector<at::Tensor>& norms)
   std::unordered_set<const c10::TensorImpl*> used;
   for (const at::Tensor& n : norms) used.insert(n.unsafeGetTensorImpl());
   for (auto it = c.entries.begin(); it != c.entries.end();) {
-    const at::Tensor& held = it->second.norm;
-    it = held.defined() && used.count(held.unsafeGetTensorImpl()) ? c.entries.erase(it) : std::next(it);
+    bool holds = false;
+    for (const AdapterNorm& n : it->second.adapters) holds = holds || used.count(n.norm.unsafeGetTensorImpl()) > 0;
+    it = holds ? c.entries.erase(it) : std::next(it);
   }
   ++c.stats.invalidations;
   ++generation;
@@ -116,11 +144,11 @@ bool capturing(const at::Tensor& t) {
   return false;
 }
 
-// The entry of `weight` that holds `norm`, or nullptr (the caller holds the lock): g is only
+// The adapter norm of `weight` that is `norm`, or nullptr (the caller holds the lock): g is only
 // stored alongside the norm it was computed from.
-Entry* entry_holding(Cache& c, const at::Tensor& weight, const at::Tensor& norm) {
+AdapterNorm* norm_holding(Cache& c, const at::Tensor& weight, const at::Tensor& norm) {
   Entry* e = c.live_entry_locked(weight);
-  return e != nullptr && e->norm.is_same(norm) ? e : nullptr;
+  return e != nullptr ? e->holding(norm) : nullptr;
 }
 
 bool cacheable(std::initializer_list<const at::Tensor*> tensors) {
@@ -149,11 +177,11 @@ at::Tensor cached_row_norm(const at::Tensor& weight, const at::Tensor& lora_A, c
   {
     std::lock_guard<std::mutex> lock(c.mutex);
     epoch = c.epoch;
-    const Entry* e = may_reuse ? c.live_entry_locked(weight) : nullptr;
+    Entry* e = may_reuse ? c.live_entry_locked(weight) : nullptr;
     if (e != nullptr) {
-      if (e->norm.defined() && e->lora_A.matches(lora_A) && e->lora_B.matches(lora_B) && e->scale == scale) {
+      if (const AdapterNorm* n = e->find(lora_A, lora_B, scale)) {
         ++c.stats.norm_hits;
-        return e->norm;
+        return n->norm;
       }
       weight_sq = e->weight_sq;
     }
@@ -168,14 +196,22 @@ at::Tensor cached_row_norm(const at::Tensor& weight, const at::Tensor& lora_A, c
   std::lock_guard<std::mutex> lock(c.mutex);
   if (c.entries.size() >= c.sweep_at) c.sweep_locked();
   Entry& e = c.entries[weight.unsafeGetTensorImpl()];
-  e = Entry{};
-  e.epoch = epoch;
-  e.weight = Fingerprint::of(weight);
-  e.weight_sq = weight_sq.defined() ? weight_sq : new_weight_sq;
-  e.lora_A = Fingerprint::of(lora_A);
-  e.lora_B = Fingerprint::of(lora_B);
-  e.scale = scale;
-  e.norm = norm;
+  if (e.epoch != epoch || !e.weight.matches(weight)) {  // a new weight, or a stale entry: start over
+    e = Entry{};
+    e.epoch = epoch;
+    e.weight = Fingerprint::of(weight);
+  }
+  if (!e.weight_sq.defined()) e.weight_sq = weight_sq.defined() ? weight_sq : new_weight_sq;
+  // This adapter's earlier norm (same A and B objects, now changed) and the oldest beyond the cap go.
+  auto& adapters = e.adapters;
+  adapters.erase(std::remove_if(adapters.begin(), adapters.end(),
+                                [&](const AdapterNorm& n) {
+                                  return n.lora_A.impl._unsafe_get_target() == lora_A.unsafeGetTensorImpl() &&
+                                         n.lora_B.impl._unsafe_get_target() == lora_B.unsafeGetTensorImpl();
+                                }),
+                 adapters.end());
+  if (adapters.size() >= kAdaptersPerWeight) adapters.erase(adapters.begin());
+  adapters.push_back(AdapterNorm{Fingerprint::of(lora_A), Fingerprint::of(lora_B), scale, norm, {}, {}});
   return norm;
 }
 
@@ -184,19 +220,19 @@ at::Tensor cached_magnitude_scale(const at::Tensor& weight, const at::Tensor& ma
   const bool use_cache = cacheable({&weight, &magnitude});
   if (use_cache) {
     std::lock_guard<std::mutex> lock(c.mutex);
-    const Entry* e = entry_holding(c, weight, norm);
-    if (e != nullptr && e->g.defined() && e->magnitude.matches(magnitude)) {
+    const AdapterNorm* n = norm_holding(c, weight, norm);
+    if (n != nullptr && n->g.defined() && n->magnitude.matches(magnitude)) {
       ++c.stats.scale_hits;
-      return e->g;
+      return n->g;
     }
   }
   at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
   if (use_cache) {
     std::lock_guard<std::mutex> lock(c.mutex);
     // a norm computed outside the cache has no entry to attach g to
-    if (Entry* e = entry_holding(c, weight, norm)) {
-      e->magnitude = Fingerprint::of(magnitude);
-      e->g = g;
+    if (AdapterNorm* n = norm_holding(c, weight, norm)) {
+      n->magnitude = Fingerprint::of(magnitude);
+      n->g = g;
     }
   }
   return g;

@@ -18,7 +18,9 @@
 //     the scale keep their identity, storage and version. A write there that
 //     bypasses the version counter must be followed by invalidate_norm_cache().
 //
-// ||W||^2 and g = m / n live in the same entry and go with it. Bypassed
+// One entry per base weight holds ||W||^2 and the norms of up to 64 adapters on it (with their
+// g = m / n): switching adapters (PEFT's set_adapter) and mixed-adapter batches reuse each
+// adapter's norm. Everything in an entry goes with it. Bypassed
 // (computed fresh, nothing stored) for inference-mode tensors (they have no
 // version counter), while a CUDA stream is being captured (a replayed graph
 // must recompute), and with the norm_cache option off (DORA_EXT_NORM_CACHE=0, options.h).

@@ -71,6 +71,11 @@ TORCH_LIBRARY(dora_ext, m) {
   m.def(
       "dora_linear_dropout(Tensor x, Tensor x_dropped, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
       "Tensor magnitude, float scale) -> Tensor");
+  // Mixed-adapter batches (inference): leading row i of x uses adapter adapter_index[i] (-1: the base
+  // model); magnitude[k] None makes adapter k plain LoRA (csrc/mixed.h).
+  m.def(
+      "dora_linear_mixed(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, "
+      "Tensor?[] magnitude, float[] scale, Tensor adapter_index) -> Tensor");
   m.def("compose_delta(Tensor base, Tensor lora, Tensor magnitude, Tensor norm, float scale) -> Tensor");
   // Training forward and backward behind dora_linear's and compose_delta's autograd.
   m.def(
@@ -144,6 +149,18 @@ at::Tensor dora_linear_dropout(const at::Tensor& x, const at::Tensor& x_dropped,
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                             const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
   return op.call(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale);
+}
+
+at::Tensor dora_linear_mixed(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             at::TensorList lora_A, at::TensorList lora_B,
+                             const c10::List<std::optional<at::Tensor>>& magnitude, at::ArrayRef<double> scale,
+                             const at::Tensor& adapter_index) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dora_ext::dora_linear_mixed", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         at::TensorList, at::TensorList, const c10::List<std::optional<at::Tensor>>&,
+                                         at::ArrayRef<double>, const at::Tensor&)>();
+  return op.call(x, weight, bias, lora_A, lora_B, magnitude, scale, adapter_index);
 }
 
 at::Tensor compose_delta(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,

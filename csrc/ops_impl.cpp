@@ -5,6 +5,7 @@
 #include "checks.h"
 #include "dropout.h"
 #include "eager.h"
+#include "mixed.h"
 #include "norm_cache.h"
 #include "op_scope.h"
 
@@ -113,6 +114,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                            scale, mask, scope.fused());
 }
 
+at::Tensor dora_linear_mixed_impl(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                  at::TensorList lora_A, at::TensorList lora_B,
+                                  const c10::List<std::optional<at::Tensor>>& magnitude, at::ArrayRef<double> scale,
+                                  const at::Tensor& adapter_index) {
+  check_dora_linear_mixed_args("dora_linear_mixed", x, weight, bias, lora_A, lora_B, magnitude, scale, adapter_index);
+  OpScope scope(x, weight.size(0), /*training=*/false);
+  return dora_linear_mixed_body(x, weight, bias, lora_A, lora_B, magnitude, scale, adapter_index, scope.fused());
+}
+
 at::Tensor compose_delta_impl(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
                               const at::Tensor& norm, double scale) {
   check_compose_delta_args("compose_delta", base, lora, magnitude, norm);
@@ -151,6 +161,7 @@ void register_impls(torch::Library& m) {
   m.impl("dora_linear_dropout", &dora_linear_dropout_impl);
   m.impl("dora_linear_dropout_forward", &dora_linear_dropout_forward_impl);
   m.impl("dora_linear_dropout_backward", &dora_linear_dropout_backward_impl);
+  m.impl("dora_linear_mixed", &dora_linear_mixed_impl);
   m.impl("compose_delta", &compose_delta_impl);
   m.impl("compose_delta_backward", &compose_delta_backward_impl);
 }

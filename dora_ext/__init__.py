@@ -37,6 +37,7 @@ from .ops import (  # noqa: E402
     compose_delta,
     dora_linear,
     dora_linear_dropout,
+    dora_linear_mixed,
     get_options,
     invalidate_norm_cache,
     last_tier,
@@ -49,6 +50,7 @@ from .ops import (  # noqa: E402
 )
 
 __version__ = "0.1.0"
-__all__ = ["clear_norm_cache", "compose_delta", "dora_linear", "dora_linear_dropout", "get_options", "info",
+__all__ = ["clear_norm_cache", "compose_delta", "dora_linear", "dora_linear_dropout", "dora_linear_mixed",
+           "get_options", "info",
            "invalidate_norm_cache", "last_tier", "norm_cache_stats", "options", "overrides", "row_norm", "select_tier",
            "set_options", "__version__"]

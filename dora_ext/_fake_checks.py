@@ -110,6 +110,25 @@ def dora_linear_dropout_args(op: str, x: torch.Tensor, x_dropped: torch.Tensor, 
            f"dropout of the input cast to the adapter dtype), got {_dt(x_dropped.dtype)}")
 
 
+def dora_linear_mixed_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           lora_A: list, lora_B: list, magnitude: list, scale: list,
+                           adapter_index: torch.Tensor) -> None:
+    _check(x.dim() >= 2, f"{op}: x must be [rows, ..., d_in] (one adapter per row), got shape {_sz(x)}")
+    n = len(lora_A)
+    _check(len(lora_B) == n and len(magnitude) == n and len(scale) == n,
+           f"{op}: lora_A, lora_B, magnitude and scale must list the same adapters, got {n}, {len(lora_B)}, "
+           f"{len(magnitude)} and {len(scale)} entries")
+    _dim(op, "weight", weight, 2, "[d_out, d_in]")
+    for k in range(n):
+        m = magnitude[k] if magnitude[k] is not None else x.new_empty((weight.shape[0],), dtype=torch.float32)
+        dora_linear_args(f"{op} (adapter {k})", x, weight, bias, lora_A[k], lora_B[k], m)
+    _check(adapter_index.dim() == 1 and adapter_index.shape[0] == x.shape[0],
+           f"{op}: adapter_index must be [rows] = [{x.shape[0]}] (one adapter per leading row of x), got shape "
+           f"{_sz(adapter_index)}")
+    _check(adapter_index.dtype in (torch.int64, torch.int32),
+           f"{op}: adapter_index must be int64 or int32, got {_dt(adapter_index.dtype)}")
+
+
 def compose_delta_args(op: str, base: torch.Tensor, lora: torch.Tensor, magnitude: torch.Tensor,
                        norm: torch.Tensor) -> None:
     _check(base.dim() >= 1, f"{op}: base must have at least 1 dimension [..., d_out], got a 0-D tensor")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -96,6 +96,30 @@ def dora_linear_dropout(
     autograd. Gradients flow to x, x_dropped, lora_A, lora_B, magnitude and bias.
     """
     return _ops.dora_linear_dropout.default(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale)
+
+
+def dora_linear_mixed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    magnitude: Sequence[torch.Tensor | None],
+    scale: Sequence[float],
+    adapter_index: torch.Tensor,
+) -> torch.Tensor:
+    """Many adapters in one batch (serving): leading row ``i`` of ``x`` (``[rows, ..., d_in]``: a
+    sequence, or a token of 2-D x) uses adapter ``adapter_index[i]``; ``-1`` is the base model.
+
+    Adapter ``k`` is ``lora_A[k]`` ``[r_k, d_in]``, ``lora_B[k]`` ``[d_out, r_k]``, ``scale[k]`` and
+    ``magnitude[k]`` ``[d_out]`` for DoRA (its norm computed once and cached while the adapter is
+    unchanged) or ``None`` for plain LoRA; ranks and kinds may differ. Every row equals
+    :func:`dora_linear` (or LoRA) of that row alone with its adapter. The base GEMM runs once for the
+    whole batch. Dtypes per adapter as :func:`dora_linear`. Inference only: a call that would record
+    gradients raises. ``adapter_index`` is int64/int32 on the CPU or on x's device.
+    """
+    return _ops.dora_linear_mixed.default(x, weight, bias, list(lora_A), list(lora_B), list(magnitude),
+                                          [float(s) for s in scale], adapter_index)
 
 
 def compose_delta(
@@ -312,6 +336,13 @@ def _dora_linear_dropout_backward_fake(grad_out, x_dropped, weight, lora_A, lora
         magnitude.new_empty(magnitude.shape if output_mask[4] else none),
         weight.new_empty((weight.shape[0],)) if output_mask[5] else x_dropped.new_empty(none),
     )
+
+
+@torch.library.register_fake("dora_ext::dora_linear_mixed")
+def _dora_linear_mixed_fake(x, weight, bias, lora_A, lora_B, magnitude, scale, adapter_index):
+    _fake_checks.dora_linear_mixed_args("dora_linear_mixed", x, weight, bias, lora_A, lora_B, magnitude, scale,
+                                        adapter_index)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("dora_ext::compose_delta")

@@ -38,8 +38,9 @@ layers, ...), base layers other than ``nn.Linear`` / transformers ``Conv1D`` (or
 PEFT bitsandbytes layer), other quantized or tensor-subclass weights
 (DTensor weights are served: FSDP2 hands forward the unsharded tensors; see docs/FSDP.md),
 base layers with hooks, ``ephemeral_gpu_offload``. :func:`report` gives the reason per layer and
-``accelerate`` logs it on the ``dora_ext.peft`` logger. Calls that a routed layer hands back to PEFT
-(``adapter_names=`` mixed batches, extra forward arguments, a non-DoRA variant among the active
+``accelerate`` logs it on the ``dora_ext.peft`` logger. ``adapter_names=`` mixed batches (DoRA and
+LoRA adapters and ``"__base__"`` rows; stock PEFT refuses DoRA there) are one ``dora_linear_mixed`` call
+per layer. Calls that a routed layer hands back to PEFT (extra forward arguments, a non-DoRA variant among the active
 adapters, ``cast_input_dtype_enabled=False``, devices that differ) are counted per layer:
 :func:`fallback_counts`.
 
@@ -62,7 +63,7 @@ from torch import nn
 from . import _quantized
 from ._frozen import detach_if_frozen_view
 from ._cast_cache import cast_for_forward
-from .ops import compose_delta, dora_linear, dora_linear_dropout, row_norm
+from .ops import compose_delta, dora_linear, dora_linear_dropout, dora_linear_mixed, row_norm
 
 __all__ = ["DoraExtLinear", "accelerate", "fallback_counts", "is_accelerated", "report", "restore"]
 
@@ -352,6 +353,64 @@ def _dora_delta(layer: "DoraExtLinear", adapter: str, x: torch.Tensor, result: t
         return compose_delta(base_result, lora_result, layer.lora_magnitude_vector[adapter].weight, norm, scaling)
 
 
+def _mixed_batch(layer: "DoraExtLinear", x: torch.Tensor, adapter_names: list[str]) -> Optional[torch.Tensor]:
+    """``adapter_names=`` (PEFT's mixed-adapter batches; DoRA adapters included): one
+    dora_linear_mixed call, row i with adapter ``adapter_names[i]`` (``"__base__"`` or an adapter this
+    layer lacks: the base model). None where the call does not qualify (PEFT's forward then runs)."""
+    if len(x) != len(adapter_names):
+        raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                         f"{len(adapter_names)} and {len(x)} respectively.")
+    if layer.merged:
+        raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` "
+                         "first.")
+    base = layer.base_layer
+    if base._forward_hooks or base._forward_pre_hooks or getattr(base, "_hf_hook", None) is not None or x.dim() < 2:
+        return None
+    weight = _base_weight(layer)
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
+    names = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and n in layer.lora_A]
+    lora_A, lora_B, magnitude, scale = [], [], [], []
+    for name in names:
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        adapter_dtype = dtype if autocast else a.dtype
+        fp32_adapters = dtype in (torch.float16, torch.bfloat16) and adapter_dtype == torch.float32
+        if layer.lora_B[name].bias is not None or (adapter_dtype != dtype and not fp32_adapters):
+            return None
+        if name in layer.lora_variant and not _is_dora_adapter(layer, name):
+            return None  # another variant: PEFT's own code
+        lora_A.append(cast_for_forward(a, adapter_dtype))
+        lora_B.append(cast_for_forward(b, adapter_dtype))
+        magnitude.append(layer.lora_magnitude_vector[name].weight if _is_dora_adapter(layer, name) else None)
+        scale.append(layer.scaling[name])
+    index = torch.tensor([names.index(n) if n in names else -1 for n in adapter_names], dtype=torch.int64)
+    bias = detach_if_frozen_view(base.bias)
+    bias = bias.to(dtype) if bias is not None else None
+    with torch.autocast(device_type, enabled=False):
+        x = x.to(dtype)
+        weight = weight.to(dtype)
+        trained = [t for t in (*lora_A, *lora_B, *(m for m in magnitude if m is not None)) if t.requires_grad]
+        if not (torch.is_grad_enabled() and (trained or x.requires_grad)):
+            return dora_linear_mixed(x, weight, bias, lora_A, lora_B, magnitude, scale, index)
+        # gradients recorded: the adapters' groups one by one through the differentiable ops
+        out = F.linear(x, weight, bias)
+        rows = [i for i, n in enumerate(adapter_names) if n not in names]
+        parts = [(torch.tensor(rows, dtype=torch.int64, device=x.device), out[rows])] if rows else []
+        for k, name in enumerate(names):
+            sel = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], dtype=torch.int64,
+                               device=x.device)
+            xs = x.index_select(0, sel)
+            if magnitude[k] is not None:
+                ys = dora_linear(xs, weight, bias, lora_A[k], lora_B[k], magnitude[k], scale[k])
+            else:
+                lora = F.linear(F.linear(xs.to(lora_A[k].dtype), lora_A[k]), lora_B[k])
+                ys = (F.linear(xs, weight, bias) + lora * scale[k]).to(dtype)
+            parts.append((sel, ys))
+        result = out.new_empty(out.shape)
+        return result.index_copy(0, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+
 class DoraExtLinear(LoraLinear):
     """A PEFT LoRA ``Linear`` whose DoRA forward runs on dora_ext (see the module docstring).
     Only ``forward`` differs from ``peft.tuners.lora.layer.Linear``; instances are made by
@@ -361,6 +420,11 @@ class DoraExtLinear(LoraLinear):
         return "Linear"
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is not None and not args and set(kwargs) == {"adapter_names"} and not self.disable_adapters:
+            out = _mixed_batch(self, x, adapter_names)
+            if out is not None:
+                return out
         reason = _call_fallback_reason(self, x, args, kwargs)
         if reason is not None:
             counts = self.__dict__.get(_FALLBACKS)

@@ -57,6 +57,11 @@ CASES = [
 
 
 def _check_against_reference(inp, dtype):
+    if dtype == torch.float64 and dora_ext.get_options()["tier"] == "fused":
+        dora_ext.set_options(tier="auto")  # no fused kernels for float64 (the fixture restores the option)
+    for name in GRADS:
+        if inp[name] is not None:
+            inp[name].grad = None
     y = _call(inp)
     ref, refs = _reference(inp)
     assert y.dtype == inp["x"].dtype and y.shape == ref.shape

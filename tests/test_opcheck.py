@@ -264,3 +264,18 @@ def test_opcheck_dora_linear_dropout_backward(d_in, d_out, r, batch, bias, dtype
     for wanted, g in zip(mask, OPS.dora_linear_dropout_backward(*args)):
         if not wanted:
             assert g.shape == (0,)
+
+
+# ---------------------------------------------------------------------------
+# dora_linear_mixed (inference only: no requires_grad)
+
+
+@pytest.mark.parametrize("dtype, mag_dtype", LINEAR_DTYPES)
+@pytest.mark.parametrize("batch, index", [((4, 3), [0, -1, 1, 0]), ((5,), [1, 1, 0, -1, 1])], ids=["3d", "2d"])
+def test_opcheck_dora_linear_mixed(batch, index, dtype, mag_dtype):
+    first = _linear_inputs(16, 12, 4, batch, dtype, mag_dtype, True)
+    second = _linear_inputs(16, 12, 2, batch, dtype, mag_dtype, True)
+    args = (first["x"], first["weight"], first["bias"], [first["lora_A"], second["lora_A"]],
+            [first["lora_B"], second["lora_B"]], [first["magnitude"], None], [first["scale"], 0.75],
+            torch.tensor(index))
+    opcheck(OPS.dora_linear_mixed.default, args)

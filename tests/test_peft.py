@@ -472,10 +472,15 @@ def test_unservable_layers_and_calls_fall_back_observably(caplog):
     assert not dp.is_accelerated(hooked)
     assert_same_step(step(model), theirs)
 
-    # a call a routed layer cannot serve goes to PEFT's code (which refuses adapter_names with DoRA) and is counted
+    # a call a routed layer cannot serve goes to PEFT's code (here: to the base layer, which refuses the
+    # extra argument) and is counted
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
-    with pytest.raises(ValueError, match="DoRA"):
-        q_proj(torch.randn(2, 3, 64), adapter_names=["default", "default"])
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        q_proj(torch.randn(2, 3, 64), not_a_peft_argument=1)
+    # adapter_names with a DoRA adapter is served (stock PEFT refuses it): no fallback
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64)
+        assert rel(q_proj(x, adapter_names=["default", "__base__"])[1], q_proj.base_layer(x[1])) < 1e-6
     counts = dp.fallback_counts(model)
     assert list(counts) == ["base_model.model.model.layers.0.self_attn.q_proj"]
     assert sum(counts["base_model.model.model.layers.0.self_attn.q_proj"].values()) == 1

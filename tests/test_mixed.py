@@ -1,0 +1,186 @@
+"""dora_linear_mixed: many adapters (DoRA and plain LoRA, any ranks) in one batch, each leading row of
+x with its own adapter (-1: the base model), against each row alone in float64; and PEFT's
+``adapter_names=`` on an accelerated model (stock PEFT refuses it for DoRA)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dora_ext
+from reference import FWD_TOL, make_inputs, ref_dora_linear, rel_err
+
+
+def _adapters(d_in, d_out, ranks, dtype, device, kinds, adapter_dtype=None, seed=0):
+    """One adapter per rank; kinds[k] is "dora" or "lora"."""
+    mag_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+    out = []
+    for k, (r, kind) in enumerate(zip(ranks, kinds)):
+        inp = make_inputs(d_in, d_out, r, (1,), dtype, device, mag_dtype=mag_dtype, adapter_dtype=adapter_dtype,
+                          seed=seed + k, scale=0.25 * (k + 1))
+        out.append(dict(A=inp["lora_A"], B=inp["lora_B"], m=inp["magnitude"] if kind == "dora" else None,
+                        s=inp["scale"]))
+    return out
+
+
+def _reference_row(x_row, W, b, adapter):
+    if adapter is None:
+        y = x_row.double().cpu() @ W.double().cpu().T
+        return y if b is None else y + b.double().cpu()
+    if adapter["m"] is None:
+        y = x_row.double().cpu() @ (W.double().cpu() + adapter["s"] * adapter["B"].double().cpu()
+                                    @ adapter["A"].double().cpu()).T
+        return y if b is None else y + b.double().cpu()
+    return ref_dora_linear(x_row, W, b, adapter["A"], adapter["B"], adapter["m"], adapter["s"])
+
+
+def _run(x, W, b, adapters, index):
+    return dora_ext.dora_linear_mixed(x, W, b, [a["A"] for a in adapters], [a["B"] for a in adapters],
+                                      [a["m"] for a in adapters], [a["s"] for a in adapters], index)
+
+
+def _check(x, W, b, adapters, index, dtype):
+    if dtype == torch.float64 and dora_ext.get_options()["tier"] == "fused":
+        dora_ext.set_options(tier="auto")  # no fused kernels for float64 (the fixture restores the option)
+    with torch.no_grad():
+        y = _run(x, W, b, adapters, index)
+    assert y.shape == (*x.shape[:-1], W.shape[0]) and y.dtype == x.dtype
+    for i, k in enumerate(index.tolist()):
+        ref = _reference_row(x[i], W, b, adapters[k] if k >= 0 else None)
+        assert rel_err(y[i], ref) < FWD_TOL[dtype], (i, k, rel_err(y[i], ref))
+
+
+CASES = [
+    pytest.param(torch.float32, None, id="fp32"),
+    pytest.param(torch.float64, None, id="fp64"),
+    pytest.param(torch.bfloat16, None, id="bf16"),
+    pytest.param(torch.bfloat16, torch.float32, id="bf16-fp32adapters"),
+]
+
+
+@pytest.mark.parametrize("dtype, adapter_dtype", CASES)
+@pytest.mark.parametrize("layout", ["every-row-different", "all-same", "with-base-rows-and-empty-group"])
+def test_rows_equal_each_row_alone(any_device, dtype, adapter_dtype, layout):
+    d_in, d_out = 37, 29
+    base = make_inputs(d_in, d_out, 1, (5, 7), dtype, any_device)
+    x, W, b = base["x"], base["weight"], base["bias"]
+    adapters = _adapters(d_in, d_out, [1, 3, 8, 4, 2], dtype, any_device, ["dora", "lora", "dora", "dora", "lora"],
+                         adapter_dtype)
+    index = {"every-row-different": [0, 1, 2, 3, 4], "all-same": [2, 2, 2, 2, 2],
+             "with-base-rows-and-empty-group": [-1, 3, 0, -1, 3]}[layout]  # adapters 1, 2, 4 get no row
+    _check(x, W, b, adapters, torch.tensor(index), dtype)
+
+
+def test_two_dimensional_x_is_one_token_per_row(any_device):
+    base = make_inputs(16, 12, 1, (6,), torch.float32, any_device, bias=False)
+    adapters = _adapters(16, 12, [2, 5], torch.float32, any_device, ["dora", "dora"])
+    index = torch.tensor([1, 0, -1, 1, 1, 0], device=any_device)  # on x's device works too
+    _check(base["x"], base["weight"], None, adapters, index, torch.float32)
+
+
+def test_no_adapters_is_the_base_model():
+    base = make_inputs(16, 12, 1, (3, 2), torch.float64, "cpu")
+    _check(base["x"], base["weight"], base["bias"], [], torch.tensor([-1, -1, -1]), torch.float64)
+
+
+def test_each_adapter_norm_is_cached(fresh_norm_cache):
+    base = make_inputs(16, 12, 1, (4, 3), torch.float32, "cpu")
+    adapters = _adapters(16, 12, [2, 3], torch.float32, "cpu", ["dora", "dora"])
+    with torch.no_grad():
+        _run(base["x"], base["weight"], base["bias"], adapters, torch.tensor([0, 1, 0, 1]))
+        before = dora_ext.norm_cache_stats()
+        _run(base["x"], base["weight"], base["bias"], adapters, torch.tensor([1, 1, 0, -1]))
+        after = dora_ext.norm_cache_stats()
+    assert after["norm_hits"] - before["norm_hits"] == 2 and after["norm_misses"] == before["norm_misses"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(index=[0, 3, 0, 0]), "adapter_index holds 3, but there are 2 adapters"),
+    (dict(index=[0, -2, 0, 0]), "adapter_index holds -2"),
+    (dict(index=[0, 1, 0]), r"adapter_index must be \[rows\] = \[4\]"),
+    (dict(index_dtype=torch.float32), "adapter_index must be int64 or int32"),
+    (dict(drop_scale=True), "must list the same adapters"),
+    (dict(bad_rank=True), r"dora_linear_mixed \(adapter 1\): lora_B must be \[d_out, r\]"),
+])
+def test_bad_arguments_are_named(bad, message):
+    base = make_inputs(16, 12, 1, (4, 3), torch.float32, "cpu")
+    adapters = _adapters(16, 12, [2, 3], torch.float32, "cpu", ["dora", "lora"])
+    if bad.get("bad_rank"):
+        adapters[1]["B"] = adapters[1]["B"][:, :2]
+    index = torch.tensor(bad.get("index", [0, 1, 0, 1]), dtype=bad.get("index_dtype", torch.int64))
+    scales = [a["s"] for a in adapters][: 1 if bad.get("drop_scale") else None]
+    with pytest.raises(RuntimeError, match=message):
+        dora_ext.dora_linear_mixed(base["x"], base["weight"], base["bias"], [a["A"] for a in adapters],
+                                   [a["B"] for a in adapters], [a["m"] for a in adapters], scales, index)
+
+
+def test_recording_gradients_is_refused():
+    base = make_inputs(16, 12, 1, (2, 3), torch.float32, "cpu", requires_grad=True)
+    adapters = _adapters(16, 12, [2], torch.float32, "cpu", ["dora"])
+    with pytest.raises(RuntimeError, match="for inference and record no gradients"):
+        _run(base["x"], base["weight"], base["bias"], adapters, torch.tensor([0, 0]))
+
+
+# ------------------------------------------------------------------------------------------- PEFT
+
+
+def _peft_model(device, dtype=torch.float32):
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      max_position_embeddings=64)
+    model = get_peft_model(transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype),
+                           LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules="all-linear"))
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("plain", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"]))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen).to(p))
+    return model.eval()
+
+
+def test_peft_adapter_names_with_dora(any_device):
+    import dora_ext.peft as dp
+    from peft import PeftModel
+
+    ids = torch.randint(0, 128, (4, 9), generator=torch.Generator().manual_seed(2)).to(any_device)
+    names = ["default", "__base__", "second", "plain"]
+    # (a separate model: a PEFT forward that raises leaves its adapter_names hooks behind)
+    with torch.no_grad(), pytest.raises(ValueError, match="DoRA"):
+        _peft_model(any_device)(input_ids=ids, adapter_names=names)  # stock PEFT refuses DoRA here
+    model = _peft_model(any_device)
+    dp.accelerate(model)
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+    assert dp.fallback_counts(model) == {}
+    for i, name in enumerate(names):  # every row equals that row alone with its adapter set
+        with torch.no_grad():
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=ids[i:i + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=ids[i:i + 1]).logits
+        assert rel_err(mixed[i:i + 1], alone) < 1e-5, name
+    model.set_adapter("default")
+    assert isinstance(model, PeftModel)
+
+
+def test_peft_generate_with_adapter_names():
+    import dora_ext.peft as dp
+
+    model = _peft_model("cpu")
+    dp.accelerate(model)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    out = model.generate(input_ids=ids, adapter_names=["second", "default"], max_new_tokens=4, do_sample=False)
+    for i, name in enumerate(["second", "default"]):
+        model.set_adapter(name)
+        alone = model.generate(input_ids=ids[i:i + 1], max_new_tokens=4, do_sample=False)
+        assert torch.equal(out[i:i + 1], alone), name
+    model.set_adapter("default")
