@@ -202,6 +202,45 @@ def test_cpp_runs_a_peft_export(example_exe, tmp_path):
     assert rel_err(outputs["y"], expected) < 1e-5
 
 
+def _with_adapter(model: torch.nn.Module, seed: int, identity: bool = False) -> torch.nn.Module:
+    """A copy of ``model`` with another adapter on the same base weights (or, ``identity``, the adapter
+    that leaves the base model as it is: B = 0, m = ||W||_row)."""
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in out.modules():
+            if isinstance(m, DoRALinear):
+                if identity:
+                    m.lora_B.weight.zero_()
+                    m.lora_magnitude_vector.copy_(m.base_layer.weight.norm(dim=1))
+                else:
+                    m.lora_B.weight.add_(torch.randn(m.lora_B.weight.shape, generator=gen) * 0.2)
+                    m.lora_magnitude_vector.mul_(1 + 0.2 * torch.rand(m.lora_magnitude_vector.shape, generator=gen))
+    return out
+
+
+def test_cpp_mixed_adapter_batch(example_exe, trained, tmp_path):
+    """dora_ext::DoraAdapterSet: two adapters of one base model and base-model rows in one batch, each
+    row against that row alone in float64 (the adapters' precomputed norms, no Python)."""
+    other = _with_adapter(trained, seed=4)
+    x = _export(trained, tmp_path, torch.float32)  # base.pt, adapter.pt (the trained adapter), input.pt
+    dora_ext.export.save_adapter(other, tmp_path / "other.pt", dtype=torch.float32)
+    assert x.shape[0] == 3
+    out = tmp_path / "mixed.pt"
+    _run([str(example_exe), "--base", str(tmp_path / "base.pt"), "--adapter",
+          f"{tmp_path / 'adapter.pt'},{tmp_path / 'other.pt'}", "--adapter-index", "1,-1,0",
+          "--input", str(tmp_path / "input.pt"), "--out", str(out)])
+    y = dora_ext.export.load_tensors(out)[0]["y"]
+    base_model = _with_adapter(trained, seed=0, identity=True)
+    for row, model in enumerate([other, base_model, trained]):
+        ref = _ref_forward(model, x[row:row + 1])
+        assert rel_err(y[row:row + 1], ref) < 1e-5, row
+    bad = subprocess.run([str(example_exe), "--base", str(tmp_path / "base.pt"), "--adapter",
+                          str(tmp_path / "adapter.pt"), "--adapter-index", "0,2,0", "--input",
+                          str(tmp_path / "input.pt"), "--out", str(out)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "adapter_index holds 2, but the set has 1 adapters" in bad.stderr
+
+
 def test_cpp_rejects_a_corrupt_adapter(example_exe, trained, tmp_path):
     """A truncated adapter file is an error naming the file, not a crash or garbage output."""
     _export(trained, tmp_path, torch.float32)

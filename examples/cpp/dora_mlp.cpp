@@ -3,11 +3,14 @@
 //   dora_mlp --base base.pt --adapter adapter.pt --input input.pt \
 //            --out out.pt [--device cpu|cuda] [--dtype float32|float64|bfloat16|float16]
 //            [--threads N] [--iters N]
+//   dora_mlp --base base.pt --adapter a.pt,b.pt --adapter-index 0,1,-1 ...   (mixed-adapter batch)
 //   dora_mlp --aoti model.pt2 --input input.pt --out out.pt [--device cpu|cuda]
 //
 // The model mirrors examples/cpp/make_example.py: residual blocks
 // x + fc2(gelu(fc1(layer_norm(x)))) and a head, every linear a DoRA layer run
-// with the norm precomputed at export (dora_ext::DoraLayer::forward). With
+// with the norm precomputed at export, through a dora_ext::DoraAdapterSet: with several
+// adapters, batch row i uses adapter --adapter-index[i] (-1: the base model; default: every row
+// adapter 0). With
 // --aoti it runs an AOTInductor package instead, whose dora_ext ops are found
 // through the PyTorch dispatcher (this program links dora_ext::dora_ext).
 //
@@ -41,13 +44,9 @@ namespace {
 constexpr double kLayerNormEps = 1e-5;  // nn.LayerNorm's default, as in make_example.py
 
 struct Linear {
+  std::string name;  // the layer's module path in the adapters
   at::Tensor weight;
   std::optional<at::Tensor> bias;
-  dora_ext::DoraLayer dora;
-
-  at::Tensor operator()(const at::Tensor& x) const {
-    return dora.forward(x, weight, bias);
-  }
 };
 
 struct Block {
@@ -57,9 +56,10 @@ struct Block {
 
 class DoraMLP {
  public:
-  DoraMLP(const std::string& base_path, const std::string& adapter_path, c10::Device device, at::ScalarType dtype) {
+  DoraMLP(const std::string& base_path, const std::vector<std::string>& adapter_paths, c10::Device device,
+          at::ScalarType dtype)
+      : adapters_(dora_ext::load_adapter_set(adapter_paths).to(device, dtype)) {
     dora_ext::TensorFile base = dora_ext::load_tensor_file(base_path);
-    const dora_ext::DoraAdapter adapter = dora_ext::load_adapter(adapter_path).to(device, dtype);
     auto tensor = [&](const std::string& key) {
       auto it = base.tensors.find(key);
       TORCH_CHECK(it != base.tensors.end(), "dora_mlp: ", base_path, " has no tensor \"", key, "\"");
@@ -68,7 +68,8 @@ class DoraMLP {
     auto linear = [&](const std::string& name) {
       std::optional<at::Tensor> bias;
       if (base.tensors.count(name + ".bias")) bias = tensor(name + ".bias");
-      return Linear{tensor(name + ".weight"), bias, adapter.layer(name)};
+      for (const auto& a : adapters_.adapters) a.layer(name);  // every adapter adapts every layer here
+      return Linear{name, tensor(name + ".weight"), bias};
     };
     for (int i = 0; base.tensors.count("blocks." + std::to_string(i) + ".fc1.weight"); ++i) {
       const std::string p = "blocks." + std::to_string(i) + ".";
@@ -79,21 +80,26 @@ class DoraMLP {
     head_ = linear("head");
   }
 
-  at::Tensor forward(at::Tensor x) const {
+  // Batch row i with adapter adapter_index[i] (-1: the base model).
+  at::Tensor forward(at::Tensor x, const at::Tensor& adapter_index) const {
+    auto linear = [&](const Linear& l, const at::Tensor& in) {
+      return adapters_.forward(l.name, in, l.weight, l.bias, adapter_index);
+    };
     for (const Block& b : blocks_) {
       at::Tensor h = at::layer_norm(x, {x.size(-1)}, b.norm_weight, b.norm_bias, kLayerNormEps);
-      x = x + b.fc2(at::gelu(b.fc1(h)));
+      x = x + linear(b.fc2, at::gelu(linear(b.fc1, h)));
     }
-    return head_(x);
+    return linear(head_, x);
   }
 
  private:
+  dora_ext::DoraAdapterSet adapters_;
   std::vector<Block> blocks_;
   Linear head_;
 };
 
 struct Args {
-  std::string base, adapter, aoti, input, out;
+  std::string base, adapter, aoti, input, out, adapter_index;
   std::string device = "cpu";
   std::string dtype;  // default: the input's dtype
   int threads = 0;
@@ -110,6 +116,8 @@ Args parse(int argc, char** argv) {
       a.base = value;
     else if (flag == "--adapter")
       a.adapter = value;
+    else if (flag == "--adapter-index")
+      a.adapter_index = value;
     else if (flag == "--aoti")
       a.aoti = value;
     else if (flag == "--input")
@@ -131,6 +139,25 @@ Args parse(int argc, char** argv) {
   TORCH_CHECK(!a.aoti.empty() || (!a.base.empty() && !a.adapter.empty()),
               "dora_mlp: give --base and --adapter, or --aoti");
   return a;
+}
+
+std::vector<std::string> split(const std::string& list) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= list.size()) {
+    const size_t comma = std::min(list.find(',', start), list.size());
+    out.push_back(list.substr(start, comma - start));
+    start = comma + 1;
+  }
+  return out;
+}
+
+// --adapter-index as an int64 [rows] tensor; without it every row uses adapter 0.
+at::Tensor adapter_index(const std::string& list, int64_t rows) {
+  if (list.empty()) return at::zeros({rows}, at::kLong);
+  std::vector<int64_t> values;
+  for (const std::string& v : split(list)) values.push_back(std::stoll(v));
+  return at::tensor(values, at::kLong);
 }
 
 at::ScalarType parse_dtype(const std::string& name) {
@@ -164,8 +191,9 @@ int main(int argc, char** argv) try {
                                                                      device.is_cuda() ? device.index() : -1);
     run = [aoti](const at::Tensor& in) { return aoti->run({in}).at(0); };
   } else {
-    mlp = std::make_shared<DoraMLP>(args.base, args.adapter, device, dtype);
-    run = [mlp](const at::Tensor& in) { return mlp->forward(in); };
+    mlp = std::make_shared<DoraMLP>(args.base, split(args.adapter), device, dtype);
+    const at::Tensor index = adapter_index(args.adapter_index, x.size(0));
+    run = [mlp, index](const at::Tensor& in) { return mlp->forward(in, index); };
   }
 
   std::map<std::string, at::Tensor> outputs;

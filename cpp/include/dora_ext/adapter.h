@@ -8,6 +8,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace dora_ext {
 
@@ -45,6 +46,24 @@ struct DoraAdapter {
   const DoraLayer& layer(const std::string& name) const;
   DoraAdapter to(c10::Device device, at::ScalarType dtype) const;
 };
+
+// Several adapters of one base model, each row of a batch with its own (serving): the base GEMM
+// once for the batch, then each adapter's rows with its precomputed norm, as DoraLayer::forward
+// computes them; rows with adapter index -1 (or whose adapter lacks the layer) get the base output.
+struct DoraAdapterSet {
+  std::vector<DoraAdapter> adapters;  // adapter k of adapter_index
+
+  // Layer `name` on x [rows, ..., d_in] whose leading row i uses adapter adapter_index[i] (int64 [rows]
+  // on the CPU or x's device; -1: the base model): [rows, ..., d_out] in x's dtype. Each row equals
+  // DoraLayer::forward of that row alone with its adapter's layer. An out-of-range index, a wrong
+  // length or a layer no adapter has throws c10::Error naming it.
+  at::Tensor forward(const std::string& name, const at::Tensor& x, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, const at::Tensor& adapter_index) const;
+  DoraAdapterSet to(c10::Device device, at::ScalarType dtype) const;
+};
+
+// Reads the adapter files written by dora_ext.export.save_adapter, in order (adapter k = paths[k]).
+DoraAdapterSet load_adapter_set(const std::vector<std::string>& paths);
 
 // Reads an adapter file written by dora_ext.export.save_adapter. Checks the format,
 // that every layer has lora_A, lora_B, magnitude, norm and scale with matching shapes.
