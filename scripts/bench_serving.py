@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Serving many adapters: one base model, N adapters, every row of a batch with its own adapter.
+
+A Llama-style decoder built from a transformers config (random weights, nothing downloaded; bf16,
+every decoder linear adapted), N adapters of ranks spread over --ranks (bf16, B and the magnitude
+perturbed so every adapter differs). Setups, each timed on the same prompts (one per row,
+--prompt tokens, greedy, KV cache, --new tokens):
+
+  dora_ext_mixed   PEFT DoRA adapters, dora_ext.peft.accelerate, one batch with
+                   adapter_names=[a0, a1, ...] (stock PEFT refuses adapter_names with DoRA)
+  merged_sequential  each DoRA adapter merged into its own copy of the model (the usual workaround),
+                   the rows run one after another, one model per adapter in memory
+  peft_lora_mixed  PEFT LoRA adapters of the same ranks, one batch with adapter_names
+  base             the base model, one batch (no adapter)
+
+Per setup: prefill ms (one forward over all rows' prompts), decode tokens/s (rows x new tokens over
+the generate time minus its prefill), and the GPU memory its weights take (after setup, before
+generating) and at peak during generate. Timings: medians of --reps runs after one warm-up
+(scripts/timing.py's median_wall_ms).
+
+    python3 scripts/bench_serving.py --out serving_bench
+    python3 scripts/bench_serving.py --tiny --device cpu --out /tmp/s     # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if importlib.util.find_spec("dora_ext") is None:  # not installed: use the checkout (built in place)
+    sys.path.append(str(ROOT))
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+from timing import median_wall_ms  # noqa: E402  (scripts/timing.py)
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="folder for bench_serving.json and bench_serving.md")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=14336)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--adapters", type=int, default=8, help="adapters, one per batch row")
+    p.add_argument("--ranks", default="16,64", help="lowest,highest rank (spread over the adapters)")
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens per row")
+    p.add_argument("--new", type=int, default=64, help="new tokens per row")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="hidden 64, 2 layers, vocab 128, 3 adapters, 16+4 tokens")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads = 2, 64, 128, 4, 2
+        args.vocab, args.adapters, args.ranks, args.prompt, args.new, args.reps = 128, 3, "2,8", 16, 4, 1
+    return args
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def allocated_gib(device: torch.device) -> Optional[float]:
+    return torch.cuda.memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+
+
+def build_base(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+        max_position_embeddings=args.prompt + args.new + 8, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config)
+    return model.to(torch.bfloat16).requires_grad_(False).eval()
+
+
+def ranks(args: argparse.Namespace) -> list[int]:
+    low, high = (int(v) for v in args.ranks.split(","))
+    n = args.adapters
+    return [round(low + (high - low) * k / max(n - 1, 1)) for k in range(n)]
+
+
+def with_adapters(base: torch.nn.Module, args: argparse.Namespace, dora: bool) -> Any:
+    """A PEFT model with one adapter per rank ("a0", "a1", ...), bf16, B and magnitude perturbed."""
+    import peft
+
+    model = None
+    for k, r in enumerate(ranks(args)):
+        config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, use_dora=dora)
+        if model is None:
+            model = peft.get_peft_model(base, config, adapter_name=f"a{k}", autocast_adapter_dtype=False)
+        else:
+            model.add_adapter(f"a{k}", config)
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p))
+            elif "lora_magnitude_vector" in name:
+                p.mul_((1 + 0.05 * torch.randn(p.shape, generator=gen)).to(p))
+    return model.eval()
+
+
+def timed(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
+    return median_wall_ms(fn, reps, warmup=1, cuda=device.type == "cuda")
+
+
+def measure(name: str, label: str, runs: list[tuple[Any, torch.Tensor, dict]], args: argparse.Namespace,
+            device: torch.device, weights_gib: Optional[float]) -> dict[str, Any]:
+    """``runs``: (model, prompt ids, extra generate/forward kwargs) run one after another."""
+    def prefill() -> None:
+        with torch.no_grad():
+            for model, ids, kw in runs:
+                model(input_ids=ids, **kw)
+
+    def generate() -> torch.Tensor:
+        with torch.no_grad():
+            return [model.generate(input_ids=ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
+                                   **kw) for model, ids, kw in runs]
+
+    prefill_ms = timed(prefill, args.reps, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    generate_ms = timed(generate, args.reps, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    rows = sum(ids.shape[0] for _, ids, _ in runs)
+    decode_s = max(generate_ms - prefill_ms, 1e-6) / 1e3
+    row = {"setup": name, "label": label, "prefill_ms": prefill_ms, "generate_ms": generate_ms,
+           "decode_tokens_per_s": rows * args.new / decode_s, "weights_gib": weights_gib, "peak_gib": peak,
+           "outputs": [t.tolist() for t in generate()]}
+    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "outputs"}),
+          flush=True)
+    return row
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import peft
+
+    import dora_ext
+    import dora_ext.peft as dp
+
+    device = torch.device(args.device)
+    n = args.adapters
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, args.vocab, (n, args.prompt), generator=gen).to(device)
+    names = [f"a{k}" for k in range(n)]
+    rows = []
+
+    base = build_base(args, device)
+    free(device)
+    rows.append(measure("base", "base model, no adapter", [(base, ids, {})], args, device, allocated_gib(device)))
+
+    dora = with_adapters(base, args, dora=True)
+    dp.accelerate(dora)
+    free(device)
+    rows.append(measure("dora_ext_mixed", f"PEFT DoRA + dora_ext, {n} adapters in one batch (adapter_names)",
+                        [(dora, ids, {"adapter_names": names})], args, device, allocated_gib(device)))
+    assert dp.fallback_counts(dora) == {}, dp.fallback_counts(dora)
+
+    # The usual workaround: one merged model per adapter, each row on its own model.
+    dp.restore(dora)
+    merged = []
+    for k, name in enumerate(names):
+        copy_k = copy.deepcopy(dora)
+        copy_k.set_adapter(name)
+        merged.append((copy_k.merge_and_unload(), ids[k:k + 1], {}))
+    base = dora.unload()
+    del dora
+    free(device)
+    rows.append(measure("merged_sequential", f"{n} DoRA adapters merged into {n} model copies, rows one by one",
+                        merged, args, device, allocated_gib(device)))
+    # the mixed batch equals each row on its own merged model
+    mixed_rows, merged_rows = rows[1]["outputs"][0], [r[0] for r in rows[2]["outputs"]]
+    agree = sum(a == b for a, b in zip(mixed_rows, merged_rows))
+    del merged
+    free(device)
+
+    lora = with_adapters(base, args, dora=False)
+    free(device)
+    rows.append(measure("peft_lora_mixed", f"PEFT LoRA, {n} adapters of the same ranks in one batch",
+                        [(lora, ids, {"adapter_names": names})], args, device, allocated_gib(device)))
+    return {
+        "setup": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "peft": peft.__version__,
+            "transformers": __import__("transformers").__version__, "dora_ext": dora_ext.info(),
+            "adapter_ranks": ranks(args), "rows_equal_to_merged_models": f"{agree}/{n}",
+            **{k: v for k, v in vars(args).items() if k != "out"},
+        },
+        "results": [{k: v for k, v in r.items() if k != "outputs"} for r in rows],
+    }
+
+
+def fmt(value: Optional[float], digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s = result["setup"]
+    lines = [
+        f"Serving benchmark ({s['device']}, torch {s['torch']}, peft {s['peft']}): Llama-style decoder, hidden "
+        f"{s['hidden']}, intermediate {s['intermediate']}, {s['layers']} layers, bf16; {s['adapters']} adapters "
+        f"(ranks {s['adapter_ranks']}), one per row; {s['prompt']}-token prompts, {s['new']} new tokens, greedy, KV cache; "
+        f"median of {s['reps']} runs. Mixed-batch greedy outputs equal to the merged models': "
+        f"{s['rows_equal_to_merged_models']} rows.",
+        "",
+        "| setup | prefill ms | generate ms | decode tokens/s | weights GiB | peak GiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["results"]:
+        lines.append(f"| {r['label']} | {fmt(r['prefill_ms'], 2)} | {fmt(r['generate_ms'], 1)} | "
+                     f"{fmt(r['decode_tokens_per_s'], 1)} | {fmt(r['weights_gib'], 2)} | {fmt(r['peak_gib'], 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = run(args)
+    result["setup"]["wall_s"] = time.perf_counter() - start
+    (out / "bench_serving.json").write_text(json.dumps(result, indent=1))
+    table = markdown(result)
+    (out / "bench_serving.md").write_text(table)
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
