@@ -219,7 +219,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Serving benchmark ({s['device']}, torch {s['torch']}, peft {s['peft']}): Llama-style decoder, hidden "
         f"{s['hidden']}, intermediate {s['intermediate']}, {s['layers']} layers, bf16; {s['adapters']} adapters "
-        f"(ranks {s['adapter_ranks']}), one per row; {s['prompt']}-token prompts, {s['new']} new tokens, greedy, KV cache; "
+        f"(ranks {s['adapter_ranks']}), one per row; {s['prompt']}-token prompts, {s['new']} new tokens, greedy, "
+        "KV cache; "
         f"median of {s['reps']} runs. Mixed-batch greedy outputs equal to the merged models': "
         f"{s['rows_equal_to_merged_models']} rows.",
         "",
