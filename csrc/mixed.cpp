@@ -40,10 +40,13 @@ at::Tensor dora_linear_mixed_body(const at::Tensor& x, const at::Tensor& weight,
   const int64_t per_row = x3.size(1);
   // The base GEMM once for the whole batch, in x's dtype (as dora_linear's and PEFT's base output).
   at::Tensor out = at::mm(x3.reshape({-1, d_in}), weight.t()).view({rows, per_row, d_out});
-  const at::Tensor index = adapter_index.to(x.device());
+  // The rows of each adapter, found on the host (PEFT passes the index on the CPU): no device
+  // synchronisation per adapter; each group's row list is copied to x's device once.
+  const at::Tensor index = adapter_index.to(at::kCPU);
   for (size_t k = 0; k < lora_A.size(); ++k) {
-    const at::Tensor sel = (index == static_cast<int64_t>(k)).nonzero().view(-1);
-    if (sel.numel() == 0) continue;
+    const at::Tensor rows_k = (index == static_cast<int64_t>(k)).nonzero().view(-1);
+    if (rows_k.numel() == 0) continue;
+    const at::Tensor sel = rows_k.to(x.device(), /*non_blocking=*/false);
     const at::Tensor xk = x3.index_select(0, sel).reshape({-1, d_in});
     const at::Tensor base_k = out.index_select(0, sel).view({-1, d_out});
     at::Tensor lora;

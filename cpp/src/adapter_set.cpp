@@ -27,12 +27,13 @@ at::Tensor DoraAdapterSet::forward(const std::string& name, const at::Tensor& x,
 
   const at::Tensor base = at::linear(x, weight);  // once for the whole batch
   at::Tensor out = base.clone();
-  const at::Tensor index = adapter_index.to(x.device());
+  const at::Tensor index = adapter_index.to(at::kCPU);  // each adapter's rows found on the host: no device sync
   for (int64_t k = 0; k < count; ++k) {
     auto layer = adapters[k].layers.find(name);
     if (layer == adapters[k].layers.end()) continue;  // this adapter leaves the layer as it is
-    const at::Tensor sel = (index == k).nonzero().view(-1);
-    if (sel.numel() == 0) continue;
+    const at::Tensor rows_k = (index == k).nonzero().view(-1);
+    if (rows_k.numel() == 0) continue;
+    const at::Tensor sel = rows_k.to(x.device());
     const DoraLayer& l = layer->second;
     const at::Tensor xk = x.index_select(0, sel), base_k = base.index_select(0, sel);
     const at::Tensor lora = at::linear(at::linear(xk, l.lora_A), l.lora_B);

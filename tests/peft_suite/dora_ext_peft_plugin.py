@@ -77,7 +77,8 @@ _install_standins()
 class _Counters:
     """Per-test counts of the code paths DoRA layers took."""
 
-    KEYS = ("dora_linear", "compose_delta", "row_norm", "peft_dora_linear_forward", "peft_dora_other_forward",
+    KEYS = ("dora_linear", "dora_linear_dropout", "dora_linear_mixed", "compose_delta", "row_norm",
+            "peft_dora_linear_forward", "peft_dora_other_forward",
             "peft_forward_on_routed", "layers_routed")
 
     def __init__(self) -> None:
@@ -112,7 +113,7 @@ def _install_hooks(mode: str) -> None:
             key = "peft_dora_linear_forward" if cls is variants.DoraLinearVariant else "peft_dora_other_forward"
             setattr(cls, "forward", staticmethod(_count(key, cls.forward)))
     # dora_ext's ops as dora_ext.peft calls them
-    for name in ("dora_linear", "compose_delta", "row_norm"):
+    for name in ("dora_linear", "dora_linear_dropout", "dora_linear_mixed", "compose_delta", "row_norm"):
         setattr(dp, name, _count(name, getattr(dp, name)))
 
     peft_forward = LoraLinear.forward
@@ -152,6 +153,24 @@ def pytest_configure(config: pytest.Config) -> None:
     config._dora_ext_mode = mode  # type: ignore[attr-defined]
 
 
+# PEFT tests that assert one of PEFT's own limitations which dora_ext lifts on purpose: accelerated,
+# each must fail in exactly that way (strict xfail: if it passed, dora_ext would have the limitation
+# again), and it is counted apart from PEFT's other tests.
+INTENDED_DEVIATIONS = {
+    "test_mixed_adapter_batches_lora_with_dora_raises":
+        "PEFT refuses adapter_names with DoRA adapters; dora_ext serves them (README: Serving many adapters)",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--dora-ext-mode") != "accelerate":
+        return
+    for item in items:
+        reason = INTENDED_DEVIATIONS.get(getattr(item, "originalname", item.name))
+        if reason is not None:  # "DID NOT RAISE": pytest.raises' own failure, nothing else
+            item.add_marker(pytest.mark.xfail(reason=reason, strict=True, raises=pytest.fail.Exception))
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     COUNTERS.now = Counter()
 
@@ -185,7 +204,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     entry = COUNTERS.per_test.setdefault(report.nodeid, {"outcome": "passed"})
     if report.when == "call" or report.outcome != "passed":
         if report.outcome != "passed" or entry["outcome"] == "passed":
-            entry["outcome"] = "needs_hub" if getattr(report, "dora_ext_needs_hub", False) else report.outcome
+            entry["outcome"] = ("needs_hub" if getattr(report, "dora_ext_needs_hub", False)
+                                else "intended_deviation" if hasattr(report, "wasxfail") else report.outcome)
     if report.when == "teardown":
         entry.update({k: COUNTERS.now.get(k, 0) for k in _Counters.KEYS})
 
@@ -195,7 +215,8 @@ def _summary(config: pytest.Config) -> dict[str, Any]:
     outcomes = Counter(t["outcome"] for t in tests.values())
     on_peft = [n for n, t in tests.items() if t.get("peft_dora_linear_forward")]
     on_peft_other = [n for n, t in tests.items() if t.get("peft_dora_other_forward")]
-    reached = [n for n, t in tests.items() if t.get("dora_linear") or t.get("compose_delta")]
+    reached = [n for n, t in tests.items()
+               if any(t.get(k) for k in ("dora_linear", "dora_linear_dropout", "dora_linear_mixed", "compose_delta"))]
     return {
         "mode": config._dora_ext_mode,  # type: ignore[attr-defined]
         "standins": _STANDINS,
@@ -213,7 +234,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     write(f"dora_ext PEFT suite, mode={summary['mode']}: {summary['outcomes']}")
     if summary["standins"]:
         write(f"  stand-in modules (not installed): {', '.join(summary['standins'])}")
-    write(f"  tests that ran dora_ext ops (dora_linear / compose_delta): {summary['tests_reaching_dora_ext_ops']}")
+    write(f"  tests that ran dora_ext ops (dora_linear[_dropout|_mixed] / compose_delta): "
+          f"{summary['tests_reaching_dora_ext_ops']}")
+    if summary["mode"] == "accelerate":
+        write(f"  intended deviations from PEFT (strict xfail): {', '.join(INTENDED_DEVIATIONS)}")
     write("  tests that ran PEFT's own DoRA Linear forward: "
           f"{summary['tests_running_peft_dora_linear_forward']}")
     write("  tests that ran PEFT's own DoRA Embedding/Conv forward (not served by dora_ext): "
