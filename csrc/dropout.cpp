@@ -3,6 +3,7 @@
 #include "checks.h"
 #include "eager.h"
 #include "fp32_adapters.h"
+#include "tiered.h"
 
 #ifdef DORA_EXT_WITH_CUDA
 #include "fused.h"
@@ -12,23 +13,6 @@
 
 namespace dora_ext {
 namespace {
-
-at::Tensor cached_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-                       NormUse use, bool fused) {
-#ifdef DORA_EXT_WITH_CUDA
-  if (fused) return row_norm_cached_fused(weight, lora_A, lora_B, scale, use);
-#endif
-  return row_norm_cached_eager(weight, lora_A, lora_B, scale, use);
-}
-
-// (g - 1) base_dropped + g s lora, in lora's dtype: never g (base + s lora) - base, which cancels.
-at::Tensor delta(const at::Tensor& base_dropped, const at::Tensor& lora, const at::Tensor& magnitude,
-                 const at::Tensor& norm, double scale, bool fused) {
-#ifdef DORA_EXT_WITH_CUDA
-  if (fused) return compose_delta_fused(base_dropped, lora, magnitude, norm, scale);
-#endif
-  return compose_delta_eager(base_dropped, lora, magnitude, norm, scale);
-}
 
 // {gz = gy * g in gy's dtype, the magnitude gradient colsum(gy * z) / norm in the norm's dtype}.
 std::pair<at::Tensor, at::Tensor> grad_prologue(const at::Tensor& gy, const at::Tensor& z, const at::Tensor& g,
@@ -48,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_dropout_f
     bool fused) {
   const at::Tensor x2d = as_rows(x), xd2d = as_rows(x_dropped);
   const int64_t tokens = x2d.size(0);
-  const at::Tensor norm = cached_norm(weight, lora_A, lora_B, scale, use, fused);
+  const at::Tensor norm = row_norm_cached_on(fused, weight, lora_A, lora_B, scale, use);
   // Both base GEMMs in one, over [x; x_d]: x_d in x's dtype (PEFT's float32 dropout of a 16-bit x
   // rounds back to x's dtype here: the term is (g - 1)-scaled, below the output's own rounding).
   const at::Tensor both = at::mm(at::cat({x2d, xd2d.to(x.scalar_type())}), weight.t());
@@ -61,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_dropout_f
     lora = at::mm(h, lora_B.t());
   }
   // y = x W^T + bias + delta, summed in delta's dtype (float32 for float32 adapters) and rounded once.
-  at::Tensor out = delta(base_dropped, lora, magnitude, norm, scale, fused).add_(base);
+  at::Tensor out = compose_delta_on(fused, base_dropped, lora, magnitude, norm, scale).add_(base);
   if (bias.has_value() && bias->defined()) out.add_(*bias);
   const at::Tensor z_dropped = at::add(base_dropped, lora, scale).to(x.scalar_type());
   return {out.to(x.scalar_type()).view(output_shape(x, weight.size(0))), z_dropped, h, norm};

@@ -2,34 +2,11 @@
 
 #include "eager.h"
 #include "fp32_adapters.h"
-
-#ifdef DORA_EXT_WITH_CUDA
-#include "fused.h"
-#endif
+#include "tiered.h"
 
 #include <ATen/ATen.h>
 
 namespace dora_ext {
-namespace {
-
-at::Tensor cached_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-                       bool fused) {
-#ifdef DORA_EXT_WITH_CUDA
-  if (fused) return row_norm_cached_fused(weight, lora_A, lora_B, scale, NormUse::Inference);
-#endif
-  return row_norm_cached_eager(weight, lora_A, lora_B, scale, NormUse::Inference);
-}
-
-at::Tensor delta(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude, const at::Tensor& norm,
-                 double scale, bool fused) {
-#ifdef DORA_EXT_WITH_CUDA
-  if (fused) return compose_delta_fused(base, lora, magnitude, norm, scale);
-#endif
-  return compose_delta_eager(base, lora, magnitude, norm, scale);
-}
-
-}  // namespace
-
 at::Tensor dora_linear_mixed_body(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                   at::TensorList lora_A, at::TensorList lora_B,
                                   const c10::List<std::optional<at::Tensor>>& magnitude, at::ArrayRef<double> scale,
@@ -58,7 +35,8 @@ at::Tensor dora_linear_mixed_body(const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor> m = magnitude.get(k);
     at::Tensor d;
     if (m.has_value() && m->defined()) {  // DoRA: (g - 1) base + g s lora, this adapter's norm
-      d = delta(base_k, lora, *m, cached_norm(weight, lora_A[k], lora_B[k], scale[k], fused), scale[k], fused);
+      const at::Tensor norm = row_norm_cached_on(fused, weight, lora_A[k], lora_B[k], scale[k], NormUse::Inference);
+      d = compose_delta_on(fused, base_k, lora, *m, norm, scale[k]);
     } else {  // plain LoRA: s lora
       d = lora.mul_(scale[k]);
     }

@@ -8,6 +8,7 @@
 #include "mixed.h"
 #include "norm_cache.h"
 #include "op_scope.h"
+#include "tiered.h"
 
 #ifdef DORA_EXT_WITH_CUDA
 #include "fused.h"
@@ -26,10 +27,7 @@ at::Tensor row_norm_impl(const at::Tensor& weight, const at::Tensor& lora_A, con
   check_row_norm_args("row_norm", weight, lora_A, lora_B);
   OpScope scope(weight, weight.size(0), /*training=*/false, /*honor_forced_tier=*/!weight.is_cpu());
   const NormUse use = row_norm_use(lora_A, lora_B);
-#ifdef DORA_EXT_WITH_CUDA
-  if (scope.fused()) return row_norm_cached_fused(weight, lora_A, lora_B, scale, use).clone();
-#endif
-  return row_norm_cached_eager(weight, lora_A, lora_B, scale, use).clone();
+  return row_norm_cached_on(scope.fused(), weight, lora_A, lora_B, scale, use).clone();
 }
 
 // The unclamped squared norm of (possibly column-sharded) factors, never cached: the factored ATen
@@ -127,10 +125,7 @@ at::Tensor compose_delta_impl(const at::Tensor& base, const at::Tensor& lora, co
                               const at::Tensor& norm, double scale) {
   check_compose_delta_args("compose_delta", base, lora, magnitude, norm);
   OpScope scope(base, base.size(-1), /*training=*/false);
-#ifdef DORA_EXT_WITH_CUDA
-  if (scope.fused()) return compose_delta_fused(base, lora, magnitude, norm, scale);
-#endif
-  return compose_delta_eager(base, lora, magnitude, norm, scale);
+  return compose_delta_on(scope.fused(), base, lora, magnitude, norm, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_impl(

@@ -24,6 +24,7 @@ __all__ = [
     "TIERS_TOL",
     "as_ref",
     "make_inputs",
+    "perturb_adapters",
     "ref_compose_delta",
     "ref_dora_linear",
     "ref_dora_linear_dropout",
@@ -31,6 +32,7 @@ __all__ = [
     "ref_row_norm",
     "ref_weight",
     "rel_err",
+    "tiny_llama_config",
 ]
 
 # Smallest row norm (DoRA contract: a zero row is clamped here, never divides by 0). The tests' own
@@ -242,3 +244,27 @@ def make_inputs(
             if out[k] is not None:
                 out[k].requires_grad_(True)
     return out
+
+
+def tiny_llama_config(**overrides):
+    """The small Llama-style decoder config the model-level tests build (random weights, nothing
+    downloaded): hidden 64, intermediate 128, 2 layers, 4/2 heads, vocab 128."""
+    import transformers
+
+    kwargs = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    return transformers.LlamaConfig(**{**kwargs, **overrides})
+
+
+def perturb_adapters(model: torch.nn.Module, seed: int = 1, adapter: str | None = None) -> None:
+    """Random B (N(0, 0.1)) and magnitudes times 1 + 0.1 N(0, 1), away from PEFT's init (where DoRA is
+    the base model); only ``adapter``'s parameters when given."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if adapter is not None and f".{adapter}." not in name:
+                continue
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen).to(p.device, p.dtype))

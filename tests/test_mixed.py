@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dora_ext
-from reference import FWD_TOL, make_inputs, ref_dora_linear, rel_err
+from reference import FWD_TOL, make_inputs, perturb_adapters, ref_dora_linear, rel_err, tiny_llama_config
 
 
 def _adapters(d_in, d_out, ranks, dtype, device, kinds, adapter_dtype=None, seed=0):
@@ -128,20 +128,11 @@ def _peft_model(device, dtype=torch.float32):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                      max_position_embeddings=64)
-    model = get_peft_model(transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype),
+    model = get_peft_model(transformers.LlamaForCausalLM(tiny_llama_config()).to(device=device, dtype=dtype),
                            LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules="all-linear"))
     model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"]))
     model.add_adapter("plain", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"]))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            elif "lora_magnitude_vector" in n:
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen).to(p))
+    perturb_adapters(model)
     return model.eval()
 
 

@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 import dora_ext  # noqa: E402
 import dora_ext.peft as dp  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from reference import perturb_adapters, tiny_llama_config  # noqa: E402
 from reference import rel_err as rel  # noqa: E402
 from peft.tuners.lora.layer import Linear as LoraLinear  # noqa: E402
 
@@ -35,30 +36,14 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                      max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
-
-
-def perturb(model: nn.Module, seed: int = 1, adapter: str | None = None) -> None:
-    """Random B and magnitudes away from their init (DoRA at init is the base model)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if adapter is not None and f".{adapter}." not in name:
-                continue
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
+    return transformers.LlamaForCausalLM(tiny_llama_config()).to(device=device, dtype=dtype)
 
 
 def dora_model(seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                **config) -> PeftModel:
     kwargs = {"use_dora": True, "r": 8, "lora_alpha": 16, "target_modules": "all-linear", **config}
     model = get_peft_model(tiny_llama(seed, dtype, device), LoraConfig(**kwargs))
-    perturb(model)
+    perturb_adapters(model)
     return model
 
 
@@ -199,8 +184,8 @@ def test_multiple_adapters_set_adapter_and_mixed_lora(monkeypatch):
     model.add_adapter("second", LoraConfig(use_dora=True, r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
                                            lora_dropout=0.05))
     model.add_adapter("plain", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"]))
-    perturb(model, seed=5, adapter="second")
-    perturb(model, seed=6, adapter="plain")
+    perturb_adapters(model, seed=5, adapter="second")
+    perturb_adapters(model, seed=6, adapter="plain")
     counting = Counting(monkeypatch)
 
     def compare(active, n_dora_linear=None, n_dropout=None):
@@ -283,7 +268,7 @@ def test_gpt2_conv1d_fan_in_fan_out():
     model = get_peft_model(transformers.GPT2LMHeadModel(config),
                            LoraConfig(use_dora=True, r=8, lora_alpha=16, fan_in_fan_out=True,
                                       target_modules=["c_attn", "c_proj", "c_fc"]))
-    perturb(model)
+    perturb_adapters(model)
     assert all(m.fan_in_fan_out for m in lora_layers(model))
     theirs = step(model)
     assert dp.accelerate(model) == 8
@@ -393,7 +378,7 @@ def test_low_precision_matches_peft_within_its_own_error(base_dtype, autocast_dt
         model = get_peft_model(tiny_llama(0, base_dtype, any_device),
                                LoraConfig(use_dora=True, r=8, lora_alpha=16, target_modules="all-linear"),
                                autocast_adapter_dtype=False)
-        perturb(model)
+        perturb_adapters(model)
         assert lora_layers(model)[0].lora_magnitude_vector["default"].weight.dtype == base_dtype
         context = contextlib.nullcontext
     else:
@@ -431,7 +416,7 @@ def test_bf16_logits_cosine_against_peft_and_float64(adapters, any_device):
         model = get_peft_model(tiny_llama(0, torch.bfloat16, any_device),
                                LoraConfig(use_dora=True, r=8, lora_alpha=16, target_modules="all-linear"),
                                autocast_adapter_dtype=False)
-        perturb(model)
+        perturb_adapters(model)
         context = contextlib.nullcontext
     else:
         model = dora_model(dtype=torch.bfloat16, device=any_device)
@@ -553,7 +538,7 @@ def test_scale_layer_delete_adapter_and_generate():
     model = dora_model()
     model.eval()
     model.add_adapter("other", LoraConfig(use_dora=True, r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
-    perturb(model, seed=9, adapter="other")
+    perturb_adapters(model, seed=9, adapter="other")
     generate = dict(input_ids=INPUT_IDS[:1, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
 
     def observe():

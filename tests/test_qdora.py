@@ -16,6 +16,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 import dora_ext  # noqa: E402
 import dora_ext.peft as dp  # noqa: E402
 from dora_ext import _quantized  # noqa: E402
+from reference import perturb_adapters, tiny_llama_config  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 N_LINEAR = 14  # 2 decoder layers x 7 projections
@@ -52,9 +53,7 @@ def qdora_model(kind: str, device: str, dtype: torch.dtype = torch.bfloat16, **c
     """A tiny Llama whose decoder linears are bitsandbytes layers (quantized on ``device``), with PEFT
     DoRA adapters (PEFT's defaults: float32 adapters) and a 'trained' B and magnitude."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(cfg).to(dtype)
+    model = transformers.LlamaForCausalLM(tiny_llama_config()).to(dtype)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and name != "lm_head":
@@ -63,13 +62,7 @@ def qdora_model(kind: str, device: str, dtype: torch.dtype = torch.bfloat16, **c
     setattr(model, "is_loaded_in_8bit" if kind == "int8" else "is_loaded_in_4bit", True)
     kwargs = {"r": 8, "lora_alpha": 16, "use_dora": True, "target_modules": "all-linear", **config}
     peft_model = get_peft_model(model, LoraConfig(**kwargs))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            elif "lora_magnitude_vector" in n:
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen).to(p))
+    perturb_adapters(peft_model)
     return peft_model
 
 
