@@ -102,14 +102,17 @@ class Timer:
         return median_wall_ms(fn, self.reps, self.warmup, cuda=self.device.type == "cuda")
 
 
-def build_base(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+def build_base(args: argparse.Namespace, device: torch.device, positions: Optional[int] = None,
+               use_cache: bool = False) -> torch.nn.Module:
+    """The bf16 decoder of ``args``' dimensions (seeded random weights, frozen). Without ``use_cache``
+    (training-style forwards) no KV cache is built; ``positions`` defaults to ``args.tokens``."""
     import transformers
 
     config = transformers.LlamaConfig(
         hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-        max_position_embeddings=max(args.tokens, 128), attn_implementation="sdpa",
-        use_cache=False)  # training-style forward: no KV cache is built
+        max_position_embeddings=max(positions or args.tokens, 128), attn_implementation="sdpa",
+        use_cache=use_cache)
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.LlamaForCausalLM(config)
@@ -351,18 +354,24 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def run_and_save(args: argparse.Namespace, name: str, run_fn: Callable[[argparse.Namespace], dict[str, Any]],
+                 markdown_fn: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """Runs a benchmark, then writes OUT/<name>.json (everything, with the wall time) and OUT/<name>.md
+    (the table, also printed)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    result = run(args)
+    result = run_fn(args)
     result["setup"]["wall_s"] = time.perf_counter() - t0
-    (out / "bench_model.json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    (out / "bench_model.md").write_text(table)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    table = markdown_fn(result)
+    (out / f"{name}.md").write_text(table)
     print(table)
     return result
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    return run_and_save(parse_args(argv), "bench_model", run, markdown)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import importlib.util
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -41,6 +39,7 @@ if importlib.util.find_spec("dora_ext") is None:  # not installed: use the check
     sys.path.append(str(ROOT))
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
+from bench_model import build_base, fmt, free, run_and_save  # noqa: E402  (scripts/bench_model.py)
 from timing import median_wall_ms  # noqa: E402  (scripts/timing.py)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -69,28 +68,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
 def allocated_gib(device: torch.device) -> Optional[float]:
     return torch.cuda.memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-
-
-def build_base(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    import transformers
-
-    config = transformers.LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-        max_position_embeddings=args.prompt + args.new + 8, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(config)
-    return model.to(torch.bfloat16).requires_grad_(False).eval()
 
 
 def ranks(args: argparse.Namespace) -> list[int]:
@@ -165,7 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = [f"a{k}" for k in range(n)]
     rows = []
 
-    base = build_base(args, device)
+    base = build_base(args, device, positions=args.prompt + args.new + 8, use_cache=True).eval()
     free(device)
     rows.append(measure("base", "base model, no adapter", [(base, ids, {})], args, device, allocated_gib(device)))
 
@@ -210,10 +189,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def fmt(value: Optional[float], digits: int) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
 def markdown(result: dict[str, Any]) -> str:
     s = result["setup"]
     lines = [
@@ -234,18 +209,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    result = run(args)
-    result["setup"]["wall_s"] = time.perf_counter() - start
-    (out / "bench_serving.json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    (out / "bench_serving.md").write_text(table)
-    print(table)
-    return result
-
+    return run_and_save(parse_args(argv), "bench_serving", run, markdown)
 
 if __name__ == "__main__":
     main()

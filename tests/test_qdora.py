@@ -66,6 +66,19 @@ def qdora_model(kind: str, device: str, dtype: torch.dtype = torch.bfloat16, **c
     return peft_model
 
 
+def _count_calls(monkeypatch, module, name: str) -> dict[str, int]:
+    """Counts the calls of ``module.name`` (as the code under test looks it up) in ``["n"]``."""
+    count = {"n": 0}
+    original = getattr(module, name)
+
+    def counting(*args, **kwargs):
+        count["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return count
+
+
 def step(model, seed: int | None = None):
     model.zero_grad(set_to_none=True)
     if seed is not None:
@@ -100,18 +113,11 @@ def _devices(kinds):
 def test_qdora_step_matches_peft(kind, device, monkeypatch):
     model = qdora_model(kind, device)
     theirs = step(model)
-    calls = {"compose_delta": 0}
-    compose = dp.compose_delta
-
-    def counting(*args):
-        calls["compose_delta"] += 1
-        return compose(*args)
-
-    monkeypatch.setattr(dp, "compose_delta", counting)
+    calls = _count_calls(monkeypatch, dp, "compose_delta")
     assert dp.accelerate(model) == N_LINEAR
     assert set(dp.report(model).values()) == {"routed"}
     ours = step(model)
-    assert calls["compose_delta"] == N_LINEAR
+    assert calls["n"] == N_LINEAR
     assert dp.fallback_counts(model) == {}
     assert_close_to_peft(ours, theirs)
     assert dp.restore(model) == N_LINEAR
@@ -135,14 +141,7 @@ def test_eval_reuses_the_norm_without_dequantizing(kind, device, monkeypatch):
     model = qdora_model(kind, device)
     dp.accelerate(model)
     model.eval()
-    count = {"n": 0}
-    dequantize = _quantized.dequantized_weight
-
-    def counting(base):
-        count["n"] += 1
-        return dequantize(base)
-
-    monkeypatch.setattr(_quantized, "dequantized_weight", counting)
+    count = _count_calls(monkeypatch, _quantized, "dequantized_weight")
     with torch.no_grad():
         first = model(input_ids=IDS.to(device)).logits
         assert count["n"] == N_LINEAR
@@ -170,14 +169,7 @@ def test_checkpoint_recompute_reuses_the_norm(kind, device, monkeypatch):
     model.train()
     theirs = step(model)
     dp.accelerate(model)
-    count = {"n": 0}
-    row_norm = dp.row_norm
-
-    def counting(*args):
-        count["n"] += 1
-        return row_norm(*args)
-
-    monkeypatch.setattr(dp, "row_norm", counting)
+    count = _count_calls(monkeypatch, dp, "row_norm")
     ours = step(model)
     assert count["n"] == N_LINEAR  # the recompute inside the backward pass used the forward's norms
     assert_close_to_peft(ours, theirs)
@@ -194,10 +186,7 @@ def test_norm_cache_option_off_recomputes(monkeypatch):
     model = qdora_model("nf4-dq", "cpu")
     dp.accelerate(model)
     model.eval()
-    count = {"n": 0}
-    dequantize = _quantized.dequantized_weight
-    monkeypatch.setattr(_quantized, "dequantized_weight", lambda base: (count.__setitem__("n", count["n"] + 1),
-                                                                        dequantize(base))[1])
+    count = _count_calls(monkeypatch, _quantized, "dequantized_weight")
     with dora_ext.options(norm_cache=False), torch.no_grad():
         model(input_ids=IDS)
         model(input_ids=IDS)
