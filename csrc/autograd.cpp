@@ -31,6 +31,7 @@ void save_options(AutogradContext* ctx) {
   ctx->saved_data["opt_norm_cache"] = o.norm_cache;
   ctx->saved_data["opt_decode_max_tokens"] = o.decode_max_tokens;
   ctx->saved_data["opt_fp32_parts_min_tokens"] = o.fp32_parts_min_tokens;
+  ctx->saved_data["opt_saved_activation"] = static_cast<int64_t>(o.saved_activation);
 }
 
 Options saved_options(AutogradContext* ctx) {
@@ -39,6 +40,7 @@ Options saved_options(AutogradContext* ctx) {
   o.norm_cache = ctx->saved_data["opt_norm_cache"].toBool();
   o.decode_max_tokens = ctx->saved_data["opt_decode_max_tokens"].toInt();
   o.fp32_parts_min_tokens = ctx->saved_data["opt_fp32_parts_min_tokens"].toInt();
+  o.saved_activation = static_cast<SavedActivation>(ctx->saved_data["opt_saved_activation"].toInt());
   return o;
 }
 
@@ -50,11 +52,16 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     static auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-        const at::Tensor&, double)>("dora_ext::dora_linear_forward");
-    auto [out, z, h, norm] = op.call(x, weight, bias, lora_A, lora_B, magnitude, scale);
-    ctx->save_for_backward({x, weight, lora_A, lora_B, magnitude, norm, z, h});
+        const at::Tensor&, double, bool)>("dora_ext::dora_linear_forward");
+    // What the magnitude gradient reads (options.h, SavedActivation): z, the output (shared with
+    // whatever saves it next, and what autograd's version check guards), or nothing.
+    const SavedActivation saved = current_options().saved_activation;
+    const bool keep_z = saved == SavedActivation::Z;
+    auto [out, z, h, norm] = op.call(x, weight, bias, lora_A, lora_B, magnitude, scale, keep_z);
+    const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+    ctx->save_for_backward({x, weight, b, lora_A, lora_B, magnitude, norm, keep_z ? z : at::Tensor(),
+                            saved == SavedActivation::Output ? out : at::Tensor(), h});
     ctx->saved_data["scale"] = scale;
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     save_options(ctx);
     return out;
   }
@@ -63,17 +70,20 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
     ThreadOptionsGuard options(saved_options(ctx));
     const auto saved = ctx->get_saved_variables();
     const double scale = ctx->saved_data["scale"].toDouble();
+    const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
     // needs_input_grad counts tensor inputs only: x, weight, [bias], lora_A, lora_B, magnitude.
-    const size_t b = ctx->saved_data["has_bias"].toBool() ? 1 : 0;
+    const size_t b = saved[2].defined() ? 1 : 0;
     const std::array<bool, 5> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(2 + b),
                                       ctx->needs_input_grad(3 + b), ctx->needs_input_grad(4 + b),
                                       b == 1 && ctx->needs_input_grad(2)};
     static auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, std::array<bool, 5>)>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+        const std::optional<at::Tensor>&, const at::Tensor&, double, std::array<bool, 5>)>(
         "dora_ext::dora_linear_backward");
     auto [gx, gA, gB, gm, gbias] =
-        op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7], scale, mask);
+        op.call(grads[0], saved[0], saved[1], optional(saved[2]), saved[3], saved[4], saved[5], saved[6],
+                optional(saved[7]), optional(saved[8]), saved[9], scale, mask);
     return {grad_or_undefined(gx, mask[0]),
             at::Tensor(),
             grad_or_undefined(gbias, mask[4]),

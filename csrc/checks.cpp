@@ -163,6 +163,15 @@ void check_compose_delta_args(const char* op, const at::Tensor& base, const at::
   TORCH_CHECK(norm.size(0) == d_out, op, ": norm must be [d_out] = [", d_out, "], got ", norm.sizes());
 }
 
+void check_saved(const char* op, const char* name, const at::Tensor& saved, at::IntArrayRef sizes,
+                 const at::Tensor& x) {
+  TORCH_CHECK(saved.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", saved.sizes());
+  TORCH_CHECK(saved.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(),
+              ", got ", saved.scalar_type());
+  TORCH_CHECK(saved.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ",
+              saved.device());
+}
+
 void check_grad_out(const char* op, const at::Tensor& grad_out, at::IntArrayRef sizes, at::ScalarType dtype,
                     const at::Device& device) {
   TORCH_CHECK(grad_out.sizes() == sizes, op, ": grad_out must have the output's shape ", sizes, ", got ",

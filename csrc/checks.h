@@ -31,6 +31,9 @@ void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Ten
 void check_compose_delta_args(const char* op, const at::Tensor& base, const at::Tensor& lora,
                               const at::Tensor& magnitude, const at::Tensor& norm);
 
+// A tensor the forward saved for the backward (`name`): the given shape, x's dtype and device.
+void check_saved(const char* op, const char* name, const at::Tensor& saved, at::IntArrayRef sizes, const at::Tensor& x);
+
 // The incoming gradient of an op's output (the backward ops may also be called directly):
 // the output's sizes, dtype and device, else an error naming them.
 void check_grad_out(const char* op, const at::Tensor& grad_out, at::IntArrayRef sizes, at::ScalarType dtype,

@@ -3,28 +3,12 @@
 #include "checks.h"
 #include "eager.h"
 #include "fp32_adapters.h"
+#include "magnitude_grad.h"
 #include "tiered.h"
-
-#ifdef DORA_EXT_WITH_CUDA
-#include "fused.h"
-#endif
 
 #include <ATen/ATen.h>
 
 namespace dora_ext {
-namespace {
-
-// {gz = gy * g in gy's dtype, the magnitude gradient colsum(gy * z) / norm in the norm's dtype}.
-std::pair<at::Tensor, at::Tensor> grad_prologue(const at::Tensor& gy, const at::Tensor& z, const at::Tensor& g,
-                                                const at::Tensor& norm, bool fused) {
-#ifdef DORA_EXT_WITH_CUDA
-  if (fused) return grad_prologue_fused(gy, z, g, norm);
-#endif
-  const at::ScalarType acc = norm.scalar_type();
-  return {(gy * g).to(gy.scalar_type()), (gy.to(acc) * z.to(acc)).sum(0) / norm};
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_dropout_forward_body(
     const at::Tensor& x, const at::Tensor& x_dropped, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -143,58 +143,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemms(const at::Tensor& 
 
 namespace {
 
-// The eager forward: {y, z, h, norm}; z only when `need_z` (the training forward, which
-// records gradients: the backward's magnitude gradient needs z).
+// The eager forward: {y, z (when `keep_z`: the training forward's magnitude gradient reads it), h, norm}.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_eager(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale, bool need_z) {
-  const at::Tensor norm =
-      row_norm_cached_eager(weight, lora_A, lora_B, scale, need_z ? NormUse::Recording : NormUse::Inference);
+    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale, NormUse use, bool keep_z) {
+  const at::Tensor norm = row_norm_cached_eager(weight, lora_A, lora_B, scale, use);
   const std::vector<int64_t> y_shape = output_shape(x, weight.size(0));
   if (has_fp32_adapters(x, lora_A)) {
     auto [base, lora, h] = gemms_fp32_adapters(as_rows(x), weight, lora_A, lora_B);
-    auto [y, z] = compose_fp32_adapters(base, lora, magnitude_scale(magnitude, norm), bias, scale, need_z);
+    auto [y, z] = compose_fp32_adapters(base, lora, magnitude_scale(magnitude, norm), bias, scale, keep_z);
     return {y.view(y_shape), z, h, norm};
   }
   auto [h, z] = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale);
   at::Tensor out = z * magnitude_scale(magnitude, norm);  // promotes to the accumulate dtype
   if (bias.has_value() && bias->defined()) out.add_(*bias);
-  return {out.to(x.scalar_type()).view(y_shape), z, h, norm};
+  return {out.to(x.scalar_type()).view(y_shape), keep_z ? z : at::Tensor(), h, norm};
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_eager(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
-  return forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale, /*need_z=*/true);
+    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale, bool keep_z) {
+  return forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale, NormUse::Recording, keep_z);
 }
 
 at::Tensor dora_linear_eager(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
                              double scale) {
-  return std::get<0>(forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale, /*need_z=*/false));
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_eager(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z,
-    const at::Tensor& h, double scale, std::array<bool, 5> mask) {
-  const at::Tensor gy = as_rows(grad_out);
-  const at::Tensor g = magnitude_scale(magnitude, norm);
-  const at::Tensor gz = (gy * g).to(x.scalar_type());
-  const at::Tensor x2d = as_rows(x);
-  auto [grad_x, grad_A, grad_B] =
-      backward_gemms(gy, gz, g, x2d, weight, lora_A, lora_B, h, scale, mask[0], mask[1], mask[2]);
-  at::Tensor grad_m, grad_bias;
-  if (mask[3]) {
-    const at::ScalarType acc = norm.scalar_type();
-    grad_m = ((gy.to(acc) * z.to(acc)).sum(0) / norm).to(magnitude.scalar_type());
-  }
-  if (mask[4]) grad_bias = gy.sum(0, false, accumulate_type(gy.scalar_type())).to(gy.scalar_type());
-  return {mask[0] ? grad_x.view(x.sizes()) : no_grad_placeholder(x), mask[1] ? grad_A : no_grad_placeholder(x),
-          mask[2] ? grad_B : no_grad_placeholder(x), mask[3] ? grad_m : no_grad_placeholder(magnitude),
-          mask[4] ? grad_bias : no_grad_placeholder(x)};
+  return std::get<0>(
+      forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale, NormUse::Inference, /*keep_z=*/false));
 }
 
 at::Tensor compose_delta_eager(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,

@@ -75,13 +75,10 @@ std::vector<int64_t> output_shape(const at::Tensor& x, int64_t d_out);
 at::Tensor dora_linear_eager(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
                              double scale);
+// The training forward: {y, z in x's dtype when `keep_z` (else undefined), h = x A^T, norm}.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_eager(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_eager(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z,
-    const at::Tensor& h, double scale, std::array<bool, 5> output_mask);
+    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale, bool keep_z);
 at::Tensor compose_delta_eager(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
                                const at::Tensor& norm, double scale);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_delta_backward_eager(

@@ -81,14 +81,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward_gemms(
   return {z, h, norm, g};
 }
 
-// The fused forward of float32 adapters on 16-bit x: {y, z (when need_z: the training forward), h, norm}.
+// The fused forward of float32 adapters on 16-bit x: {y, z (when keep_z), h, norm}.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fp32_adapters_forward(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale, bool need_z) {
-  auto [norm, g] = norm_and_magnitude_scale(weight, lora_A, lora_B, magnitude, scale,
-                                            need_z ? NormUse::Recording : NormUse::Inference);
+    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale, NormUse use, bool keep_z) {
+  auto [norm, g] = norm_and_magnitude_scale(weight, lora_A, lora_B, magnitude, scale, use);
   auto [base, lora, h] = gemms_fp32_adapters(as_rows(x), weight, lora_A, lora_B);
-  auto [y, z] = launch_fp32_compose(base, lora, g, bias, scale, need_z);
+  auto [y, z] = launch_fp32_compose(base, lora, g, bias, scale, keep_z);
   return {y.view(output_shape(x, weight.size(0))), z, h, norm};
 }
 
@@ -145,6 +144,24 @@ std::pair<at::Tensor, at::Tensor> grad_prologue_fused(const at::Tensor& gy, cons
   return {gz, partial.sum(0).div_(norm)};
 }
 
+std::pair<at::Tensor, at::Tensor> grad_prologue_from_output_fused(const at::Tensor& gy, const at::Tensor& y,
+                                                                  const at::Tensor& g,
+                                                                  const std::optional<at::Tensor>& bias) {
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const int64_t rows = gy.size(0), cols = gy.size(1);
+  at::Tensor gz = at::empty({rows, cols}, gy.options());
+  const c10::DeviceIndex device = gy.device().index();
+  const bool aligned = all_aligned16({&gy, &y, &g, &b, &gz}, {cols, gy.stride(0), y.stride(0), gz.stride(0)});
+  const KernelImage& k = kernel_for(kernels::GradPrologueOutput{gy.scalar_type(), b.defined(), aligned}, device);
+  const int64_t col_tiles = cdiv(cols, k.tile_cols);
+  const int64_t row_programs = partial_sum_programs(rows, col_tiles, k.tile_rows, device);
+  at::Tensor partial = at::empty({b.defined() ? 3 : 1, row_programs, cols}, gy.options().dtype(at::kFloat));
+  launch(k, device, {row_programs, col_tiles, 1},
+         {gy, y, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), gz, partial, rows, cols, gy.stride(0),
+          y.stride(0), gz.stride(0)});
+  return {gz, partial.sum(1)};
+}
+
 at::Tensor row_norm_cached_fused(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
                                  double scale, NormUse use) {
   return cached_row_norm(weight, lora_A, lora_B, scale, use, [&](const at::Tensor& cached_wsq, at::Tensor* wsq) {
@@ -155,21 +172,22 @@ at::Tensor row_norm_cached_fused(const at::Tensor& weight, const at::Tensor& lor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_fused(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale, bool keep_z) {
   if (has_fp32_adapters(x, lora_A)) {
-    return fp32_adapters_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, /*need_z=*/true);
+    return fp32_adapters_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, NormUse::Recording, keep_z);
   }
   auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale, NormUse::Recording);
-  at::Tensor out = at::empty_like(z);
-  launch_scale(z, g, bias, out);  // z is saved for backward
-  return {out.view(output_shape(x, weight.size(0))), z, h, norm};
+  at::Tensor out = keep_z ? at::empty_like(z) : z;  // in place unless z is kept for backward
+  launch_scale(z, g, bias, out);
+  return {out.view(output_shape(x, weight.size(0))), keep_z ? z : at::Tensor(), h, norm};
 }
 
 at::Tensor dora_linear_fused(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
                              double scale, OpScope& scope) {
   if (has_fp32_adapters(x, lora_A)) {  // before the decode kernel, which reads 16-bit adapters
-    return std::get<0>(fp32_adapters_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, /*need_z=*/false));
+    return std::get<0>(
+        fp32_adapters_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, NormUse::Inference, /*keep_z=*/false));
   }
   const int64_t max_decode_tokens = current_options().decode_max_tokens;
   if (decode_serves(x, weight, lora_B, max_decode_tokens)) {
@@ -179,23 +197,6 @@ at::Tensor dora_linear_fused(const at::Tensor& x, const at::Tensor& weight, cons
   auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale, NormUse::Inference);
   launch_scale(z, g, bias, z);  // in place: nothing else needs z
   return z.view(output_shape(x, weight.size(0)));
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_fused(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z,
-    const at::Tensor& h, double scale, std::array<bool, 5> mask) {
-  const at::Tensor gy = as_rows(grad_out);
-  const at::Tensor g = cached_magnitude_scale(weight, magnitude, norm);
-  auto [gz, grad_m] = grad_prologue_fused(gy, as_rows(z), g, norm);
-  auto [grad_x, grad_A, grad_B] =
-      backward_gemms(gy, gz, g, as_rows(x), weight, lora_A, lora_B, h, scale, mask[0], mask[1], mask[2]);
-  at::Tensor grad_bias;
-  if (mask[4]) grad_bias = gy.sum(0, false, at::kFloat).to(gy.scalar_type());
-  return {mask[0] ? grad_x.view(x.sizes()) : no_grad_placeholder(x), mask[1] ? grad_A : no_grad_placeholder(x),
-          mask[2] ? grad_B : no_grad_placeholder(x),
-          mask[3] ? grad_m.to(magnitude.scalar_type()) : no_grad_placeholder(magnitude),
-          mask[4] ? grad_bias : no_grad_placeholder(x)};
 }
 
 at::Tensor compose_delta_fused(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,

@@ -22,19 +22,22 @@ at::Tensor dora_linear_fused(const at::Tensor& x, const at::Tensor& weight, cons
                              const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
                              double scale, OpScope& scope);
 
+// The training forward: {y, z in x's dtype when `keep_z` (else undefined), h = x A^T, norm}.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_fused(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_fused(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z,
-    const at::Tensor& h, double scale, std::array<bool, 5> output_mask);
+    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale, bool keep_z);
 
 // The backward's prologue on 2-D gy and z (x's dtype) and g = m / n (float32, contiguous), in one pass:
 // {gz = gy * g in gy's dtype, the magnitude gradient colsum(gy * z) / norm in float32}.
 std::pair<at::Tensor, at::Tensor> grad_prologue_fused(const at::Tensor& gy, const at::Tensor& z, const at::Tensor& g,
                                                       const at::Tensor& norm);
+
+// The prologue from the layer's output y = g z + bias (magnitude_grad.h), in one pass: {gz = gy * g,
+// float32 column sums [1, d_out] of gy (y - bias); with a bias [3, d_out]: also of |gy y| and
+// |gy (y - bias)|}.
+std::pair<at::Tensor, at::Tensor> grad_prologue_from_output_fused(const at::Tensor& gy, const at::Tensor& y,
+                                                                  const at::Tensor& g,
+                                                                  const std::optional<at::Tensor>& bias);
 
 at::Tensor compose_delta_fused(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
                                const at::Tensor& norm, double scale);

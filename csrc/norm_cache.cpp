@@ -1,5 +1,6 @@
 #include "norm_cache.h"
 
+#include "capture.h"
 #include "eager.h"
 #include "options.h"
 
@@ -14,12 +15,6 @@
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
-
-#ifdef DORA_EXT_WITH_CUDA
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
-#endif
 
 namespace dora_ext {
 namespace {
@@ -132,18 +127,6 @@ void drop_entries_holding_locked(Cache& c, const std::vector<at::Tensor>& norms)
   ++generation;
 }
 
-bool capturing(const at::Tensor& t) {
-#ifdef DORA_EXT_WITH_CUDA
-  if (t.is_cuda()) {
-    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(t.device().index()).stream(), &status));
-    return status != cudaStreamCaptureStatusNone;
-  }
-#endif
-  (void)t;
-  return false;
-}
-
 // The adapter norm of `weight` that is `norm`, or nullptr (the caller holds the lock): g is only
 // stored alongside the norm it was computed from.
 AdapterNorm* norm_holding(Cache& c, const at::Tensor& weight, const at::Tensor& norm) {
@@ -156,7 +139,7 @@ bool cacheable(std::initializer_list<const at::Tensor*> tensors) {
   for (const at::Tensor* t : tensors) {
     if (t->is_inference()) return false;  // no version counter to key on
   }
-  return !capturing(**tensors.begin());
+  return !stream_capturing(**tensors.begin());
 }
 
 }  // namespace

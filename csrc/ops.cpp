@@ -78,12 +78,14 @@ TORCH_LIBRARY(dora_ext, m) {
       "Tensor?[] magnitude, float[] scale, Tensor adapter_index) -> Tensor");
   m.def("compose_delta(Tensor base, Tensor lora, Tensor magnitude, Tensor norm, float scale) -> Tensor");
   // Training forward and backward behind dora_linear's and compose_delta's autograd.
+  // z is [T, d_out] with keep_z, else empty; the backward's magnitude gradient takes z, else the
+  // output, else recomputes z (csrc/magnitude_grad.h; the saved_activation option picks).
   m.def(
       "dora_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
-      "Tensor magnitude, float scale) -> (Tensor out, Tensor z, Tensor h, Tensor norm)");
+      "Tensor magnitude, float scale, bool keep_z) -> (Tensor out, Tensor z, Tensor h, Tensor norm)");
   m.def(
-      "dora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
-      "Tensor magnitude, Tensor norm, Tensor z, Tensor h, float scale, bool[5] output_mask) "
+      "dora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor magnitude, Tensor norm, Tensor? z, Tensor? out, Tensor h, float scale, bool[5] output_mask) "
       "-> (Tensor grad_x, Tensor grad_lora_A, Tensor grad_lora_B, Tensor grad_magnitude, Tensor grad_bias)");
   m.def(
       "dora_linear_dropout_forward(Tensor x, Tensor x_dropped, Tensor weight, Tensor? bias, Tensor lora_A, "

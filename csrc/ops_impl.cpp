@@ -5,6 +5,7 @@
 #include "checks.h"
 #include "dropout.h"
 #include "eager.h"
+#include "linear_backward.h"
 #include "mixed.h"
 #include "norm_cache.h"
 #include "op_scope.h"
@@ -53,29 +54,40 @@ at::Tensor dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_impl(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+    const at::Tensor& lora_B, const at::Tensor& magnitude, double scale, bool keep_z) {
   check_dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude);
   OpScope scope(x, weight.size(0), /*training=*/true);
-#ifdef DORA_EXT_WITH_CUDA
-  if (scope.fused()) return dora_linear_forward_fused(x, weight, bias, lora_A, lora_B, magnitude, scale);
-#endif
-  return dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_impl(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z,
-    const at::Tensor& h, double scale, std::array<bool, 5> mask) {
-  check_dora_linear_args("dora_linear_backward", x, weight, std::nullopt, lora_A, lora_B, magnitude);
-  check_grad_out("dora_linear_backward", grad_out, output_shape(x, weight.size(0)), z.scalar_type(), x.device());
-  OpScope scope(grad_out, weight.size(0), /*training=*/true);
-  norm_used_by_backward(norm);
+  at::Tensor out, z, h, norm;
 #ifdef DORA_EXT_WITH_CUDA
   if (scope.fused()) {
-    return dora_linear_backward_fused(grad_out, x, weight, lora_A, lora_B, magnitude, norm, z, h, scale, mask);
+    std::tie(out, z, h, norm) = dora_linear_forward_fused(x, weight, bias, lora_A, lora_B, magnitude, scale, keep_z);
   }
 #endif
-  return dora_linear_backward_eager(grad_out, x, weight, lora_A, lora_B, magnitude, norm, z, h, scale, mask);
+  if (!out.defined()) {
+    std::tie(out, z, h, norm) = dora_linear_forward_eager(x, weight, bias, lora_A, lora_B, magnitude, scale, keep_z);
+  }
+  // z not kept: an empty tensor (the schema returns a Tensor)
+  return {out, keep_z ? z : at::empty({0}, out.options()), h, norm};
+}
+
+// `z` when the forward kept it, else `out` when given: the magnitude gradient's source
+// (magnitude_grad.h); with neither, z is recomputed from x.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_impl(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm,
+    const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& out, const at::Tensor& h, double scale,
+    std::array<bool, 5> mask) {
+  check_dora_linear_args("dora_linear_backward", x, weight, bias, lora_A, lora_B, magnitude);
+  const std::vector<int64_t> y_shape = output_shape(x, weight.size(0));
+  check_grad_out("dora_linear_backward", grad_out, y_shape, x.scalar_type(), x.device());
+  const at::Tensor saved_z = z.has_value() ? *z : at::Tensor();
+  const at::Tensor saved_out = out.has_value() ? *out : at::Tensor();
+  if (saved_z.defined()) check_saved("dora_linear_backward", "z", saved_z, {x.numel() / x.size(-1), weight.size(0)}, x);
+  if (saved_out.defined()) check_saved("dora_linear_backward", "out", saved_out, y_shape, x);
+  OpScope scope(grad_out, weight.size(0), /*training=*/true);
+  norm_used_by_backward(norm);
+  return dora_linear_backward_body(grad_out, x, weight, bias, lora_A, lora_B, magnitude, norm, saved_z, saved_out, h,
+                                   scale, mask, scope.fused());
 }
 
 at::Tensor dora_linear_dropout_impl(const at::Tensor& x, const at::Tensor& x_dropped, const at::Tensor& weight,

@@ -8,7 +8,7 @@
 namespace dora_ext {
 namespace {
 
-enum OptionId { kTier, kNormCache, kDecodeMaxTokens, kFp32PartsMinTokens, kOptionCount };
+enum OptionId { kTier, kNormCache, kDecodeMaxTokens, kFp32PartsMinTokens, kSavedActivation, kOptionCount };
 
 struct OptionSpec {
   const char* name;
@@ -17,15 +17,17 @@ struct OptionSpec {
 constexpr OptionSpec kSpecs[kOptionCount] = {{"tier", "DORA_EXT_TIER"},
                                              {"norm_cache", "DORA_EXT_NORM_CACHE"},
                                              {"decode_max_tokens", "DORA_EXT_DECODE_MAX_TOKENS"},
-                                             {"fp32_parts_min_tokens", "DORA_EXT_FP32_PARTS_MIN_TOKENS"}};
+                                             {"fp32_parts_min_tokens", "DORA_EXT_FP32_PARTS_MIN_TOKENS"},
+                                             {"saved_activation", "DORA_EXT_SAVED_ACTIVATION"}};
 constexpr const char* kTierNames[] = {"auto", "eager", "fused", "prefer_fused"};
+constexpr const char* kSavedActivationNames[] = {"output", "z", "recompute"};
 
 OptionId option_id(const std::string& name) {
   for (int id = 0; id < kOptionCount; ++id) {
     if (name == kSpecs[id].name) return static_cast<OptionId>(id);
   }
   TORCH_CHECK(false, "dora_ext: unknown option '", name,
-              "'; the options are tier, norm_cache, decode_max_tokens and fp32_parts_min_tokens");
+              "'; the options are tier, norm_cache, decode_max_tokens, fp32_parts_min_tokens and saved_activation");
 }
 
 int64_t parse_count(const std::string& value, const char* source) {
@@ -57,6 +59,14 @@ void assign(Options& options, OptionId id, const std::string& value, const char*
     case kFp32PartsMinTokens:
       options.fp32_parts_min_tokens = parse_count(value, source);
       return;
+    case kSavedActivation:
+      for (int i = 0; i < 3; ++i) {
+        if (value == kSavedActivationNames[i]) {
+          options.saved_activation = static_cast<SavedActivation>(i);
+          return;
+        }
+      }
+      TORCH_CHECK(false, source, " must be 'output', 'z' or 'recompute', got '", value, "'");
     case kOptionCount:
       break;
   }
@@ -72,6 +82,8 @@ std::string spell(const Options& options, OptionId id) {
       return std::to_string(options.decode_max_tokens);
     case kFp32PartsMinTokens:
       return std::to_string(options.fp32_parts_min_tokens);
+    case kSavedActivation:
+      return kSavedActivationNames[static_cast<int>(options.saved_activation)];
     case kOptionCount:
       break;
   }
@@ -92,6 +104,9 @@ void copy_option(Options& to, const Options& from, OptionId id) {
       return;
     case kFp32PartsMinTokens:
       to.fp32_parts_min_tokens = from.fp32_parts_min_tokens;
+      return;
+    case kSavedActivation:
+      to.saved_activation = from.saved_activation;
       return;
     case kOptionCount:
       break;

@@ -6,6 +6,7 @@
 //   norm_cache              DORA_EXT_NORM_CACHE               1      (0 turns the row-norm cache off)
 //   decode_max_tokens       DORA_EXT_DECODE_MAX_TOKENS        16     (0 turns the decode kernel off)
 //   fp32_parts_min_tokens   DORA_EXT_FP32_PARTS_MIN_TOKENS    2048
+//   saved_activation        DORA_EXT_SAVED_ACTIVATION         output (output|z|recompute)
 //
 // The process-wide values are read from the environment once, on first use,
 // and changed with set_option (torch.ops.dora_ext.set_option; Python:
@@ -22,11 +23,21 @@ namespace dora_ext {
 
 enum class TierOverride { Auto, Eager, Fused, PreferFused };
 
+// What a training dora_linear keeps of size [T, d_out] for its magnitude gradient, which needs
+// z = x W^T + s (x A^T) B^T (csrc/magnitude_grad.h):
+//   Output     the layer's output y, which the next op often keeps anyway (attention keeps v,
+//              the MLP's activation and product keep gate and up): z = (y - bias) / g, with the
+//              columns where that loses precision recomputed exactly (docs/DESIGN.md section 11);
+//   Z          a private copy of z: the fastest backward, the most memory;
+//   Recompute  nothing: the backward recomputes z from x (one more GEMM of the forward's size).
+enum class SavedActivation { Output, Z, Recompute };
+
 struct Options {
   TierOverride tier = TierOverride::Auto;
   bool norm_cache = true;
   int64_t decode_max_tokens = 16;
   int64_t fp32_parts_min_tokens = 2048;
+  SavedActivation saved_activation = SavedActivation::Output;
 };
 
 // The options in effect on this thread: the process-wide ones with this
@@ -48,7 +59,7 @@ void set_thread_option(const std::string& name, const std::optional<std::string>
 // (indexed in the order of the table above).
 struct OptionOverrides {
   Options values;
-  std::array<bool, 4> set{};
+  std::array<bool, 5> set{};
 };
 
 // Makes `options` this thread's complete set for its lifetime (an autograd

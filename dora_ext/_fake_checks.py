@@ -151,6 +151,12 @@ def compose_delta_args(op: str, base: torch.Tensor, lora: torch.Tensor, magnitud
     _check(norm.shape[0] == d_out, f"{op}: norm must be [d_out] = [{d_out}], got {_sz(norm)}")
 
 
+def saved(op: str, name: str, t: torch.Tensor, shape, x: torch.Tensor) -> None:
+    _check(tuple(t.shape) == tuple(shape), f"{op}: {name} must have shape {_sz(shape)}, got {_sz(t)}")
+    _check(t.dtype == x.dtype, f"{op}: {name} must have x's dtype {_dt(x.dtype)}, got {_dt(t.dtype)}")
+    _check(t.device == x.device, f"{op}: {name} must be on x's device {x.device}, got {t.device}")
+
+
 def grad_out(op: str, grad: torch.Tensor, shape, dtype: torch.dtype, device: torch.device) -> None:
     _check(tuple(grad.shape) == tuple(shape), f"{op}: grad_out must have the output's shape {_sz(shape)}, got "
                                               f"{_sz(grad)}")

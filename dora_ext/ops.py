@@ -151,7 +151,7 @@ def last_tier() -> tuple[str, str]:
     return _ops.last_tier.default()
 
 
-OPTION_NAMES = ("tier", "norm_cache", "decode_max_tokens", "fp32_parts_min_tokens")
+OPTION_NAMES = ("tier", "norm_cache", "decode_max_tokens", "fp32_parts_min_tokens", "saved_activation")
 
 
 def _spell(name: str, value: str | bool | int) -> str:
@@ -162,7 +162,7 @@ def _spell(name: str, value: str | bool | int) -> str:
 
 
 def _typed(name: str, value: str) -> str | bool | int:
-    if name == "tier":
+    if name in ("tier", "saved_activation"):
         return value
     if name == "norm_cache":
         return value == "1"
@@ -172,7 +172,8 @@ def _typed(name: str, value: str) -> str | bool | int:
 def get_options() -> dict[str, str | bool | int]:
     """The run-time options in effect on this thread: ``tier`` (``"auto"``, ``"eager"``,
     ``"fused"`` or ``"prefer_fused"``), ``norm_cache`` (bool), ``decode_max_tokens`` and
-    ``fp32_parts_min_tokens`` (ints). README, "Options"."""
+    ``fp32_parts_min_tokens`` (ints), ``saved_activation`` (``"output"``, ``"z"`` or ``"recompute"``).
+    README, "Options"."""
     return {name: _typed(name, _ops.get_option.default(name)) for name in OPTION_NAMES}
 
 
@@ -274,21 +275,28 @@ def _dora_linear_fake(x, weight, bias, lora_A, lora_B, magnitude, scale):
 
 
 @torch.library.register_fake("dora_ext::dora_linear_forward")
-def _dora_linear_forward_fake(x, weight, bias, lora_A, lora_B, magnitude, scale):
+def _dora_linear_forward_fake(x, weight, bias, lora_A, lora_B, magnitude, scale, keep_z):
     _fake_checks.dora_linear_args("dora_linear", x, weight, bias, lora_A, lora_B, magnitude)
     d_out, tokens = weight.shape[0], _tokens(x)
     return (
         x.new_empty((*x.shape[:-1], d_out)),
-        x.new_empty((tokens, d_out)),
+        x.new_empty((tokens, d_out) if keep_z else (0,)),
         lora_A.new_empty((tokens, lora_A.shape[0])),  # h: float32 for float32 adapters on 16-bit x
         x.new_empty((d_out,), dtype=accumulate_dtype(x.dtype)),
     )
 
 
 @torch.library.register_fake("dora_ext::dora_linear_backward")
-def _dora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, magnitude, norm, z, h, scale, output_mask):
-    _fake_checks.dora_linear_args("dora_linear_backward", x, weight, None, lora_A, lora_B, magnitude)
-    _fake_checks.grad_out("dora_linear_backward", grad_out, (*x.shape[:-1], weight.shape[0]), z.dtype, x.device)
+def _dora_linear_backward_fake(grad_out, x, weight, bias, lora_A, lora_B, magnitude, norm, z, out, h, scale,
+                               output_mask):
+    op = "dora_linear_backward"
+    _fake_checks.dora_linear_args(op, x, weight, bias, lora_A, lora_B, magnitude)
+    y_shape = (*x.shape[:-1], weight.shape[0])
+    _fake_checks.grad_out(op, grad_out, y_shape, x.dtype, x.device)
+    if z is not None:
+        _fake_checks.saved(op, "z", z, (_tokens(x), weight.shape[0]), x)
+    if out is not None:
+        _fake_checks.saved(op, "out", out, y_shape, x)
     # A masked-out gradient is a fresh empty tensor (never one shared object:
     # outputs must not alias each other, as in the real kernels).
     return (

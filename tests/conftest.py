@@ -5,10 +5,14 @@
 - Runs every test with the tier option at "auto" and puts back the process-wide
   run-time options afterwards, so a test that sets one (dora_ext.set_options)
   cannot leak it into the next one.
+- Gives torch.compile a fresh cache folder per test session: a cache filled by an
+  earlier build would replay code compiled against that build's internal op schemas.
 """
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +24,7 @@ if str(_TESTS_DIR) not in sys.path:
 # Appended (not prepended): an installed dora_ext keeps priority over the checkout.
 if str(_TESTS_DIR.parent) not in sys.path:
     sys.path.append(str(_TESTS_DIR.parent))
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dora_ext_tests_inductor_")
 
 
 @pytest.fixture(autouse=True)

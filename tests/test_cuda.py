@@ -213,10 +213,10 @@ def test_compose_delta_backward_partial_masks_and_bad_grad_out():
     with pytest.raises(RuntimeError, match="grad_out must have the output's dtype"):
         op(torch.ones(8, 40, device="cuda"), base, lora.detach(), m, norm, 0.5, [True, True, True])
     t = _inputs(16, 24, 4, (5,), torch.float16)
-    _, z, h, n = torch.ops.dora_ext.dora_linear_forward(t["x"], t["W"], None, t["A"], t["B"], t["m"], t["s"])
+    _, z, h, n = torch.ops.dora_ext.dora_linear_forward(t["x"], t["W"], None, t["A"], t["B"], t["m"], t["s"], True)
     with pytest.raises(RuntimeError, match="grad_out must have the output's shape"):
         torch.ops.dora_ext.dora_linear_backward(torch.ones(5, 23, device="cuda", dtype=torch.float16), t["x"],
-                                                t["W"], t["A"], t["B"], t["m"], n, z, h, t["s"],
+                                                t["W"], None, t["A"], t["B"], t["m"], n, z, None, h, t["s"],
                                                 [True, True, True, True, False])
 
 

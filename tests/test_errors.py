@@ -551,9 +551,9 @@ def test_cpu_backward_ops_check_grad_out(inp):
     """The backward ops may be called directly: on the CPU too, a grad_out that is not the output's
     shape, dtype or device is an error naming it."""
     _, z, h, n = torch.ops.dora_ext.dora_linear_forward(inp["x"], inp["weight"], None, inp["lora_A"], inp["lora_B"],
-                                                        inp["magnitude"], inp["scale"])
-    args = (inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], inp["magnitude"], n, z, h, inp["scale"],
-            [True, True, True, True, False])
+                                                        inp["magnitude"], inp["scale"], True)
+    args = (inp["x"], inp["weight"], None, inp["lora_A"], inp["lora_B"], inp["magnitude"], n, z, None, h,
+            inp["scale"], [True, True, True, True, False])
     with pytest.raises(RuntimeError, match="dora_linear_backward: grad_out must have the output's shape"):
         torch.ops.dora_ext.dora_linear_backward(torch.ones(T, D_OUT + 1), *args)
     with pytest.raises(RuntimeError, match="dora_linear_backward: grad_out must have the output's dtype"):

@@ -75,6 +75,7 @@ def test_fake_kernels_still_trace_good_inputs():
         args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in real)
         y = ops.dora_linear(*args)
         assert y.shape == (T, D_OUT) and y.dtype == torch.float32
-        out, z, h, n = ops.dora_linear_forward(*args)
-        assert n.shape == (D_OUT,) and h.shape == (T, R)
+        out, z, h, n = ops.dora_linear_forward(*args, True)
+        assert n.shape == (D_OUT,) and h.shape == (T, R) and z.shape == (T, D_OUT)
+        assert ops.dora_linear_forward(*args, False)[1].shape == (0,)
     assert dora_ext.row_norm is not None

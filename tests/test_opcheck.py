@@ -110,11 +110,12 @@ def test_opcheck_compose_delta(batch, dtype, mag_dtype, requires_grad):
 # internal ops (no requires_grad: they are the insides of the autograd functions)
 
 
+@pytest.mark.parametrize("keep_z", [True, False], ids=["z", "noz"])
 @pytest.mark.parametrize("dtype, mag_dtype", LINEAR_DTYPES)
 @pytest.mark.parametrize("d_in, d_out, r, batch, bias", LINEAR_SHAPES)
-def test_opcheck_dora_linear_forward(d_in, d_out, r, batch, bias, dtype, mag_dtype):
+def test_opcheck_dora_linear_forward(d_in, d_out, r, batch, bias, dtype, mag_dtype, keep_z):
     inp = _linear_inputs(d_in, d_out, r, batch, dtype, mag_dtype, bias)
-    opcheck(OPS.dora_linear_forward.default, _linear_args(inp))
+    opcheck(OPS.dora_linear_forward.default, (*_linear_args(inp), keep_z))
 
 
 MASKS = [
@@ -139,14 +140,17 @@ BACKWARD_CASES = [
 ]
 
 
+# The magnitude gradient's source (the saved_activation option): a saved z, the output, or neither.
+@pytest.mark.parametrize("source", ["z", "out", "recompute"])
 @pytest.mark.parametrize("d_in, d_out, r, batch, bias, dtype, mag_dtype, mask", BACKWARD_CASES)
-def test_opcheck_dora_linear_backward(d_in, d_out, r, batch, bias, dtype, mag_dtype, mask):
+def test_opcheck_dora_linear_backward(d_in, d_out, r, batch, bias, dtype, mag_dtype, mask, source):
     inp = _linear_inputs(d_in, d_out, r, batch, dtype, mag_dtype, bias)
-    out, z, h, norm = OPS.dora_linear_forward(*_linear_args(inp))
-    assert z.shape == (out.numel() // d_out, d_out) and h.shape == (z.shape[0], r)
+    out, z, h, norm = OPS.dora_linear_forward(*_linear_args(inp), source == "z")
+    assert h.shape == (out.numel() // d_out, r)
+    assert z.shape == ((out.numel() // d_out, d_out) if source == "z" else (0,))
     grad_out = torch.randn_like(out)
-    args = (grad_out, inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], inp["magnitude"], norm, z, h,
-            inp["scale"], mask)
+    args = (grad_out, inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], inp["magnitude"], norm,
+            z if source == "z" else None, out if source == "out" else None, h, inp["scale"], mask)
     opcheck(OPS.dora_linear_backward.default, args)
     grads = OPS.dora_linear_backward(*args)
     for wanted, g in zip(mask, grads):

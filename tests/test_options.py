@@ -14,7 +14,8 @@ import dora_ext
 from fresh_process import run_python
 from reference import make_inputs
 
-DEFAULTS = {"tier": "auto", "norm_cache": True, "decode_max_tokens": 16, "fp32_parts_min_tokens": 2048}
+DEFAULTS = {"tier": "auto", "norm_cache": True, "decode_max_tokens": 16, "fp32_parts_min_tokens": 2048,
+            "saved_activation": "output"}
 _NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
@@ -79,6 +80,7 @@ def test_backward_runs_with_its_forwards_options(device):
     ({"norm_cache": "maybe"}, "norm_cache must be 0 or 1"),
     ({"decode_max_tokens": -1}, "decode_max_tokens must be a non-negative integer, got '-1'"),
     ({"fp32_parts_min_tokens": "2k"}, "fp32_parts_min_tokens must be a non-negative integer"),
+    ({"saved_activation": "nothing"}, "saved_activation must be 'output', 'z' or 'recompute', got 'nothing'"),
 ])
 def test_bad_values_raise_naming_the_option(kwargs, message):
     with pytest.raises(RuntimeError, match=message):

@@ -92,6 +92,52 @@ def dora_grad_prologue_kernel(
 
 
 @triton.jit
+def dora_grad_prologue_output_kernel(
+    gy_ptr, y_ptr, g_ptr, bias_ptr, gz_ptr, partial_ptr,
+    n_rows, n_cols, stride_gy, stride_y, stride_gz,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The prologue from the layer's output y = g * z + bias instead of z: gz = gy * g, and per-program
+    fp32 partial column sums of gy * (y - bias) (the magnitude gradient times g * norm). With a bias,
+    also of |gy * y| and |gy * (y - bias)|: their ratio bounds how much precision recovering z from y
+    loses against a saved z (docs/DESIGN.md section 11), and the caller recomputes the columns
+    where it is too large.
+
+    Rows are walked as in ``dora_grad_prologue_kernel``; ``partial`` is [1 or 3, programs, n_cols]
+    (the sums in that order), program (i, j) writing row i of each.
+    """
+    pid_m = tl.program_id(0)
+    num_pid_m = tl.num_programs(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    g = tl.load(g_ptr + cols, mask=col_mask, other=0.0)
+    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_abs_y = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_abs_z = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(pid_m * BLOCK_M, n_rows, num_pid_m * BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask = (rows[:, None] < n_rows) & col_mask[None, :]
+        gy = tl.load(gy_ptr + rows[:, None] * stride_gy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        gz_times_g = gy * (y - bias[None, :])  # gy * g * z
+        acc += tl.sum(gz_times_g, axis=0)
+        if HAS_BIAS:
+            acc_abs_y += tl.sum(tl.abs(gy * y), axis=0)
+            acc_abs_z += tl.sum(tl.abs(gz_times_g), axis=0)
+        gz = gy * g[None, :]
+        tl.store(gz_ptr + rows[:, None] * stride_gz + cols[None, :], gz.to(gz_ptr.dtype.element_ty), mask=mask)
+    row = pid_m.to(tl.int64) * n_cols
+    tl.store(partial_ptr + row + cols, acc, mask=col_mask)
+    if HAS_BIAS:
+        plane = num_pid_m.to(tl.int64) * n_cols
+        tl.store(partial_ptr + plane + row + cols, acc_abs_y, mask=col_mask)
+        tl.store(partial_ptr + 2 * plane + row + cols, acc_abs_z, mask=col_mask)
+
+
+@triton.jit
 def dora_delta_backward_kernel(
     gy_ptr, base_ptr, lora_ptr, g_ptr, gm1_ptr, grad_base_ptr, grad_lora_ptr, partial_ptr,
     n_rows, n_cols, stride_gy, stride_base, stride_lora, stride_grad_base, stride_grad_lora, scale,

@@ -61,6 +61,7 @@ KERNEL_KEYS: dict[str, tuple[Axis, ...]] = {
                                    _flag("write_grad_base", "gbase", "nogbase"), ALIGNED),
     "dora_fp32_compose_kernel": (_dtype("dtype"), BIAS, _flag("write_z", "z", "noz"), ALIGNED),
     "dora_grad_prologue_kernel": (_dtype("dtype"), ALIGNED),
+    "dora_grad_prologue_output_kernel": (_dtype("dtype"), BIAS, ALIGNED),
     "dora_decode_kernel": (_dtype("dtype"), BIAS, ALIGNED),
     "dora_norm_partials_kernel": (_dtype("dtype"), Axis("rank_tile", "int", "r"),
                                   _flag("weight_sq", "wsq", "nowsq"), ALIGNED),
@@ -205,6 +206,25 @@ def _grad_prologue_specs() -> list[Spec]:
     return specs
 
 
+def _grad_prologue_output_specs() -> list[Spec]:
+    specs = []
+    for dt in DTYPES:
+        for bias in (True, False):
+            for a16 in (True, False):
+                sig = {"gy_ptr": f"*{dt}", "y_ptr": f"*{dt}", "g_ptr": "*fp32", "bias_ptr": f"*{dt}",
+                       "gz_ptr": f"*{dt}", "partial_ptr": "*fp32", "n_rows": "i64", "n_cols": "i64",
+                       "stride_gy": "i64", "stride_y": "i64", "stride_gz": "i64"}
+                specs.append(Spec(
+                    module="compose", kernel="dora_grad_prologue_output_kernel",
+                    key=(dt, bias, a16),
+                    signature=sig,
+                    aligned=("gy_ptr", "y_ptr", "g_ptr", "bias_ptr", "gz_ptr", "partial_ptr", "n_cols", "stride_gy",
+                             "stride_y", "stride_gz") if a16 else (),
+                    constexprs={"HAS_BIAS": int(bias), "BLOCK_M": 32, "BLOCK_N": 128},
+                    num_warps=4, tile=(32, 128)))
+    return specs
+
+
 # The decode kernel's tile: 16 token rows (the smallest tensor-core tile), 32 output columns so that
 # d_out / 32 programs stream W (128 for d_out = 4096), K tiles of 256. The best of the configs that
 # scripts/bench_epilogue.py timed at T = 1 on an H100 (2026-11-28) for four of the five layer shapes;
@@ -290,5 +310,5 @@ def _norm_finish_specs() -> list[Spec]:
 DEFAULT_ARCHS: tuple[int, ...] = (80, 86, 89, 90, 100, 120)
 
 SPECS: tuple[Spec, ...] = tuple(_scale_specs() + _delta_specs() + _delta_backward_specs() + _fp32_compose_specs() +
-                                _grad_prologue_specs() + _decode_specs() + _norm_partials_specs() +
-                                _norm_finish_specs())
+                                _grad_prologue_specs() + _grad_prologue_output_specs() + _decode_specs() +
+                                _norm_partials_specs() + _norm_finish_specs())
