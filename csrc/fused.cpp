@@ -96,9 +96,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fp32_adapters_forward
 // (docs/BENCHMARKS.md). The decode_max_tokens option (default 16, options.h) moves the limit; 0
 // turns it off.
 
-// Whether the decode kernel serves validated inputs (one dtype throughout, d_out >= 1): 16-bit,
-// 1..max_tokens tokens, and W and B with unit stride along their K dimension (a copy of W would
-// cost more than it saves).
+// Whether the decode kernel serves validated inputs (16-bit x and W, adapters of x's dtype or
+// float32, d_out >= 1): 1..max_tokens tokens, and W and B with unit stride along their K dimension
+// (a copy of W would cost more than it saves).
 bool decode_serves(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_B, int64_t max_tokens) {
   const int64_t tokens = x.numel() / x.size(-1);  // d_in >= 1 (validated)
   return is_16bit_float(x.scalar_type()) && tokens > 0 && tokens <= max_tokens && weight.stride(1) == 1 &&
@@ -106,12 +106,13 @@ bool decode_serves(const at::Tensor& x, const at::Tensor& weight, const at::Tens
 }
 
 // y = g * (x W^T + s (x A^T) B^T) + bias with h = x A^T from cuBLAS and the rest in one kernel.
+// Float32 adapters: h from x upcast, in float32, as PEFT computes it.
 at::Tensor decode_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
                           double scale) {
   const at::Tensor g = norm_and_magnitude_scale(weight, lora_A, lora_B, magnitude, scale, NormUse::Inference).second;
   const at::Tensor x2d = as_rows(x);
-  const at::Tensor h = at::mm(x2d, lora_A.t());
+  const at::Tensor h = at::mm(x2d.to(lora_A.scalar_type()), lora_A.t());
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const int64_t rows = x2d.size(0), d_out = weight.size(0), d_in = weight.size(1), rank = lora_B.size(1);
   at::Tensor y = at::empty({rows, d_out}, x.options());
@@ -119,7 +120,8 @@ at::Tensor decode_forward(const at::Tensor& x, const at::Tensor& weight, const s
       all_aligned16({&x2d, &weight, &h, &lora_B, &g, &b, &y},
                     {d_out, d_in, rank, x2d.stride(0), weight.stride(0), h.stride(0), lora_B.stride(0), y.stride(0)});
   const c10::DeviceIndex device = x.device().index();
-  const KernelImage& k = kernel_for(kernels::Decode{x.scalar_type(), b.defined(), aligned}, device);
+  const KernelImage& k =
+      kernel_for(kernels::Decode{x.scalar_type(), lora_B.scalar_type(), b.defined(), aligned}, device);
   launch(k, device, {cdiv(d_out, k.tile_cols), cdiv(rows, k.tile_rows), 1},
          {x2d, weight, h, lora_B, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), y, rows, d_out, d_in, rank,
           x2d.stride(0), weight.stride(0), h.stride(0), lora_B.stride(0), y.stride(0), static_cast<float>(scale)});
@@ -185,14 +187,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_f
 at::Tensor dora_linear_fused(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
                              double scale, OpScope& scope) {
-  if (has_fp32_adapters(x, lora_A)) {  // before the decode kernel, which reads 16-bit adapters
-    return std::get<0>(
-        fp32_adapters_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, NormUse::Inference, /*keep_z=*/false));
-  }
   const int64_t max_decode_tokens = current_options().decode_max_tokens;
   if (decode_serves(x, weight, lora_B, max_decode_tokens)) {
     scope.note("decode kernel (tokens <= " + std::to_string(max_decode_tokens) + ")");
     return decode_forward(x, weight, bias, lora_A, lora_B, magnitude, scale);
+  }
+  if (has_fp32_adapters(x, lora_A)) {
+    return std::get<0>(
+        fp32_adapters_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, NormUse::Inference, /*keep_z=*/false));
   }
   auto [z, h, norm, g] = fused_forward_gemms(x, weight, lora_A, lora_B, magnitude, scale, NormUse::Inference);
   launch_scale(z, g, bias, z);  // in place: nothing else needs z

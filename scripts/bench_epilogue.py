@@ -54,8 +54,9 @@ def fused_gemm(x: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, lora_B: t
     grid = (triton.cdiv(d_out, block_n), triton.cdiv(T, block_m))
     dora_decode_kernel[grid](x, weight, h, lora_B, g, bias if bias is not None else g, y, T, d_out, d_in, r,
                              x.stride(0), weight.stride(0), h.stride(0), lora_B.stride(0), y.stride(0), scale,
-                             HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                             num_warps=warps, num_stages=stages)
+                             HAS_BIAS=bias is not None, FP32_ADAPTERS=h.dtype == torch.float32 != x.dtype,
+                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_k, num_warps=warps,
+                             num_stages=stages)
     return y
 
 

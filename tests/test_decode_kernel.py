@@ -2,7 +2,8 @@
 
 The AOT cubins of this kernel run on the GPU (tests/test_cuda.py, the decode tests); this checks
 its arithmetic where no GPU is: masks for odd sizes and for rows past the batch, both K loops
-(rank and d_in, each longer than one K tile), strided rows, bias on and off. Triton's interpreter
+(rank and d_in, each longer than one K tile), strided rows, bias on and off, 16-bit and float32
+adapters (the base term rounded to x's dtype first, as PEFT's base layer output). Triton's interpreter
 computes bf16 dots wrongly on the CPU, so fp16 and fp32 inputs are checked here.
 """
 from __future__ import annotations
@@ -24,27 +25,33 @@ _SCRIPT = textwrap.dedent("""
     from reference import rel_err
     from triton_src.decode import dora_decode_kernel
     out = []
-    for dtype, T, d_in, N, R, bias in [
-        (torch.float32, 1, 70, 45, 5, True),
-        (torch.float32, 17, 33, 16, 1, False),
-        (torch.float16, 5, 48, 40, 37, True),
-        (torch.float16, 16, 64, 33, 16, False),
+    for dtype, adapter_dtype, T, d_in, N, R, bias in [
+        (torch.float32, torch.float32, 1, 70, 45, 5, True),
+        (torch.float32, torch.float32, 17, 33, 16, 1, False),
+        (torch.float16, torch.float16, 5, 48, 40, 37, True),
+        (torch.float16, torch.float16, 16, 64, 33, 16, False),
+        (torch.float16, torch.float32, 3, 40, 37, 21, True),
+        (torch.float16, torch.float32, 16, 35, 16, 1, False),
     ]:
+        fp32_adapters = adapter_dtype != dtype
         gen = torch.Generator().manual_seed(T * 100 + N)
         x = torch.randn(T, d_in + 3, generator=gen).to(dtype)[:, :d_in]  # rows strided past d_in
-        W, h = torch.randn(N, d_in, generator=gen).to(dtype), torch.randn(T, R, generator=gen).to(dtype)
-        B = torch.randn(N, R, generator=gen).to(dtype)
+        W, h = torch.randn(N, d_in, generator=gen).to(dtype), torch.randn(T, R, generator=gen).to(adapter_dtype)
+        B = torch.randn(N, R, generator=gen).to(adapter_dtype)
         g = torch.rand(N, generator=gen) + 0.5
         b = torch.randn(N, generator=gen).to(dtype)
         y = torch.full((T, N), float("nan"), dtype=dtype)
         BM, BN, BK = 16, 16, 16
         grid = (triton.cdiv(N, BN), triton.cdiv(T, BM))
         dora_decode_kernel[grid](x, W, h, B, g, b if bias else g, y, T, N, d_in, R, x.stride(0), W.stride(0),
-                                 h.stride(0), B.stride(0), y.stride(0), 0.7, HAS_BIAS=bias,
-                                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
-        ref = (x.double() @ W.double().t() + 0.7 * h.double() @ B.double().t()) * g.double()
+                                 h.stride(0), B.stride(0), y.stride(0), 0.7, HAS_BIAS=bias, FP32_ADAPTERS=fp32_adapters,
+                                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=8)
+        base = x.double() @ W.double().t()
+        if fp32_adapters:  # rounded like PEFT's base layer output
+            base = base.to(dtype).double()
+        ref = (base + 0.7 * h.double() @ B.double().t()) * g.double()
         ref = ref + (b.double() if bias else 0)
-        out.append({"case": [str(dtype), T, d_in, N, R, bias], "dtype_ok": y.dtype == dtype,
+        out.append({"case": [str(dtype), str(adapter_dtype), T, d_in, N, R, bias], "dtype_ok": y.dtype == dtype,
                     "err": rel_err(y, ref)})
     print(json.dumps(out))
 """)
@@ -52,7 +59,7 @@ _SCRIPT = textwrap.dedent("""
 
 def test_decode_kernel_matches_float64_under_the_interpreter():
     cases = interpreted_cases(_SCRIPT)
-    assert len(cases) == 4
+    assert len(cases) == 6
     for case in cases:
         assert case["dtype_ok"], case
         dtype = getattr(torch, case["case"][0].removeprefix("torch."))

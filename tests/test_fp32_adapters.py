@@ -118,17 +118,44 @@ def test_non_contiguous_input(any_device):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_tiers_and_no_decode_kernel(monkeypatch):
-    """The fused tiers serve the mix (cuBLAS with the scale and gradient kernels); the decode kernel,
-    which reads 16-bit adapters, does not."""
+def test_cuda_tiers(monkeypatch):
+    """The fused tiers serve the mix: the decode kernel up to decode_max_tokens inference tokens,
+    cuBLAS with the compose kernel above, the training kernels with a gradient to record."""
     dora_ext.set_options(tier="fused")
     inp = _leaves(_mixed(64, 96, 16, (4,), torch.bfloat16, "cuda"))
     with torch.no_grad():
         dora_ext.dora_linear(**inp)
+        assert "decode kernel" in dora_ext.last_tier()[1]
+        dora_ext.dora_linear(**_mixed(64, 96, 16, (17,), torch.bfloat16, "cuda"))
     tier, reason = dora_ext.last_tier()
     assert tier == "fused_inference" and "decode" not in reason
     dora_ext.dora_linear(**inp).sum().backward()
     assert dora_ext.last_tier()[0] == "fused_training"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(64, 96, 16, (1,)), (37, 23, 1, (3, 5)), (4096, 1000, 384, (16,)),
+                                   (300, 257, 7, (2, 1, 1))], ids=lambda s: "x".join(map(str, s[:3])))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_decode_kernel_keeps_fp32_adapter_accuracy(dtype, shape, bias):
+    """Decode-sized calls with float32 adapters run the decode kernel at the accuracy of the float32
+    compose route (PEFT's computation): within the 2x rule of PEFT's own plain-PyTorch float32 result."""
+    d_in, d_out, r, batch = shape
+    inp = _detached(_mixed(d_in, d_out, r, batch, dtype, "cuda"))
+    if not bias:
+        inp["bias"] = None
+    ref = ref_dora_linear(*(inp[k] for k in ("x", "weight", "bias", "lora_A", "lora_B", "magnitude", "scale")))
+    with torch.no_grad():
+        y = dora_ext.dora_linear(**inp)
+        assert "decode kernel" in dora_ext.last_tier()[1], dora_ext.last_tier()
+        with dora_ext.options(decode_max_tokens=0):
+            y_compose = dora_ext.dora_linear(**inp)
+    plain = _plain_fp32(dict(inp, bias=inp["bias"] if bias else torch.zeros(d_out, device="cuda", dtype=dtype)))
+    assert y.dtype == dtype and y.shape == (*batch, d_out)
+    assert rel_err(y, ref) <= 2 * rel_err(plain, ref) + 1e-6
+    assert rel_err(y, ref) <= 2 * rel_err(y_compose, ref) + 1e-6
 
 
 @pytest.mark.cuda

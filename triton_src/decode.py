@@ -5,8 +5,13 @@ cost as much as the reads: cuBLAS ``x W^T``, ``addmm_`` of ``s h B^T`` and the s
 launches and a [T, d_out] round trip each. Here one program owns a [BLOCK_M, BLOCK_N] output tile:
 it accumulates ``s * h B^T`` (K = r) and then ``x W^T`` (K = d_in) in one fp32 accumulator on
 tensor cores and stores ``y = g * acc + bias`` (``h = x A^T`` comes from cuBLAS). With narrow
-column tiles, d_out / BLOCK_N programs stream W once. 16-bit inputs only; every operand has unit
+column tiles, d_out / BLOCK_N programs stream W once. 16-bit x and W; every operand has unit
 stride along its K dimension. The output is rounded once, where the cuBLAS path rounds z first.
+
+PEFT's default float32 adapters (``FP32_ADAPTERS``: h and B float32) keep float32 accuracy: the
+adapter's term accumulates in its own fp32 accumulator with IEEE float32 products (no tf32
+rounding), the base term is rounded to x's dtype first as PEFT's base layer output is, and
+``y = g * (base + s * lora) + bias`` is rounded once, as the fp32 compose kernel composes them.
 """
 import triton
 import triton.language as tl
@@ -14,15 +19,19 @@ import triton.language as tl
 
 @triton.jit
 def _accumulate_abt(acc, a_ptr, b_ptr, offs_m, offs_n, m_ok, n_ok, stride_a, stride_b, K,
-                    BLOCK_K: tl.constexpr):
-    """acc + a[offs_m, :K] @ b[offs_n, :K]^T (unit stride along K)."""
+                    BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a[offs_m, :K] @ b[offs_n, :K]^T (unit stride along K); ``IEEE``: float32 products
+    without tf32 rounding (float32 operands)."""
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
         a = tl.load(a_ptr + offs_m[:, None] * stride_a + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptr + offs_n[:, None] * stride_b + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc)
+        if IEEE:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
     return acc
 
 
@@ -30,7 +39,8 @@ def _accumulate_abt(acc, a_ptr, b_ptr, offs_m, offs_n, m_ok, n_ok, stride_a, str
 def dora_decode_kernel(
     x_ptr, w_ptr, h_ptr, b_ptr, g_ptr, bias_ptr, y_ptr,
     n_rows, n_cols, d_in, rank, stride_x, stride_w, stride_h, stride_b, stride_y, scale,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_ADAPTERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """y[T, N] = g * (scale * h B^T + x W^T) + bias; x [T, d_in], W [N, d_in], h [T, r], B [N, r].
 
@@ -42,9 +52,17 @@ def dora_decode_kernel(
     n_ok = offs_n < n_cols
     rows_w = offs_n.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _accumulate_abt(acc, h_ptr, b_ptr, offs_m, rows_w, m_ok, n_ok, stride_h, stride_b, rank, BLOCK_K)
+    acc = _accumulate_abt(acc, h_ptr, b_ptr, offs_m, rows_w, m_ok, n_ok, stride_h, stride_b, rank, BLOCK_R,
+                          FP32_ADAPTERS)
     acc = acc * scale
-    acc = _accumulate_abt(acc, x_ptr, w_ptr, offs_m, rows_w, m_ok, n_ok, stride_x, stride_w, d_in, BLOCK_K)
+    if FP32_ADAPTERS:
+        base = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        base = _accumulate_abt(base, x_ptr, w_ptr, offs_m, rows_w, m_ok, n_ok, stride_x, stride_w, d_in, BLOCK_K,
+                               False)
+        acc += base.to(y_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        acc = _accumulate_abt(acc, x_ptr, w_ptr, offs_m, rows_w, m_ok, n_ok, stride_x, stride_w, d_in, BLOCK_K,
+                              False)
     g = tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)
     y = acc * g[None, :]
     if HAS_BIAS:

@@ -62,7 +62,7 @@ KERNEL_KEYS: dict[str, tuple[Axis, ...]] = {
     "dora_fp32_compose_kernel": (_dtype("dtype"), BIAS, _flag("write_z", "z", "noz"), ALIGNED),
     "dora_grad_prologue_kernel": (_dtype("dtype"), ALIGNED),
     "dora_grad_prologue_output_kernel": (_dtype("dtype"), BIAS, ALIGNED),
-    "dora_decode_kernel": (_dtype("dtype"), BIAS, ALIGNED),
+    "dora_decode_kernel": (_dtype("dtype"), _dtype("adapter_dtype"), BIAS, ALIGNED),
     "dora_norm_partials_kernel": (_dtype("dtype"), Axis("rank_tile", "int", "r"),
                                   _flag("weight_sq", "wsq", "nowsq"), ALIGNED),
     "dora_norm_finish_kernel": (_dtype("dtype"),),
@@ -228,27 +228,34 @@ def _grad_prologue_output_specs() -> list[Spec]:
 # The decode kernel's tile: 16 token rows (the smallest tensor-core tile), 32 output columns so that
 # d_out / 32 programs stream W (128 for d_out = 4096), K tiles of 256. The best of the configs that
 # scripts/bench_epilogue.py timed at T = 1 on an H100 (2026-11-28) for four of the five layer shapes;
-# its 3 stages take 72 KiB of shared memory, which every arch in DEFAULT_ARCHS has.
+# its 3 stages take 72 KiB of shared memory, which every arch in DEFAULT_ARCHS has. Float32 adapters
+# walk the rank in tiles of 32 (IEEE float32 products run on the FMA units, not tensor cores: a
+# short tile keeps the fp32 operands in registers).
 DECODE_TILE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256}
+DECODE_FP32_ADAPTERS_BLOCK_R = 32
 
 
 def _decode_specs() -> list[Spec]:
     specs = []
     for dt in ("fp16", "bf16"):  # fp32 keeps cuBLAS (tl.dot on fp32 would round through tf32)
-        for bias in (True, False):
-            for a16 in (True, False):
-                sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "h_ptr": f"*{dt}", "b_ptr": f"*{dt}", "g_ptr": "*fp32",
-                       "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", "n_rows": "i64", "n_cols": "i64", "d_in": "i64",
-                       "rank": "i64", "stride_x": "i64", "stride_w": "i64", "stride_h": "i64", "stride_b": "i64",
-                       "stride_y": "i64", "scale": "fp32"}
-                specs.append(Spec(
-                    module="decode", kernel="dora_decode_kernel",
-                    key=(dt, bias, a16),
-                    signature=sig,
-                    aligned=("x_ptr", "w_ptr", "h_ptr", "b_ptr", "g_ptr", "bias_ptr", "y_ptr", "n_cols", "d_in",
-                             "rank", "stride_x", "stride_w", "stride_h", "stride_b", "stride_y") if a16 else (),
-                    constexprs={"HAS_BIAS": int(bias), **DECODE_TILE},
-                    num_warps=4, num_stages=3, tile=(DECODE_TILE["BLOCK_M"], DECODE_TILE["BLOCK_N"])))
+        for adapter_dt in (dt, "fp32"):  # the adapters' dtype: x's, or PEFT's default float32
+            fp32_adapters = adapter_dt == "fp32"
+            for bias in (True, False):
+                for a16 in (True, False):
+                    sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "h_ptr": f"*{adapter_dt}", "b_ptr": f"*{adapter_dt}",
+                           "g_ptr": "*fp32", "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", "n_rows": "i64",
+                           "n_cols": "i64", "d_in": "i64", "rank": "i64", "stride_x": "i64", "stride_w": "i64",
+                           "stride_h": "i64", "stride_b": "i64", "stride_y": "i64", "scale": "fp32"}
+                    block_r = DECODE_FP32_ADAPTERS_BLOCK_R if fp32_adapters else DECODE_TILE["BLOCK_K"]
+                    specs.append(Spec(
+                        module="decode", kernel="dora_decode_kernel",
+                        key=(dt, adapter_dt, bias, a16),
+                        signature=sig,
+                        aligned=("x_ptr", "w_ptr", "h_ptr", "b_ptr", "g_ptr", "bias_ptr", "y_ptr", "n_cols", "d_in",
+                                 "rank", "stride_x", "stride_w", "stride_h", "stride_b", "stride_y") if a16 else (),
+                        constexprs={"HAS_BIAS": int(bias), "FP32_ADAPTERS": int(fp32_adapters), **DECODE_TILE,
+                                    "BLOCK_R": block_r},
+                        num_warps=4, num_stages=3, tile=(DECODE_TILE["BLOCK_M"], DECODE_TILE["BLOCK_N"])))
     return specs
 
 
