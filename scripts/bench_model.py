@@ -19,6 +19,10 @@ a GPU, perf_counter on the CPU: scripts/timing.py's median_wall_ms):
   step_peak_gib  torch.cuda.max_memory_allocated() during one step minus the memory allocated
               before it (model, adapters and inputs excluded; activations, gradients and
               transients included)
+  saved_mib   the bytes autograd saves for backward in one training forward (saved_tensors_hooks:
+              each saved tensor's storage counted once; parameters' and buffers' storages excluded);
+              under --recipe ckpt the checkpointed layers save nothing through autograd (their inputs,
+              kept by the checkpoint itself, are not counted)
   logits_cos  cosine of the logits against PEFT DoRA of the same adapter dtype (same weights)
   grad_cos    cosine of all adapter gradients (concatenated) against PEFT DoRA, same adapter dtype
   logits_cos_fp64  cosine of the logits against a float64 copy of the PEFT DoRA model (same
@@ -39,6 +43,7 @@ import argparse
 import copy
 import gc
 import importlib.util
+import itertools
 import json
 import math
 import sys
@@ -180,9 +185,39 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def saved_bytes(model: torch.nn.Module, ids: torch.Tensor, autocast: Any) -> int:
+    """The bytes autograd saves for backward in one training forward of ``model`` on ``ids`` (LM loss):
+    every tensor packed by a saved-tensors hook, counted by its storage (each storage once, views
+    included, so a slice of a larger buffer counts that buffer), leaving out the storages of the
+    model's parameters and buffers (frozen weights and adapters are not activation memory). Runs the
+    backward too (nothing kept alive) and leaves the gradients zeroed (None)."""
+    weights = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    seen: dict[Any, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # a tensor subclass with no storage of its own
+            key, nbytes = ("tensor", id(t)), t.numel() * t.element_size()
+        if key not in weights:
+            seen.setdefault(key, nbytes)
+        return t
+
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack), autocast:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
 def measure(model: torch.nn.Module, ids: torch.Tensor, timer: Timer, args: argparse.Namespace,
             train: bool) -> dict[str, Any]:
-    """fwd_ms, step_ms, step_peak_gib, and the logits / adapter gradients of one run."""
+    """fwd_ms, step_ms, step_peak_gib, saved_mib, and the logits / adapter gradients of one run."""
     device = ids.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast)
     out: dict[str, Any] = {}
@@ -222,6 +257,8 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, timer: Timer, args: argpa
         step()
     out["grads"] = adapter_grads(model)
     model.zero_grad(set_to_none=True)
+    out["saved_mib"] = saved_bytes(model, ids, autocast) / 2 ** 20
+    free(device)
     return out
 
 
@@ -246,7 +283,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
 
     def record(name: str, label: str, m: dict[str, Any], ref: Optional[dict[str, Any]], extra: dict[str, Any]) -> None:
-        row = {"config": name, "label": label, **{k: m.get(k) for k in ("fwd_ms", "step_ms", "step_peak_gib")}}
+        row = {"config": name, "label": label,
+               **{k: m.get(k) for k in ("fwd_ms", "step_ms", "step_peak_gib", "saved_mib")}}
         row["logits_cos"] = cosine(m["logits"], ref["logits"]) if ref is not None else None
         row["logits_cos_fp64"] = (cosine(m["logits"], ref["logits_fp64"])
                                   if ref is not None and ref.get("logits_fp64") is not None else None)
@@ -332,13 +370,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"{' (lora_dropout ' + str(s['dropout']) + ')' if s.get('recipe') == 'dropout' else ''}"
         f"{', under torch.autocast(bf16)' if s['autocast'] else ''}; median ms of {s['reps']} runs.",
         "",
-        "| config | inference fwd ms | gradient step ms | peak GiB (step) | logits cos vs PEFT DoRA "
+        "| config | inference fwd ms | gradient step ms | peak GiB (step) | saved MiB | logits cos vs PEFT DoRA "
         "| grad cos vs PEFT DoRA | logits cos vs float64 |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
         lines.append(f"| {r['label']} | {fmt(r['fwd_ms'], 2)} | {fmt(r['step_ms'], 2)} | "
-                     f"{fmt(r['step_peak_gib'], 2)} | {fmt(r['logits_cos'], 6)} | {fmt(r['grad_cos'], 6)} | "
+                     f"{fmt(r['step_peak_gib'], 2)} | {fmt(r.get('saved_mib'), 1)} | {fmt(r['logits_cos'], 6)} | "
+                     f"{fmt(r['grad_cos'], 6)} | "
                      f"{fmt(r.get('logits_cos_fp64'), 6)} |")
     by_name = {r["config"]: r for r in result["results"]}
     speedups = []

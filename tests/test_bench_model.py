@@ -30,6 +30,11 @@ def test_bench_model_tiny_cpu(tmp_path):
     for name, row in rows.items():
         assert row["fwd_ms"] > 0, name
         assert (row["step_ms"] is None) == (name == "base"), name
+        # the bytes autograd saved for backward in one training forward (weights excluded)
+        if name == "base":
+            assert row["saved_mib"] is None
+        else:
+            assert isinstance(row["saved_mib"], float) and row["saved_mib"] > 0, name
     for a in ("fp32", "bf16"):
         ours = rows[f"dora_ext_{a}"]
         assert ours["routed_layers"] == 14 and ours["fallback_calls"] == 0  # 2 layers x 7 linears, all routed
@@ -46,4 +51,4 @@ def test_bench_model_tiny_cpu(tmp_path):
     assert [r["config"] for r in saved["results"]] == list(rows)
     table = (tmp_path / "bench_model.md").read_text()
     assert "PEFT DoRA + dora_ext.peft.accelerate, bf16 adapters" in table and "faster than PEFT DoRA" in table
-    assert "logits cos vs float64" in table
+    assert "logits cos vs float64" in table and "| peak GiB (step) | saved MiB |" in table
