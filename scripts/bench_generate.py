@@ -47,7 +47,15 @@ if importlib.util.find_spec("dora_ext") is None:  # not installed: use the check
     sys.path.append(str(ROOT))
 if str(HERE) not in sys.path:  # loaded by a test, not run as scripts/bench_generate.py
     sys.path.insert(0, str(HERE))
-from bench_model import build_base, fmt, free, perturb_adapters, run_and_save  # noqa: E402  (scripts/bench_model.py)
+from bench_model import (  # noqa: E402  (scripts/bench_model.py)
+    add_model_args,
+    build_base,
+    fmt,
+    free,
+    perturb_adapters,
+    run_and_save,
+    tiny_model,
+)
 from timing import median_wall_ms  # noqa: E402  (scripts/timing.py)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -56,14 +64,7 @@ SETUPS = ("base", "peft_lora", "peft_dora", "dora_ext")
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="folder for bench_generate.json and bench_generate.md")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=14336)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_args(p, "bench_generate")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens per row")
     p.add_argument("--new", type=int, default=128, help="new tokens per row (exactly: min = max new tokens)")
@@ -78,8 +79,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     if args.tiny:
-        args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads = 2, 64, 128, 4, 2
-        args.vocab, args.rank, args.prompt, args.new, args.warmup, args.reps = 128, 8, 16, 8, 0, 1
+        tiny_model(args)
+        args.rank, args.prompt, args.new, args.warmup, args.reps = 8, 16, 8, 0, 1
     args.batch_sizes = [int(b) for b in args.batches.split(",") if b.strip()]
     args.adapter_dtype_list = [a.strip() for a in args.adapter_dtypes.split(",") if a.strip()]
     for a in args.adapter_dtype_list:

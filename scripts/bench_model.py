@@ -65,9 +65,10 @@ RECIPES = ("default", "dropout", "ckpt", "qdora")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="folder for bench_model.json and bench_model.md")
+def add_model_args(p: argparse.ArgumentParser, name: str) -> None:
+    """The arguments the model-level benchmarks share: --out (for OUT/<name>.json and .md), --device
+    and the decoder's dimensions (defaults: the 8B-dims 4-layer Llama-style model)."""
+    p.add_argument("--out", required=True, help=f"folder for {name}.json and {name}.md")
     p.add_argument("--device", default="cuda")
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--hidden", type=int, default=4096)
@@ -75,6 +76,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
+
+
+def tiny_model(args: argparse.Namespace) -> None:
+    """The decoder dimensions of --tiny (CPU smoke tests): 2 layers, hidden 64, intermediate 128,
+    4/2 heads, vocab 128."""
+    args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab = 2, 64, 128, 4, 2, 128
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(p, "bench_model")
     p.add_argument("--rank", type=int, default=384)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tokens", type=int, default=4096, help="sequence length")
@@ -92,8 +104,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="hidden 64, intermediate 128, 4/2 heads, 2 layers, vocab 128, r 8, 32 tokens, 1 rep")
     args = p.parse_args(argv)
     if args.tiny:
-        args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads = 2, 64, 128, 4, 2
-        args.vocab, args.rank, args.tokens, args.warmup, args.reps = 128, 8, 32, 1, 2
+        tiny_model(args)
+        args.rank, args.tokens, args.warmup, args.reps = 8, 32, 1, 2
     return args
 
 

@@ -39,7 +39,7 @@ if importlib.util.find_spec("dora_ext") is None:  # not installed: use the check
     sys.path.append(str(ROOT))
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
-from bench_model import build_base, fmt, free, run_and_save  # noqa: E402  (scripts/bench_model.py)
+from bench_model import add_model_args, build_base, fmt, free, run_and_save, tiny_model  # noqa: E402  (scripts/bench_model.py)
 from timing import median_wall_ms  # noqa: E402  (scripts/timing.py)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -47,14 +47,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="folder for bench_serving.json and bench_serving.md")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=14336)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_args(p, "bench_serving")
     p.add_argument("--adapters", type=int, default=8, help="adapters, one per batch row")
     p.add_argument("--ranks", default="16,64", help="lowest,highest rank (spread over the adapters)")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens per row")
@@ -63,8 +56,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="hidden 64, 2 layers, vocab 128, 3 adapters, 16+4 tokens")
     args = p.parse_args(argv)
     if args.tiny:
-        args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads = 2, 64, 128, 4, 2
-        args.vocab, args.adapters, args.ranks, args.prompt, args.new, args.reps = 128, 3, "2,8", 16, 4, 1
+        tiny_model(args)
+        args.adapters, args.ranks, args.prompt, args.new, args.reps = 3, "2,8", 16, 4, 1
     return args
 
 

@@ -3,27 +3,18 @@ tiny dimensions and writes its JSON and table (the GPU numbers come from the lea
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+
+from script_loader import load_script
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_generate.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_generate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_bench_generate_tiny_cpu(tmp_path):
-    bench = _load_script()
+    bench = load_script("scripts/bench_generate.py")
     result = bench.main(["--tiny", "--device", "cpu", "--batches", "1,2", "--out", str(tmp_path)])
     setups = ["base"] + [f"{s}_{a}" for a in ("fp32", "bf16") for s in ("peft_lora", "peft_dora", "dora_ext")]
     rows = {(r["batch"], r["setup"]): r for r in result["results"]}

@@ -2,27 +2,17 @@
 tiny dimensions and writes its JSON and table (the GPU numbers come from the lead's device run)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+
+from script_loader import load_script
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_model.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_model_tiny_cpu(tmp_path):
-    bench = _load_script()
+    bench = load_script("scripts/bench_model.py")
     result = bench.main(["--tiny", "--device", "cpu", "--warmup", "0", "--reps", "1", "--out", str(tmp_path)])
     rows = {r["config"]: r for r in result["results"]}
     assert list(rows) == ["base", "peft_lora_fp32", "peft_dora_fp32", "dora_ext_fp32",

@@ -9,7 +9,6 @@ and a C++ compiler; a missing cmake fails the test rather than skipping it, so C
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import shutil
@@ -24,20 +23,14 @@ import torch
 import dora_ext.export
 from dora_ext.nn import DoRALinear
 from reference import rel_err
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "cpp"
 CUDA = torch.cuda.is_available()
 
 
-def _load_make_example():
-    spec = importlib.util.spec_from_file_location("make_example", EXAMPLE / "make_example.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_example = _load_make_example()
+make_example = load_script(EXAMPLE / "make_example.py")
 
 
 def _cmake() -> str:

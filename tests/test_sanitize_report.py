@@ -2,16 +2,14 @@
 compute-sanitizer 2025.3's (the report lines are copied from runs on the H100)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location(
-    "sanitize_report", pathlib.Path(__file__).resolve().parents[1] / "scripts" / "sanitize_report.py")
-report = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(report)
+from script_loader import load_script
+
+report = load_script("scripts/sanitize_report.py")
 
 CUBLAS_WAR = """========= COMPUTE-SANITIZER
 ========= Error: Potential WAR hazard detected at __shared__ 0x1028488 in block (1,0,0) :
