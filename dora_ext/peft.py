@@ -37,7 +37,8 @@ Not served, observably (PEFT's own forward runs): other layer types (Embedding, 
 layers, ...), base layers other than ``nn.Linear`` / transformers ``Conv1D`` (or bitsandbytes under a
 PEFT bitsandbytes layer), other quantized or tensor-subclass weights
 (DTensor weights are served: FSDP2 hands forward the unsharded tensors; see docs/FSDP.md),
-base layers with hooks, ``ephemeral_gpu_offload``. :func:`report` gives the reason per layer and
+base layers with hooks (DeepSpeed ZeRO-3's are recognised and served: dora_ext._zero3, docs/FSDP.md),
+``ephemeral_gpu_offload``. :func:`report` gives the reason per layer and
 ``accelerate`` logs it on the ``dora_ext.peft`` logger. ``adapter_names=`` mixed batches (DoRA and
 LoRA adapters and ``"__base__"`` rows; stock PEFT refuses DoRA there) are one ``dora_linear_mixed`` call
 per layer. Calls that a routed layer hands back to PEFT (extra forward arguments, a non-DoRA variant among the active
@@ -60,7 +61,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
-from . import _quantized
+from . import _quantized, _zero3
 from ._frozen import detach_if_frozen_view
 from ._cast_cache import cast_for_forward
 from .ops import compose_delta, dora_linear, dora_linear_dropout, dora_linear_mixed, row_norm
@@ -70,6 +71,7 @@ __all__ = ["DoraExtLinear", "accelerate", "fallback_counts", "is_accelerated", "
 logger = logging.getLogger("dora_ext.peft")
 
 ROUTED = "routed"
+ROUTED_ZERO3 = "routed (DeepSpeed ZeRO-3)"
 _STATUS = "_dora_ext_status"
 _FALLBACKS = "_dora_ext_fallbacks"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -110,11 +112,12 @@ def _why_not_servable(layer: nn.Module) -> Optional[str]:
     # a DTensor is FSDP2's sharded parameter: forward sees the unsharded plain tensor (a call that
     # still sees a DTensor falls back to PEFT, see _call_fallback_reason)
     plain = type(weight) in (nn.Parameter, torch.Tensor) or type(weight).__name__ == "DTensor"
-    if not plain or weight.dim() != 2:
-        return f"base weight is {type(weight).__qualname__} of dim {weight.dim()} (quantized or a tensor subclass)"
+    dim = len(_zero3.full_shape(weight))  # a ZeRO-3 parameter is empty outside its module's forward
+    if not plain or dim != 2:
+        return f"base weight is {type(weight).__qualname__} of dim {dim} (quantized or a tensor subclass)"
     if weight.dtype not in _SUPPORTED_DTYPES:
         return f"base weight dtype {weight.dtype} is not supported"
-    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+    if _zero3.foreign_hooks(base):  # DeepSpeed ZeRO-3's own hooks are fine (dora_ext._zero3)
         return "the base layer has forward hooks (e.g. accelerate offloading)"
     if getattr(layer, "ephemeral_gpu_offload", False):
         return "ephemeral_gpu_offload is on"
@@ -174,7 +177,7 @@ def accelerate(peft_model: nn.Module) -> int:
         if not is_accelerated(module):
             module.__class__ = _routed_class(type(module))
             setattr(module, _FALLBACKS, Counter())
-        setattr(module, _STATUS, ROUTED)
+        setattr(module, _STATUS, ROUTED_ZERO3 if _zero3.register(module) else ROUTED)
         routed += 1
     logger.info("dora_ext.peft: %d DoRA layer(s) routed through dora_ext", routed)
     return routed
@@ -188,6 +191,7 @@ def restore(peft_model: nn.Module) -> int:
         if is_accelerated(module):
             module.__class__ = type(module).__bases__[0]
             _quantized.forget_norms(module)
+            _zero3.unregister(module)
             restored += 1
         for attr in (_STATUS, _FALLBACKS):
             if attr in module.__dict__:
@@ -201,8 +205,8 @@ def is_accelerated(layer: nn.Module) -> bool:
 
 
 def report(peft_model: nn.Module) -> dict[str, str]:
-    """``{module name: "routed" | reason}`` for every LoRA layer with a DoRA adapter seen by
-    :func:`accelerate` (layers it has not seen are listed with the reason they would get)."""
+    """``{module name: "routed" | "routed (DeepSpeed ZeRO-3)" | reason}`` for every LoRA layer with a DoRA
+    adapter seen by :func:`accelerate` (layers it has not seen are listed with the reason they would get)."""
     out = {}
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer):
@@ -251,6 +255,8 @@ def _call_fallback_reason(layer: "DoraExtLinear", x: torch.Tensor, args: tuple, 
             return f"adapter {adapter!r} magnitude is on another device than the base weight"
     if x.device != device:
         return "input is on another device than the base weight"
+    if _zero3.is_registered(layer) and _zero3.missing(layer):
+        return "DeepSpeed ZeRO-3 parameters are not gathered (a call outside DeepSpeed's module hooks)"
     return None
 
 
@@ -275,10 +281,8 @@ def _single_call(layer: "DoraExtLinear", x: torch.Tensor, adapter: str) -> Optio
     lora_B = layer.lora_B[adapter]
     if lora_B.bias is not None:
         return None
-    if (weight.requires_grad and torch.is_grad_enabled()) or base._forward_hooks or base._forward_pre_hooks:
-        return None
-    if getattr(base, "_hf_hook", None) is not None:  # accelerate's hooks wrap base.forward: let it run
-        return None
+    if (weight.requires_grad and torch.is_grad_enabled()) or _zero3.foreign_hooks(base):
+        return None  # (accelerate's hooks wrap base.forward: let it run)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = adapter_dtype = torch.get_autocast_dtype(device_type)
@@ -364,7 +368,7 @@ def _mixed_batch(layer: "DoraExtLinear", x: torch.Tensor, adapter_names: list[st
         raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` "
                          "first.")
     base = layer.base_layer
-    if base._forward_hooks or base._forward_pre_hooks or getattr(base, "_hf_hook", None) is not None or x.dim() < 2:
+    if _zero3.foreign_hooks(base) or x.dim() < 2:
         return None
     weight = _base_weight(layer)
     device_type = x.device.type
@@ -420,6 +424,14 @@ class DoraExtLinear(LoraLinear):
         return "Linear"
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not _zero3.is_registered(self) and _zero3.is_partitioned(self.base_layer.weight):
+            # accelerate() ran before deepspeed.initialize partitioned the parameters
+            _zero3.register(self)
+            self.__dict__[_STATUS] = ROUTED_ZERO3
+        with _zero3.no_caches(self):  # ZeRO-3's gathered parameters are fresh buffers each time
+            return self._routed_forward(x, *args, **kwargs)
+
+    def _routed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.get("adapter_names")
         if adapter_names is not None and not args and set(kwargs) == {"adapter_names"} and not self.disable_adapters:
             out = _mixed_batch(self, x, adapter_names)

@@ -16,14 +16,12 @@ covered in CI.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from fresh_process import torchrun
 
 pytest.importorskip("torch.distributed.fsdp")
 pytest.importorskip("transformers")
@@ -35,36 +33,8 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT_S = 240
 CONFIGS = ["nn-fsdp2-fp32", "nn-fsdp1-fp32", "peft-fsdp2-fp32", "peftlate-fsdp2-fp32", "peft-fsdp1-fp32",
            "nn-fsdp2-bf16", "peft-fsdp2-bf16", "nn-fsdp2-mp", "nn-fsdp1-mp", "peft-fsdp2-mp", "peft-fsdp1-mp"]
-
-
-def torchrun(script: Path, *args: str, ok_codes: tuple[int, ...] = (0,)) -> str:
-    """Runs ``script`` on 2 CPU processes; returns its output; fails on another exit code or a hang."""
-    # CPU processes whatever the host has: on a GPU host FSDP's CPU runs crashed (rank 0 SIGSEGV in
-    # gloo, cause not found); the GPU runs are scripts/fsdp_check.sh's, with NCCL.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("DORA_EXT_TIER", None)
-    # no PYTHONPATH change: the scripts append the checkout themselves, so an installed dora_ext wins
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), *args]
-    for attempt in range(2):
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            out, _ = proc.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-            out, _ = proc.communicate()
-            pytest.fail(f"{script.name} did not finish in {TIMEOUT_S} s:\n{out[-4000:]}")
-        # gloo's teardown can abort a rank whose peer is still tearing down (seen once, in a CI run on a
-        # loaded 2-core machine, after every result was computed): one more run, not a pass
-        if proc.returncode in ok_codes or "terminate called without an active exception" not in out or attempt:
-            break
-    if proc.returncode not in ok_codes:
-        pytest.fail(f"{script.name} exited with {proc.returncode}:\n{out[-6000:]}")
-    return out
 
 
 @pytest.fixture(scope="module")
