@@ -102,10 +102,13 @@ class DoraLinearDropoutFunction : public torch::autograd::Function<DoraLinearDro
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     static auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-        const at::Tensor&, const at::Tensor&, double)>("dora_ext::dora_linear_dropout_forward");
-    auto [out, z_dropped, h, norm] = op.call(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale);
+        const at::Tensor&, const at::Tensor&, double, bool)>("dora_ext::dora_linear_dropout_forward");
+    // The output holds x W^T too, so z_d cannot be recovered from it: z_d is kept unless
+    // saved_activation=recompute (options.h).
+    const bool keep_z = current_options().saved_activation != SavedActivation::Recompute;
+    auto [out, z_dropped, h, norm] = op.call(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale, keep_z);
     // x is not saved: its gradient is gy W.
-    ctx->save_for_backward({x_dropped, weight, lora_A, lora_B, magnitude, norm, z_dropped, h});
+    ctx->save_for_backward({x_dropped, weight, lora_A, lora_B, magnitude, norm, keep_z ? z_dropped : at::Tensor(), h});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     save_options(ctx);
@@ -123,10 +126,11 @@ class DoraLinearDropoutFunction : public torch::autograd::Function<DoraLinearDro
                                       ctx->needs_input_grad(5 + b), b == 1 && ctx->needs_input_grad(3)};
     static auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, std::array<bool, 6>)>(
-        "dora_ext::dora_linear_dropout_backward");
+        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, double,
+        std::array<bool, 6>)>("dora_ext::dora_linear_dropout_backward");
+    const std::optional<at::Tensor> z_dropped = saved[6].defined() ? std::optional<at::Tensor>(saved[6]) : std::nullopt;
     auto [gx, gxd, gA, gB, gm, gbias] =
-        op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7], scale, mask);
+        op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], z_dropped, saved[7], scale, mask);
     return {grad_or_undefined(gx, mask[0]),
             grad_or_undefined(gxd, mask[1]),
             at::Tensor(),

@@ -13,7 +13,7 @@ namespace dora_ext {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_dropout_forward_body(
     const at::Tensor& x, const at::Tensor& x_dropped, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude, double scale, NormUse use,
-    bool fused) {
+    bool fused, bool keep_z) {
   const at::Tensor x2d = as_rows(x), xd2d = as_rows(x_dropped);
   const int64_t tokens = x2d.size(0);
   const at::Tensor norm = row_norm_cached_on(fused, weight, lora_A, lora_B, scale, use);
@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_dropout_f
   // y = x W^T + bias + delta, summed in delta's dtype (float32 for float32 adapters) and rounded once.
   at::Tensor out = compose_delta_on(fused, base_dropped, lora, magnitude, norm, scale).add_(base);
   if (bias.has_value() && bias->defined()) out.add_(*bias);
-  const at::Tensor z_dropped = at::add(base_dropped, lora, scale).to(x.scalar_type());
+  const at::Tensor z_dropped = keep_z ? at::add(base_dropped, lora, scale).to(x.scalar_type()) : at::Tensor();
   return {out.to(x.scalar_type()).view(output_shape(x, weight.size(0))), z_dropped, h, norm};
 }
 
@@ -46,7 +46,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor g = magnitude_scale(magnitude, norm).contiguous();
   // gz = g gy (the lora product's gradient over s, 16-bit adapters) and the magnitude gradient in one pass.
   at::Tensor gz, grad_m;
-  if (!fp32_adapters || need_m) std::tie(gz, grad_m) = grad_prologue(gy, as_rows(z_dropped), g, norm, fused);
+  if (!fp32_adapters || need_m) {
+    // z_d as the forward made it: x_d in the weight's dtype meets W (the one GEMM over [x; x_d])
+    const at::Tensor z = z_dropped.defined()
+                             ? as_rows(z_dropped)
+                             : recompute_z(xd2d.to(weight.scalar_type()), weight, lora_B, h, scale, at::Tensor());
+    std::tie(gz, grad_m) = grad_prologue(gy, z, g, norm, fused);
+  }
 
   // The base GEMMs' gradients in one GEMM, over [gy; (g - 1) gy] ((g - 1) directly: exact near g = 1).
   at::Tensor grad_x, grad_xd;

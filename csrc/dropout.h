@@ -18,16 +18,16 @@
 namespace dora_ext {
 
 // {y, z_dropped = x_d W^T + s (x_d A^T) B^T [T, d_out] in x's dtype (the magnitude gradient's
-// factor), h = x_d A^T [T, r], norm}. `fused` picks the fused norm and compose passes (CUDA
-// builds; the caller's tier decision).
+// factor; undefined unless `keep_z`), h = x_d A^T [T, r], norm}. `fused` picks the fused norm and
+// compose passes (CUDA builds; the caller's tier decision).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_dropout_forward_body(
     const at::Tensor& x, const at::Tensor& x_dropped, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude, double scale, NormUse use,
-    bool fused);
+    bool fused, bool keep_z);
 
 // {grad_x, grad_x_dropped, grad_A, grad_B, grad_magnitude, grad_bias} (placeholders where the mask,
 // in that order, is false). x itself is not needed: grad_x = gy W, and x has x_dropped's shape
-// and the weight's dtype.
+// and the weight's dtype. An undefined z_dropped is recomputed from x_dropped and h.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_dropout_backward_body(
     const at::Tensor& grad_out, const at::Tensor& x_dropped, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z_dropped,

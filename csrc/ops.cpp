@@ -89,10 +89,12 @@ TORCH_LIBRARY(dora_ext, m) {
       "-> (Tensor grad_x, Tensor grad_lora_A, Tensor grad_lora_B, Tensor grad_magnitude, Tensor grad_bias)");
   m.def(
       "dora_linear_dropout_forward(Tensor x, Tensor x_dropped, Tensor weight, Tensor? bias, Tensor lora_A, "
-      "Tensor lora_B, Tensor magnitude, float scale) -> (Tensor out, Tensor z_dropped, Tensor h, Tensor norm)");
+      "Tensor lora_B, Tensor magnitude, float scale, bool keep_z) "
+      "-> (Tensor out, Tensor z_dropped, Tensor h, Tensor norm)");
+  // z_dropped None (saved_activation=recompute): the backward recomputes it from x_dropped.
   m.def(
       "dora_linear_dropout_backward(Tensor grad_out, Tensor x_dropped, Tensor weight, Tensor lora_A, Tensor lora_B, "
-      "Tensor magnitude, Tensor norm, Tensor z_dropped, Tensor h, float scale, bool[6] output_mask) "
+      "Tensor magnitude, Tensor norm, Tensor? z_dropped, Tensor h, float scale, bool[6] output_mask) "
       "-> (Tensor grad_x, Tensor grad_x_dropped, Tensor grad_lora_A, Tensor grad_lora_B, Tensor grad_magnitude, "
       "Tensor grad_bias)");
   m.def(

@@ -96,31 +96,37 @@ at::Tensor dora_linear_dropout_impl(const at::Tensor& x, const at::Tensor& x_dro
   check_dora_linear_dropout_args("dora_linear_dropout", x, x_dropped, weight, bias, lora_A, lora_B, magnitude);
   OpScope scope(x, weight.size(0), /*training=*/false);
   return std::get<0>(dora_linear_dropout_forward_body(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale,
-                                                      NormUse::Inference, scope.fused()));
+                                                      NormUse::Inference, scope.fused(), /*keep_z=*/false));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_dropout_forward_impl(
     const at::Tensor& x, const at::Tensor& x_dropped, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude, double scale) {
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude, double scale, bool keep_z) {
   check_dora_linear_dropout_args("dora_linear_dropout", x, x_dropped, weight, bias, lora_A, lora_B, magnitude);
   OpScope scope(x, weight.size(0), /*training=*/true);
-  return dora_linear_dropout_forward_body(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale,
-                                          NormUse::Recording, scope.fused());
+  auto [out, z_dropped, h, norm] = dora_linear_dropout_forward_body(
+      x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale, NormUse::Recording, scope.fused(), keep_z);
+  return {out, keep_z ? z_dropped : at::empty({0}, out.options()), h, norm};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_dropout_backward_impl(
     const at::Tensor& grad_out, const at::Tensor& x_dropped, const at::Tensor& weight, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm, const at::Tensor& z_dropped,
-    const at::Tensor& h, double scale, std::array<bool, 6> mask) {
+    const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& norm,
+    const std::optional<at::Tensor>& z_dropped, const at::Tensor& h, double scale, std::array<bool, 6> mask) {
   // x (not saved) has x_dropped's shape and the weight's dtype: a stand-in of that shape, no memory.
   const at::Tensor x_like = at::empty({}, x_dropped.options().dtype(weight.scalar_type())).expand(x_dropped.sizes());
   check_dora_linear_dropout_args("dora_linear_dropout_backward", x_like, x_dropped, weight, std::nullopt, lora_A,
                                  lora_B, magnitude);
   check_grad_out("dora_linear_dropout_backward", grad_out, output_shape(x_dropped, weight.size(0)),
                  weight.scalar_type(), x_dropped.device());
+  const at::Tensor saved_z = z_dropped.has_value() ? *z_dropped : at::Tensor();
+  if (saved_z.defined()) {
+    check_saved("dora_linear_dropout_backward", "z_dropped", saved_z,
+                {x_dropped.numel() / x_dropped.size(-1), weight.size(0)}, x_like);
+  }
   OpScope scope(grad_out, weight.size(0), /*training=*/true);
   norm_used_by_backward(norm);
-  return dora_linear_dropout_backward_body(grad_out, x_dropped, weight, lora_A, lora_B, magnitude, norm, z_dropped, h,
+  return dora_linear_dropout_backward_body(grad_out, x_dropped, weight, lora_A, lora_B, magnitude, norm, saved_z, h,
                                            scale, mask, scope.fused());
 }
 

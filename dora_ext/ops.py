@@ -316,13 +316,13 @@ def _dora_linear_dropout_fake(x, x_dropped, weight, bias, lora_A, lora_B, magnit
 
 
 @torch.library.register_fake("dora_ext::dora_linear_dropout_forward")
-def _dora_linear_dropout_forward_fake(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale):
+def _dora_linear_dropout_forward_fake(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale, keep_z):
     _fake_checks.dora_linear_dropout_args("dora_linear_dropout", x, x_dropped, weight, bias, lora_A, lora_B,
                                           magnitude)
     d_out, tokens = weight.shape[0], _tokens(x)
     return (
         x.new_empty((*x.shape[:-1], d_out)),
-        x.new_empty((tokens, d_out)),
+        x.new_empty((tokens, d_out) if keep_z else (0,)),
         lora_A.new_empty((tokens, lora_A.shape[0])),
         x.new_empty((d_out,), dtype=accumulate_dtype(x.dtype)),
     )
@@ -335,6 +335,8 @@ def _dora_linear_dropout_backward_fake(grad_out, x_dropped, weight, lora_A, lora
     x_like = x_dropped.new_empty(()).to(weight.dtype).expand(x_dropped.shape)
     _fake_checks.dora_linear_dropout_args(op, x_like, x_dropped, weight, None, lora_A, lora_B, magnitude)
     _fake_checks.grad_out(op, grad_out, (*x_dropped.shape[:-1], weight.shape[0]), weight.dtype, x_dropped.device)
+    if z_dropped is not None:
+        _fake_checks.saved(op, "z_dropped", z_dropped, (_tokens(x_dropped), weight.shape[0]), x_like)
     none = (0,)
     return (
         weight.new_empty(x_dropped.shape) if output_mask[0] else x_dropped.new_empty(none),

@@ -78,10 +78,13 @@ def _check_against_reference(inp, dtype):
         assert rel_err(got, want) < tol[dtype], (name, rel_err(got, want))
 
 
+# saved_activation: the op keeps z of the dropped input (output and z modes) or recomputes it.
+@pytest.mark.parametrize("saved_activation", ["output", "recompute"])
 @pytest.mark.parametrize("dtype, adapter_dtype, dropped_dtype", CASES)
-def test_matches_peft_formula(any_device, dtype, adapter_dtype, dropped_dtype):
+def test_matches_peft_formula(any_device, dtype, adapter_dtype, dropped_dtype, saved_activation):
     inp = _inputs(dtype, any_device, adapter_dtype=adapter_dtype, dropped_dtype=dropped_dtype)
-    _check_against_reference(inp, dtype)
+    with dora_ext.options(saved_activation=saved_activation):
+        _check_against_reference(inp, dtype)
 
 
 @pytest.mark.parametrize("shape", [dict(r=1, batch=(5,)), dict(d_in=8, d_out=1, r=2, batch=(1,)),

@@ -246,11 +246,12 @@ def test_opcheck_dora_linear_dropout(d_in, d_out, r, batch, bias, dtype, dropped
     opcheck(OPS.dora_linear_dropout.default, _dropout_args(inp, requires_grad, dropped_dtype))
 
 
+@pytest.mark.parametrize("keep_z", [True, False], ids=["z", "noz"])
 @pytest.mark.parametrize("dtype, dropped", DROPOUT_DTYPES)
 @pytest.mark.parametrize("d_in, d_out, r, batch, bias", LINEAR_SHAPES)
-def test_opcheck_dora_linear_dropout_forward(d_in, d_out, r, batch, bias, dtype, dropped):
+def test_opcheck_dora_linear_dropout_forward(d_in, d_out, r, batch, bias, dtype, dropped, keep_z):
     inp, dropped_dtype = _dropout_inputs(d_in, d_out, r, batch, dtype, dropped, bias)
-    opcheck(OPS.dora_linear_dropout_forward.default, _dropout_args(inp, dropped_dtype=dropped_dtype))
+    opcheck(OPS.dora_linear_dropout_forward.default, (*_dropout_args(inp, dropped_dtype=dropped_dtype), keep_z))
 
 
 @pytest.mark.parametrize("mask", [[True] * 6, [True, False, True, True, True, False], [False, True, False, False,
@@ -259,11 +260,12 @@ def test_opcheck_dora_linear_dropout_forward(d_in, d_out, r, batch, bias, dtype,
                          ids=lambda m: "".join("1" if v else "0" for v in m))
 @pytest.mark.parametrize("dtype, dropped", DROPOUT_DTYPES)
 @pytest.mark.parametrize("d_in, d_out, r, batch, bias", [LINEAR_SHAPES[0], LINEAR_SHAPES[2]])
-def test_opcheck_dora_linear_dropout_backward(d_in, d_out, r, batch, bias, dtype, dropped, mask):
+@pytest.mark.parametrize("keep_z", [True, False], ids=["z", "recompute"])
+def test_opcheck_dora_linear_dropout_backward(d_in, d_out, r, batch, bias, dtype, dropped, mask, keep_z):
     inp, dropped_dtype = _dropout_inputs(d_in, d_out, r, batch, dtype, dropped, bias)
     x, x_dropped, weight, b, A, B, m, s = _dropout_args(inp, dropped_dtype=dropped_dtype)
-    out, z_dropped, h, norm = OPS.dora_linear_dropout_forward(x, x_dropped, weight, b, A, B, m, s)
-    args = (torch.randn_like(out), x_dropped, weight, A, B, m, norm, z_dropped, h, s, mask)
+    out, z_dropped, h, norm = OPS.dora_linear_dropout_forward(x, x_dropped, weight, b, A, B, m, s, keep_z)
+    args = (torch.randn_like(out), x_dropped, weight, A, B, m, norm, z_dropped if keep_z else None, h, s, mask)
     opcheck(OPS.dora_linear_dropout_backward.default, args)
     for wanted, g in zip(mask, OPS.dora_linear_dropout_backward(*args)):
         if not wanted:

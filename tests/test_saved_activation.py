@@ -162,6 +162,26 @@ def test_bytes_kept_for_backward(device):
             assert big == []
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_op_keeps_z_unless_recompute(device):
+    """dora_linear_dropout's output holds x W^T too (z_d cannot be recovered from it): it keeps z of the
+    dropped input, except under saved_activation="recompute" (tests/test_dropout.py checks the gradients)."""
+    inp = make_inputs(40, 24, 4, (3, 11), torch.bfloat16, device=device, requires_grad=True, seed=7)
+    x_dropped = torch.nn.functional.dropout(inp["x"].detach(), p=0.2, training=True).requires_grad_(True)
+    for mode, kept in (("output", 1), ("z", 1), ("recompute", 0)):
+        saved: list[torch.Tensor] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), dora_ext.options(saved_activation=mode):
+            y = dora_ext.dora_linear_dropout(inp["x"], x_dropped, inp["weight"], inp["bias"], inp["lora_A"],
+                                             inp["lora_B"], inp["magnitude"], inp["scale"])
+        assert len([t for t in saved if t.numel() == 33 * 24]) == kept, mode
+        y.float().sum().backward()
+
+
 def test_output_mode_guards_in_place_writes():
     """The output is saved: writing it in place before backward is caught by autograd, never a silent
     wrong gradient; saved_activation="z" lets such code run."""
