@@ -39,7 +39,8 @@ if importlib.util.find_spec("dora_ext") is None:  # not installed: use the check
     sys.path.append(str(ROOT))
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
-from bench_model import add_model_args, build_base, fmt, free, run_and_save, tiny_model  # noqa: E402  (scripts/bench_model.py)
+from bench_model import (  # noqa: E402  (scripts/bench_model.py)
+    add_model_args, build_base, fmt, free, perturb_adapters, run_and_save, tiny_model)
 from timing import median_wall_ms  # noqa: E402  (scripts/timing.py)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -82,13 +83,7 @@ def with_adapters(base: torch.nn.Module, args: argparse.Namespace, dora: bool) -
             model = peft.get_peft_model(base, config, adapter_name=f"a{k}", autocast_adapter_dtype=False)
         else:
             model.add_adapter(f"a{k}", config)
-    gen = torch.Generator(device="cpu").manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p))
-            elif "lora_magnitude_vector" in name:
-                p.mul_((1 + 0.05 * torch.randn(p.shape, generator=gen)).to(p))
+    perturb_adapters(model, seed=2)  # every adapter's B and magnitude, from one generator
     return model.eval()
 
 
