@@ -17,6 +17,7 @@ no dequantized weight at all).
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional
 
 import torch
@@ -28,12 +29,16 @@ _NORMS = "_dora_ext_quantized_norms"  # layer attribute: {adapter: (key, norm)}
 
 
 def bnb_classes() -> tuple[type, ...]:
-    """bitsandbytes' quantized linear layers, or () without bitsandbytes."""
-    try:
-        import bitsandbytes as bnb
-    except Exception:  # bitsandbytes is optional (the "qdora" extra)
+    """bitsandbytes' quantized linear layers, or () while bitsandbytes is not imported.
+
+    Never imports it: a layer of bitsandbytes exists only once its module has been imported, and this
+    runs on every routed forward, where a failed import (bitsandbytes is an optional extra) searches
+    ``sys.path`` each time (~0.2 ms a call, measured in a decode step)."""
+    bnb = sys.modules.get("bitsandbytes")
+    nn_module = getattr(bnb, "nn", None)
+    if nn_module is None:  # not imported, or still being imported
         return ()
-    return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return (nn_module.Linear4bit, nn_module.Linear8bitLt)
 
 
 def peft_bnb_classes() -> tuple[type, ...]:
