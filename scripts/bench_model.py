@@ -27,6 +27,9 @@ a GPU, perf_counter on the CPU: scripts/timing.py's median_wall_ms):
   grad_cos    cosine of all adapter gradients (concatenated) against PEFT DoRA, same adapter dtype
   logits_cos_fp64  cosine of the logits against a float64 copy of the PEFT DoRA model (same
               weights, PEFT's own code run in float64): which of the two is closer to exact
+  fwd_kernels, step_kernels  GPU kernels one inference forward / one gradient step launches
+              (torch.profiler's CUDA activity, copies and memsets left out; GPU only); the table
+              shows them per decoder layer (the embedding, final norm, LM head and loss included)
 
     python scripts/bench_model.py --out model_bench                # one H100/H200, defaults above
     python scripts/bench_model.py --autocast --out model_bench_amp # the same under torch.autocast
@@ -227,6 +230,22 @@ def saved_bytes(model: torch.nn.Module, ids: torch.Tensor, autocast: Any) -> int
     return sum(seen.values())
 
 
+def count_kernels(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
+    """The GPU kernels one call of ``fn`` launches (copies and memsets not counted), by torch.profiler's
+    CUDA activity; None on the CPU or where the profiler records no CUDA activity."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in gpu if not e.name.startswith(("Memcpy", "Memset"))]
+    return len(kernels) or None
+
+
 def measure(model: torch.nn.Module, ids: torch.Tensor, timer: Timer, args: argparse.Namespace,
             train: bool) -> dict[str, Any]:
     """fwd_ms, step_ms, step_peak_gib, saved_mib, and the logits / adapter gradients of one run."""
@@ -241,6 +260,7 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, timer: Timer, args: argpa
     model.eval()
     out["logits"] = forward().detach().clone()
     out["fwd_ms"] = timer.median_ms(forward)
+    out["fwd_kernels"] = count_kernels(forward, device)
     if not train:
         return out
 
@@ -255,6 +275,7 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, timer: Timer, args: argpa
         loss.backward()
 
     out["step_ms"] = timer.median_ms(step)
+    out["step_kernels"] = count_kernels(step, device)
     out["step_peak_gib"] = None
     model.zero_grad(set_to_none=True)
     free(device)
@@ -296,7 +317,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def record(name: str, label: str, m: dict[str, Any], ref: Optional[dict[str, Any]], extra: dict[str, Any]) -> None:
         row = {"config": name, "label": label,
-               **{k: m.get(k) for k in ("fwd_ms", "step_ms", "step_peak_gib", "saved_mib")}}
+               **{k: m.get(k) for k in ("fwd_ms", "step_ms", "step_peak_gib", "saved_mib", "fwd_kernels",
+                                   "step_kernels")}}
         row["logits_cos"] = cosine(m["logits"], ref["logits"]) if ref is not None else None
         row["logits_cos_fp64"] = (cosine(m["logits"], ref["logits_fp64"])
                                   if ref is not None and ref.get("logits_fp64") is not None else None)
@@ -383,14 +405,19 @@ def markdown(result: dict[str, Any]) -> str:
         f"{', under torch.autocast(bf16)' if s['autocast'] else ''}; median ms of {s['reps']} runs.",
         "",
         "| config | inference fwd ms | gradient step ms | peak GiB (step) | saved MiB | logits cos vs PEFT DoRA "
-        "| grad cos vs PEFT DoRA | logits cos vs float64 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| grad cos vs PEFT DoRA | logits cos vs float64 | kernels per layer (fwd / step) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def per_layer(kernels: Optional[int]) -> Optional[float]:
+        return None if kernels is None else kernels / s["layers"]
+
     for r in result["results"]:
         lines.append(f"| {r['label']} | {fmt(r['fwd_ms'], 2)} | {fmt(r['step_ms'], 2)} | "
                      f"{fmt(r['step_peak_gib'], 2)} | {fmt(r.get('saved_mib'), 1)} | {fmt(r['logits_cos'], 6)} | "
                      f"{fmt(r['grad_cos'], 6)} | "
-                     f"{fmt(r.get('logits_cos_fp64'), 6)} |")
+                     f"{fmt(r.get('logits_cos_fp64'), 6)} | {fmt(per_layer(r.get('fwd_kernels')), 1)} / "
+                     f"{fmt(per_layer(r.get('step_kernels')), 1)} |")
     by_name = {r["config"]: r for r in result["results"]}
     speedups = []
     for a in ("fp32", "bf16"):
