@@ -63,7 +63,7 @@ def _is_deepspeed_hook(fn: Any, depth: int = 0) -> bool:
 def foreign_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward hooks other than DeepSpeed ZeRO-3's (accelerate's offloading
     hooks included): such a base layer must run its own forward."""
-    if getattr(module, "_hf_hook", None) is not None:
+    if module.__dict__.get("_hf_hook") is not None:  # (accelerate sets it as a plain attribute)
         return True
     hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
     if not hooks:

@@ -232,27 +232,35 @@ def fallback_counts(peft_model: nn.Module) -> dict[str, dict[str, int]]:
 
 
 def _call_fallback_reason(layer: "DoraExtLinear", x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[str]:
-    """Why this call must run PEFT's own forward, or None."""
+    """Why this call must run PEFT's own forward, or None.
+
+    Runs on every routed call (per layer, per decoded token): each submodule and parameter is looked
+    up once, through the modules' own dicts (``nn.Module.__getattr__`` costs about half a microsecond
+    a lookup, and there are dozens per call)."""
     if args or any(v is not None for v in kwargs.values()):
         return "extra forward arguments (adapter_names / variant kwargs / base layer args)"
     if not layer.cast_input_dtype_enabled:
         return "cast_input_dtype_enabled is False"
     if layer.disable_adapters or layer.merged:
         return None
-    weight = layer.base_layer.weight
-    quantized = _quantized.is_quantized_base(layer.base_layer)
+    modules = layer._modules
+    base = modules["base_layer"]
+    weight = base.weight
+    quantized = _quantized.is_quantized_base(base)
     if not quantized and type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
         return "the base weight is a tensor subclass (quantized / DTensor)"
     device = weight.device
+    lora_A, lora_B = modules["lora_A"]._modules, modules["lora_B"]._modules
     for adapter in layer.active_adapters:
-        if adapter not in layer.lora_A:
+        a = lora_A.get(adapter)
+        if a is None:
             continue
         variant = layer.lora_variant.get(adapter)
         if variant is not None and type(variant) is not DoraLinearVariant:
             return f"adapter {adapter!r} uses variant {type(variant).__name__}"
-        if layer.lora_A[adapter].weight.device != device or layer.lora_B[adapter].weight.device != device:
+        if a.weight.device != device or lora_B[adapter].weight.device != device:
             return f"adapter {adapter!r} is on another device than the base weight"
-        if variant is not None and layer.lora_magnitude_vector[adapter].weight.device != device:
+        if variant is not None and modules["lora_magnitude_vector"][adapter].weight.device != device:
             return f"adapter {adapter!r} magnitude is on another device than the base weight"
     if x.device != device:
         return "input is on another device than the base weight"
@@ -261,73 +269,69 @@ def _call_fallback_reason(layer: "DoraExtLinear", x: torch.Tensor, args: tuple, 
     return None
 
 
-def _base_weight(layer: "DoraExtLinear") -> torch.Tensor:
-    """The base weight as ``[d_out, d_in]`` (a transposed view for Conv1D / fan_in_fan_out); FSDP1's
-    forward view of a frozen weight comes detached (see ``dora_ext._frozen``)."""
-    weight = detach_if_frozen_view(layer.base_layer.weight)
+def _base_weight(layer: "DoraExtLinear", base: nn.Module) -> torch.Tensor:
+    """The weight of ``base`` (the layer's base layer) as ``[d_out, d_in]`` (a transposed view for
+    Conv1D / fan_in_fan_out); FSDP1's forward view of a frozen weight comes detached (see
+    ``dora_ext._frozen``)."""
+    weight = detach_if_frozen_view(base.weight)
     return weight.T if layer.fan_in_fan_out else weight
 
 
-def _dropout_active(layer: "DoraExtLinear", adapter: str) -> bool:
-    # PEFT: the base result is reused unless training with a real dropout module
-    return layer.training and not isinstance(layer.lora_dropout[adapter], nn.Identity)
-
-
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast disabled around an op that takes its dtypes as given; no context at all where autocast is
-    off already (entering one costs microseconds on every routed call of a decode step)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+def _dropout_active(layer: "DoraExtLinear", dropout: nn.Module) -> bool:
+    """Whether ``dropout`` (one adapter's dropout module) applies: PEFT reuses the base result unless
+    training with a real dropout module."""
+    return layer.training and not isinstance(dropout, nn.Identity)
 
 
 def _single_call(layer: "DoraExtLinear", x: torch.Tensor, adapter: str) -> Optional[torch.Tensor]:
     """The whole layer as one dora_linear call (dora_linear_dropout with dropout in training), or
-    None when this call does not qualify."""
-    base = layer.base_layer
-    weight = _base_weight(layer)
-    lora_A = layer.lora_A[adapter]
-    lora_B = layer.lora_B[adapter]
-    if lora_B.bias is not None:
+    None when this call does not qualify. (Submodules looked up once, as in _call_fallback_reason.)"""
+    modules = layer._modules
+    base = modules["base_layer"]
+    weight = _base_weight(layer, base)
+    lora_A = modules["lora_A"][adapter].weight
+    lora_B_module = modules["lora_B"][adapter]
+    if lora_B_module.bias is not None:
         return None
+    lora_B = lora_B_module.weight
     if (weight.requires_grad and torch.is_grad_enabled()) or _zero3.foreign_hooks(base):
         return None  # (accelerate's hooks wrap base.forward: let it run)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
         dtype = adapter_dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = weight.dtype
-        adapter_dtype = lora_A.weight.dtype
+        adapter_dtype = lora_A.dtype
         # one dtype throughout, or PEFT's default mix: float32 adapters on a 16-bit base, whose
         # LoRA products PEFT computes in float32 (so does dora_linear for this mix)
         fp32_adapters = dtype in (torch.float16, torch.bfloat16) and adapter_dtype == torch.float32
-        if x.dtype != dtype or lora_B.weight.dtype != adapter_dtype or (adapter_dtype != dtype and not fp32_adapters):
+        if x.dtype != dtype or lora_B.dtype != adapter_dtype or (adapter_dtype != dtype and not fp32_adapters):
             return None  # dtypes dora_linear does not take: the compose path, as PEFT computes them
     bias = detach_if_frozen_view(base.bias)
-    if _dropout_active(layer, adapter):
-        # PEFT's order: x cast to the adapter dtype, then the layer's own dropout module (the same
-        # draw from the same generator state: a seeded run gets PEFT's masks)
-        x_dropped = layer.lora_dropout[adapter](layer._cast_input_dtype(x, lora_A.weight.dtype))
-        with _autocast_off(device_type):
-            return dora_linear_dropout(
-                x.to(dtype),
-                x_dropped if x_dropped.dtype == adapter_dtype else x_dropped.to(dtype),
-                weight.to(dtype),
-                bias.to(dtype) if bias is not None else None,
-                cast_for_forward(lora_A.weight, adapter_dtype),
-                cast_for_forward(lora_B.weight, adapter_dtype),
-                layer.lora_magnitude_vector[adapter].weight,
-                layer.scaling[adapter],
-            )
-    with _autocast_off(device_type):
+    if bias is not None:
+        bias = bias.to(dtype)
+    magnitude = modules["lora_magnitude_vector"][adapter].weight
+    scale = layer.scaling[adapter]
+    dropout = modules["lora_dropout"][adapter]
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        if _dropout_active(layer, dropout):
+            # PEFT's order: x cast to the adapter dtype, then the layer's own dropout module (the same
+            # draw from the same generator state: a seeded run gets PEFT's masks)
+            x_dropped = dropout(layer._cast_input_dtype(x, adapter_dtype))
+            if x_dropped.dtype != adapter_dtype:
+                x_dropped = x_dropped.to(dtype)
+            return dora_linear_dropout(x.to(dtype), x_dropped, weight.to(dtype), bias,
+                                       cast_for_forward(lora_A, adapter_dtype), cast_for_forward(lora_B, adapter_dtype),
+                                       magnitude, scale)
         return dora_linear(
             x.to(dtype),
             weight.to(dtype),  # not cached: a lasting copy of every base weight would cost memory
-            bias.to(dtype) if bias is not None else None,
-            cast_for_forward(lora_A.weight, adapter_dtype),
-            cast_for_forward(lora_B.weight, adapter_dtype),
-            layer.lora_magnitude_vector[adapter].weight,
-            layer.scaling[adapter],
+            bias,
+            cast_for_forward(lora_A, adapter_dtype),
+            cast_for_forward(lora_B, adapter_dtype),
+            magnitude,
+            scale,
         )
 
 
@@ -345,7 +349,7 @@ def _dora_delta(layer: "DoraExtLinear", adapter: str, x: torch.Tensor, result: t
     lora_B = layer.lora_B[adapter]
     scaling = layer.scaling[adapter]
     base = layer.base_layer
-    weight = _base_weight(layer)
+    weight = _base_weight(layer, base)
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     with torch.autocast(device_type, enabled=False):
@@ -355,7 +359,7 @@ def _dora_delta(layer: "DoraExtLinear", adapter: str, x: torch.Tensor, result: t
         # float32 adapters on a 16-bit base (PEFT's default): row_norm takes the weight as it is, so
         # there is no float32 copy of W and the norm cache keys on the parameter itself
         norm = row_norm(_to_compute_dtype(weight, dtype), a, b, scaling)
-        if _dropout_active(layer, adapter):
+        if _dropout_active(layer, layer.lora_dropout[adapter]):
             x = layer.lora_dropout[adapter](x).to(dtype)
             base_result = F.linear(x, weight.to(dtype))
         else:
@@ -379,7 +383,7 @@ def _mixed_batch(layer: "DoraExtLinear", x: torch.Tensor, adapter_names: list[st
     base = layer.base_layer
     if _zero3.foreign_hooks(base) or x.dim() < 2:
         return None
-    weight = _base_weight(layer)
+    weight = _base_weight(layer, base)
     device_type = x.device.type
     autocast = torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
@@ -498,7 +502,7 @@ def _quantized_dora_delta(layer: nn.Module, adapter: str, x: torch.Tensor, resul
     base = layer.base_layer
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    dropout = _dropout_active(layer, adapter)
+    dropout = _dropout_active(layer, layer.lora_dropout[adapter])
     with torch.autocast(device_type, enabled=False):
         a = cast_for_forward(lora_A.weight, dtype)
         b = cast_for_forward(lora_B.weight, dtype)
