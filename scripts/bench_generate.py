@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "peft": peft.__version__,
             "transformers": __import__("transformers").__version__,
             "dora_ext": dora_ext.info() if hasattr(dora_ext, "info") else None,
-            **{k: v for k, v in vars(args).items() if k != "out"},
+            **{k: v for k, v in vars(args).items() if k not in ("out", "device")},
         },
         "results": rows,
     }

@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "torch": torch.__version__, "peft": peft.__version__,
             "transformers": __import__("transformers").__version__, "dora_ext": dora_ext.info(),
             "adapter_ranks": ranks(args), "rows_equal_to_merged_models": f"{agree}/{n}",
-            **{k: v for k, v in vars(args).items() if k != "out"},
+            **{k: v for k, v in vars(args).items() if k not in ("out", "device")},
         },
         "results": [{k: v for k, v in r.items() if k != "outputs"} for r in rows],
     }
