@@ -146,9 +146,9 @@ std::pair<at::Tensor, at::Tensor> grad_prologue_fused(const at::Tensor& gy, cons
   return {gz, partial.sum(0).div_(norm)};
 }
 
-std::pair<at::Tensor, at::Tensor> grad_prologue_from_output_fused(const at::Tensor& gy, const at::Tensor& y,
-                                                                  const at::Tensor& g,
-                                                                  const std::optional<at::Tensor>& bias) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_prologue_from_output_fused(
+    const at::Tensor& gy, const at::Tensor& y, const at::Tensor& g, const at::Tensor& norm,
+    const std::optional<at::Tensor>& bias, double min_scale, double loss_limit) {
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const int64_t rows = gy.size(0), cols = gy.size(1);
   at::Tensor gz = at::empty({rows, cols}, gy.options());
@@ -161,7 +161,15 @@ std::pair<at::Tensor, at::Tensor> grad_prologue_from_output_fused(const at::Tens
   launch(k, device, {row_programs, col_tiles, 1},
          {gy, y, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), gz, partial, rows, cols, gy.stride(0),
           y.stride(0), gz.stride(0)});
-  return {gz, partial.sum(1)};
+
+  at::Tensor grad_m = at::empty({cols}, norm.options());
+  at::Tensor unrecovered = at::empty({cols}, norm.options().dtype(at::kBool));
+  at::Tensor count = at::zeros({}, norm.options().dtype(at::kInt));
+  const KernelImage& finish = kernel_for(kernels::GradOutputFinish{b.defined()}, device);
+  launch(finish, device, {cdiv(cols, finish.tile_rows), 1, 1},
+         {partial, g, norm, grad_m, unrecovered, count, row_programs, cols, static_cast<float>(min_scale),
+          static_cast<float>(loss_limit)});
+  return {gz, grad_m, unrecovered, count};
 }
 
 at::Tensor row_norm_cached_fused(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,

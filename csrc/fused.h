@@ -32,12 +32,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_forward_f
 std::pair<at::Tensor, at::Tensor> grad_prologue_fused(const at::Tensor& gy, const at::Tensor& z, const at::Tensor& g,
                                                       const at::Tensor& norm);
 
-// The prologue from the layer's output y = g z + bias (magnitude_grad.h), in one pass: {gz = gy * g,
-// float32 column sums [1, d_out] of gy (y - bias); with a bias [3, d_out]: also of |gy y| and
-// |gy (y - bias)|}.
-std::pair<at::Tensor, at::Tensor> grad_prologue_from_output_fused(const at::Tensor& gy, const at::Tensor& y,
-                                                                  const at::Tensor& g,
-                                                                  const std::optional<at::Tensor>& bias);
+// The prologue from the layer's output y = g z + bias (magnitude_grad.h) in two launches (a pass over
+// gy and y, then one over [d_out]): {gz = gy * g, grad_m = colsum(gy (y - bias)) / (g norm) in float32,
+// unrecovered (bool [d_out]: |g| < min_scale, with a bias colsum|gy y| > loss_limit colsum|gy (y - bias)|,
+// or grad_m not finite; grad_m is 0 there), their count (int32 scalar on the device)}.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_prologue_from_output_fused(
+    const at::Tensor& gy, const at::Tensor& y, const at::Tensor& g, const at::Tensor& norm,
+    const std::optional<at::Tensor>& bias, double min_scale, double loss_limit);
 
 at::Tensor compose_delta_fused(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
                                const at::Tensor& norm, double scale);

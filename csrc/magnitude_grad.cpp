@@ -52,31 +52,29 @@ at::Tensor recompute_z(const at::Tensor& x2d, const at::Tensor& weight, const at
 
 OutputPrologue grad_prologue_from_output(const at::Tensor& gy, const at::Tensor& y, const at::Tensor& g,
                                          const at::Tensor& norm, const std::optional<at::Tensor>& bias, bool fused) {
-  const bool has_bias = bias.has_value() && bias->defined();
-  const at::ScalarType acc = norm.scalar_type();
-  at::Tensor gz, sum_gy_z_g, abs_gy_y, abs_gy_z_g;  // colsum(gy g z), colsum|gy y|, colsum|gy g z|
+  const double min_scale = smallest_recoverable_scale(y.scalar_type());
+  OutputPrologue p;
 #ifdef DORA_EXT_WITH_CUDA
   if (fused) {
-    at::Tensor sums;
-    std::tie(gz, sums) = grad_prologue_from_output_fused(gy, y, g, bias);
-    sum_gy_z_g = sums[0];
-    if (has_bias) abs_gy_y = sums[1], abs_gy_z_g = sums[2];
+    std::tie(p.gz, p.grad_m, p.unrecovered, p.unrecovered_count) =
+        grad_prologue_from_output_fused(gy, y, g, norm, bias, min_scale, kRecoveryLossLimit);
   }
 #endif
-  if (!gz.defined()) {
-    gz = (gy * g).to(gy.scalar_type());
-    const at::Tensor gy_acc = gy.to(acc), y_acc = y.to(acc);
-    const at::Tensor gy_z_g = has_bias ? gy_acc * (y_acc - bias->to(acc)) : gy_acc * y_acc;
-    sum_gy_z_g = gy_z_g.sum(0);
-    if (has_bias) abs_gy_y = (gy_acc * y_acc).abs_().sum(0), abs_gy_z_g = gy_z_g.abs().sum(0);
+  if (!p.gz.defined()) {
+    const bool has_bias = bias.has_value() && bias->defined();
+    const at::ScalarType acc = norm.scalar_type();
+    p.gz = (gy * g).to(gy.scalar_type());
+    const at::Tensor gy_acc = gy.to(acc), y_acc = y.to(acc), g_acc = g.to(acc);
+    const at::Tensor gy_z_g = has_bias ? gy_acc * (y_acc - bias->to(acc)) : gy_acc * y_acc;  // gy g z
+    p.unrecovered = g_acc.abs() < min_scale;
+    if (has_bias) {
+      p.unrecovered.logical_or_((gy_acc * y_acc).abs_().sum(0) > gy_z_g.abs().sum(0) * kRecoveryLossLimit);
+    }
+    p.grad_m = gy_z_g.sum(0) / (g_acc * norm);
+    p.unrecovered.logical_or_(p.grad_m.isfinite().logical_not_());  // an output that overflowed
+    p.grad_m.masked_fill_(p.unrecovered, 0.0);
+    p.unrecovered_count = p.unrecovered.sum();
   }
-  const at::Tensor g_acc = g.to(acc);
-  at::Tensor unrecovered = g_acc.abs() < smallest_recoverable_scale(y.scalar_type());
-  if (has_bias) unrecovered.logical_or_(abs_gy_y > abs_gy_z_g * kRecoveryLossLimit);
-  at::Tensor grad_m = sum_gy_z_g.to(acc) / (g_acc * norm);
-  unrecovered.logical_or_(grad_m.isfinite().logical_not_());  // an output that overflowed
-  grad_m.masked_fill_(unrecovered, 0.0);
-  OutputPrologue p{gz, grad_m, unrecovered, unrecovered.sum(), nullptr};
   if (p.unrecovered_count.is_cuda()) {
     // Copied behind the prologue on the current stream; the host waits for this event alone, not for
     // the backward's GEMMs queued after it (a plain .item() would wait for those too).

@@ -138,6 +138,45 @@ def dora_grad_prologue_output_kernel(
 
 
 @triton.jit
+def dora_grad_output_finish_kernel(
+    partial_ptr, g_ptr, norm_ptr, grad_m_ptr, unrecovered_ptr, count_ptr,
+    n_programs, n_cols, min_scale, loss_limit,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The magnitude gradient from ``dora_grad_prologue_output_kernel``'s partial sums, in one pass
+    (the ATen version of these steps is a dozen launches per layer and backward):
+
+        grad_m = sum_p partial[0, p] / (g * norm)   (partials added in index order: deterministic)
+        unrecovered = |g| < min_scale  or  (bias) sum_p |gy y| > loss_limit * sum_p |gy (y - bias)|
+                      or  grad_m not finite
+    grad_m is 0 where unrecovered (the caller recomputes those columns from x), ``unrecovered`` is
+    written as 0/1 bytes, and their number is added to ``count`` (int32, zeroed by the caller).
+    """
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    col_mask = cols < n_cols
+    plane = n_programs * n_cols
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    abs_y = tl.zeros([BLOCK_N], dtype=tl.float32)
+    abs_z = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for p in range(0, n_programs):
+        total += tl.load(partial_ptr + p * n_cols + cols, mask=col_mask, other=0.0)
+        if HAS_BIAS:
+            abs_y += tl.load(partial_ptr + plane + p * n_cols + cols, mask=col_mask, other=0.0)
+            abs_z += tl.load(partial_ptr + 2 * plane + p * n_cols + cols, mask=col_mask, other=0.0)
+    g = tl.load(g_ptr + cols, mask=col_mask, other=1.0)
+    norm = tl.load(norm_ptr + cols, mask=col_mask, other=1.0)
+    grad_m = total / (g * norm)
+    bad = tl.abs(g) < min_scale
+    if HAS_BIAS:
+        bad = bad | (abs_y > abs_z * loss_limit)
+    bad = bad | ~(tl.abs(grad_m) <= 3.4028234663852886e38)  # not finite: NaN compares false, inf > FLT_MAX
+    bad = bad & col_mask
+    tl.store(grad_m_ptr + cols, tl.where(bad, 0.0, grad_m), mask=col_mask)
+    tl.store(unrecovered_ptr + cols, bad.to(tl.int8), mask=col_mask)
+    tl.atomic_add(count_ptr, tl.sum(bad.to(tl.int32), axis=0))
+
+
+@triton.jit
 def dora_delta_backward_kernel(
     gy_ptr, base_ptr, lora_ptr, g_ptr, gm1_ptr, grad_base_ptr, grad_lora_ptr, partial_ptr,
     n_rows, n_cols, stride_gy, stride_base, stride_lora, stride_grad_base, stride_grad_lora, scale,

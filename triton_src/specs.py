@@ -62,6 +62,7 @@ KERNEL_KEYS: dict[str, tuple[Axis, ...]] = {
     "dora_fp32_compose_kernel": (_dtype("dtype"), BIAS, _flag("write_z", "z", "noz"), ALIGNED),
     "dora_grad_prologue_kernel": (_dtype("dtype"), ALIGNED),
     "dora_grad_prologue_output_kernel": (_dtype("dtype"), BIAS, ALIGNED),
+    "dora_grad_output_finish_kernel": (BIAS,),
     "dora_decode_kernel": (_dtype("dtype"), _dtype("adapter_dtype"), BIAS, ALIGNED),
     "dora_norm_partials_kernel": (_dtype("dtype"), Axis("rank_tile", "int", "r"),
                                   _flag("weight_sq", "wsq", "nowsq"), ALIGNED),
@@ -225,6 +226,15 @@ def _grad_prologue_output_specs() -> list[Spec]:
     return specs
 
 
+def _grad_output_finish_specs() -> list[Spec]:
+    sig = {"partial_ptr": "*fp32", "g_ptr": "*fp32", "norm_ptr": "*fp32", "grad_m_ptr": "*fp32",
+           "unrecovered_ptr": "*i8", "count_ptr": "*i32", "n_programs": "i64", "n_cols": "i64", "min_scale": "fp32",
+           "loss_limit": "fp32"}
+    return [Spec(module="compose", kernel="dora_grad_output_finish_kernel", key=(bias,), signature=sig, aligned=(),
+                 constexprs={"HAS_BIAS": int(bias), "BLOCK_N": 256}, num_warps=4, tile=(256, 1))
+            for bias in (True, False)]
+
+
 # The decode kernel's tile: 16 token rows (the smallest tensor-core tile), 32 output columns so that
 # d_out / 32 programs stream W (128 for d_out = 4096), K tiles of 256. The best of the configs that
 # scripts/bench_epilogue.py timed at T = 1 on an H100 (2026-11-28) for four of the five layer shapes;
@@ -317,5 +327,6 @@ def _norm_finish_specs() -> list[Spec]:
 DEFAULT_ARCHS: tuple[int, ...] = (80, 86, 89, 90, 100, 120)
 
 SPECS: tuple[Spec, ...] = tuple(_scale_specs() + _delta_specs() + _delta_backward_specs() + _fp32_compose_specs() +
-                                _grad_prologue_specs() + _grad_prologue_output_specs() + _decode_specs() +
+                                _grad_prologue_specs() + _grad_prologue_output_specs() + _grad_output_finish_specs() +
+                                _decode_specs() +
                                 _norm_partials_specs() + _norm_finish_specs())
