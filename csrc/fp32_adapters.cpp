@@ -1,21 +1,23 @@
 #include "fp32_adapters.h"
 
 #include "checks.h"
+#include "fused_common.h"
 #include "options.h"
 
 #include <ATen/ATen.h>
 
-#include <array>
 #include <optional>
 
 namespace dora_ext {
 namespace {
 
-// Below this many tokens making the parts (elementwise passes over A, B and a [d_out, 6r] copy of
-// B's, per call) costs more than the tensor cores save: plain float32 GEMMs there. Measured on the
-// H100 at r = 384 (scripts/bench_fp32_adapters.py, docs/BENCHMARKS.md): float32 GEMMs faster on
-// every layer shape up to 512 tokens, mixed at 1024 and 2048, the parts 1.3-1.8x faster at 4096.
-// The fp32_parts_min_tokens option (default 2048, options.h) moves the limit.
+// Below this many tokens making the parts (passes over A, B and a [d_out, 6r] copy of B's, per
+// call) costs more than the tensor cores save: plain float32 GEMMs there. Measured on the H100 at
+// r = 384 (scripts/bench_fp32_adapters.py, docs/BENCHMARKS.md) while ATen made the parts (about ten
+// elementwise passes and a cat per operand): float32 GEMMs faster on every layer shape up to 512
+// tokens, mixed at 1024 and 2048, the parts 1.3-1.8x faster at 4096. The parts kernel (one pass per
+// operand) has not been measured yet. The fp32_parts_min_tokens option (default 2048, options.h)
+// moves the limit.
 
 // Tensor cores through exact bfloat16 parts where the activations are bfloat16 on CUDA and there
 // are enough tokens (see the header); plain float32 GEMMs elsewhere.
@@ -23,28 +25,64 @@ bool use_bf16_parts(const at::Tensor& x2d) {
   return x2d.is_cuda() && x2d.scalar_type() == at::kBFloat16 && x2d.size(0) >= current_options().fp32_parts_min_tokens;
 }
 
-std::array<at::Tensor, 3> split3(const at::Tensor& t) {
+// The blocks of the operands made from a float32 tensor's three exact bfloat16 parts, in order; the
+// numbers are the parts kernel's LAYOUT (triton_src/parts.py).
+enum class PartsLayout : int64_t {
+  HiMidLo = 0,  // [hi mid lo]: against a bfloat16 operand, three exact products
+  SixA = 1,     // [hi hi hi mid mid lo] and
+  SixB = 2,     // [hi mid lo hi mid hi]: the six leading part products of two float32 factors
+};
+
+int64_t parts_blocks(PartsLayout layout) {
+  return layout == PartsLayout::HiMidLo ? 3 : 6;
+}
+
+// The parts by the kernel: one read of t and one write of the operand, where ATen's split and cat
+// below take about ten passes. Undefined where no cubin serves t (CPU, a build without one for the
+// device's arch, a grid past CUDA's limits): ATen makes the same bits there.
+at::Tensor parts_kernel(const at::Tensor& t, PartsLayout layout, int64_t dim) {
+  if (!t.is_cuda() || t.scalar_type() != at::kFloat || t.dim() != 2) return {};
+  const c10::DeviceIndex device = t.device().index();
+  const KernelImage* k = find_kernel(kernels::Fp32Parts{static_cast<int64_t>(layout), dim}, device);
+  const int64_t rows = t.size(0), cols = t.size(1), blocks = parts_blocks(layout);
+  if (k == nullptr || cdiv(cols, k->tile_cols) > 65535) return {};
+  const at::TensorOptions bf16 = t.options().dtype(at::kBFloat16);
+  at::Tensor out = dim == 0 ? at::empty({blocks * rows, cols}, bf16) : at::empty({rows, blocks * cols}, bf16);
+  launch(*k, device, {cdiv(rows, k->tile_rows), cdiv(cols, k->tile_cols), 1},
+         {t, out, rows, cols, t.stride(0), t.stride(1)});
+  return out;
+}
+
+// t (float32, 2-D) as the blocks of `layout` concatenated along `dim`: t = hi + mid + lo exactly,
+// each part rounded to nearest even from what the ones before leave.
+at::Tensor parts(const at::Tensor& t, PartsLayout layout, int64_t dim) {
+  TORCH_CHECK(dim == 0 || dim == 1, "dora_ext: the bfloat16 parts concatenate along dim 0 or 1, got ", dim);
+  if (at::Tensor fused = parts_kernel(t, layout, dim); fused.defined()) return fused;
   const at::Tensor hi = t.to(at::kBFloat16);
   const at::Tensor rest = t - hi.to(at::kFloat);
   const at::Tensor mid = rest.to(at::kBFloat16);
   const at::Tensor lo = (rest - mid.to(at::kFloat)).to(at::kBFloat16);
-  return {hi, mid, lo};
+  switch (layout) {
+    case PartsLayout::HiMidLo:
+      return at::cat({hi, mid, lo}, dim);
+    case PartsLayout::SixA:
+      return at::cat({hi, hi, hi, mid, mid, lo}, dim);
+    case PartsLayout::SixB:
+      return at::cat({hi, mid, lo, hi, mid, hi}, dim);
+  }
+  TORCH_CHECK(false, "dora_ext: unknown parts layout ", static_cast<int64_t>(layout));
 }
 
 // b (float32) as its three exact bfloat16 parts hi, mid, lo concatenated along `dim`.
 at::Tensor bf16_parts(const at::Tensor& b, int64_t dim) {
-  const auto parts = split3(b);
-  return at::cat({parts[0], parts[1], parts[2]}, dim);
+  return parts(b, PartsLayout::HiMidLo, dim);
 }
 
 // The operands of one GEMM whose reduction dimension holds the six leading part products of two
 // float32 factors: [a_hi a_hi a_hi a_mid a_mid a_lo] along a's reduction dim against
 // [b_hi b_mid b_lo b_hi b_mid b_hi] along b's.
 std::pair<at::Tensor, at::Tensor> six_products(const at::Tensor& a, int64_t a_dim, const at::Tensor& b, int64_t b_dim) {
-  const auto pa = split3(a);
-  const auto pb = split3(b);
-  return {at::cat({pa[0], pa[0], pa[0], pa[1], pa[1], pa[2]}, a_dim),
-          at::cat({pb[0], pb[1], pb[2], pb[0], pb[1], pb[0]}, b_dim)};
+  return {parts(a, PartsLayout::SixA, a_dim), parts(b, PartsLayout::SixB, b_dim)};
 }
 
 // A 2-D GEMM result holding three blocks along `dim` (one per part), summed: [.., 3n, ..] -> [.., n, ..].

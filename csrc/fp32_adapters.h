@@ -11,7 +11,9 @@
 // three parts of a float32 one is the float32 product, and two float32 operands
 // keep the six part products down to 2^-16 relative (hi*hi, hi*mid, mid*hi,
 // hi*lo, mid*mid, lo*hi); the three dropped ones are below 2^-24, float32's own
-// rounding. Elsewhere (CPU, float16, fewer than 2048 tokens) the adapters' GEMMs run
+// rounding. The parts come from one pass of an AOT kernel (triton_src/parts.py) written
+// straight into the GEMM operand, or from ATen ops where no cubin serves the device (the
+// same bits). Elsewhere (CPU, float16, fewer than 2048 tokens) the adapters' GEMMs run
 // in float32.
 #include <ATen/core/Tensor.h>
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Measure both routes of float32 adapters on a bfloat16 layer (PEFT's default mix) side by side.
 
-(a) tensor cores over exact bfloat16 parts of the float32 operands (option ``fp32_parts_min_tokens=0``);
+(a) tensor cores over exact bfloat16 parts of the float32 operands (option ``fp32_parts_min_tokens=0``),
+    made by the parts kernel (triton_src/parts.py) where the build has cubins for the GPU (the table's
+    first line says whether), else by ATen ops;
 (b) float32 GEMMs (the limit set above every token count), as PEFT computes them;
 (c) the library's default (the parts from 2048 tokens).
 Per layer shape and token count: the inference forward (cached norm) and the training step
@@ -77,8 +79,11 @@ def main() -> None:
             row["rel err dB (a) vs (b)"] = rel(gBa, gBb)
             print(json.dumps(row), flush=True)
             rows.append(row)
+    parts_kernel = torch.ops.dora_ext.fused_available.default(torch.cuda.current_device())[0]
     meta = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-            f"bf16 x and W, fp32 A, B and magnitude, r = {args.rank}; median ms (triton.testing.do_bench)")
+            f"bf16 x and W, fp32 A, B and magnitude, r = {args.rank}; parts made by "
+            f"{'the parts kernel' if parts_kernel else 'ATen ops (no cubin for this GPU)'}; "
+            f"median ms (triton.testing.do_bench)")
     keys = list(rows[0].keys())
     lines = [meta, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in rows:

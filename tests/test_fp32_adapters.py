@@ -60,7 +60,12 @@ def _plain_fp32(inp):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:3])))
 def test_forward_and_gradients_against_float64(any_device, dtype, shape):
     d_in, d_out, r, batch = shape
-    inp = _leaves(_mixed(d_in, d_out, r, batch, dtype, any_device))
+    _check_against_float64(_leaves(_mixed(d_in, d_out, r, batch, dtype, any_device)))
+
+
+def _check_against_float64(inp):
+    """dora_linear's output and every gradient on `inp` (leaves) against the float64 reference."""
+    dtype, batch, d_out = inp["x"].dtype, inp["x"].shape[:-1], inp["weight"].shape[0]
     y = dora_ext.dora_linear(**inp)
     assert y.dtype == dtype and y.shape == (*batch, d_out)
     gy = torch.randn_like(y)
@@ -165,3 +170,58 @@ def test_parts_min_tokens_option_is_checked():
         dora_ext.set_options(fp32_parts_min_tokens="many")
     with pytest.raises(RuntimeError, match="fp32_parts_min_tokens must be a non-negative integer"):
         dora_ext.set_options(fp32_parts_min_tokens=-1)
+
+
+def _gpu_kernel_names(fn) -> list[str]:
+    """The names of the GPU kernels one call of ``fn`` launches (torch.profiler's CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def _aten_parts(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """ATen's [hi, mid, lo] split of float32 t along ``dim`` (csrc/fp32_adapters.cpp's fallback)."""
+    hi = t.bfloat16()
+    rest = t - hi.float()
+    mid = rest.bfloat16()
+    return torch.cat([hi, mid, (rest - mid.float()).bfloat16()], dim)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tier", ["eager", "fused"])
+def test_parts_kernel_from_the_token_limit(route, tier):
+    """From fp32_parts_min_tokens tokens on (bf16_parts: the limit set at the call's 300 tokens) the parts
+    come from triton_src/parts.py's kernel where the build has cubins for this GPU, else from ATen's split:
+    the same bits either way (h = x A^T through A's parts equals the same GEMM over ATen's parts), and the
+    float64 reference's accuracy forward and backward. One token below it (fp32_gemms): no parts at all."""
+    kernels_here = torch.ops.dora_ext.fused_available.default(torch.cuda.current_device())[0]
+    if tier == "fused" and not kernels_here:
+        pytest.skip("this build has no cubins for this GPU: no fused tier")
+    tokens = 300
+    dora_ext.set_options(tier=tier, fp32_parts_min_tokens=tokens if route == "bf16_parts" else tokens + 1)
+    inp = _leaves(_mixed(96, 80, 8, (tokens,), torch.bfloat16, "cuda"))
+    names = _gpu_kernel_names(lambda: dora_ext.dora_linear(**inp).sum().backward())
+    assert dora_ext.last_tier()[0] == ("eager" if tier == "eager" else "fused_training")
+    launched = sum("dora_fp32_parts_kernel" in name for name in names)
+    if route == "bf16_parts" and kernels_here:
+        # forward: A's parts (x A^T), the six products of h and B; backward: the parts of h (grad_B),
+        # of s g B (grad of h), of its result (grad_A) and the six products of that and A (grad_x)
+        assert launched >= 8, names
+    else:
+        assert launched == 0, names
+    x, A = inp["x"].detach(), inp["lora_A"].detach()
+    args = [inp[k].detach() if torch.is_tensor(inp[k]) else inp[k]
+            for k in ("x", "weight", "bias", "lora_A", "lora_B", "magnitude", "scale")]
+    with torch.no_grad():
+        h = torch.ops.dora_ext.dora_linear_forward(*args, False)[2]
+    if route == "bf16_parts":
+        expected = torch.mm(x, _aten_parts(A, 0).t(), out_dtype=torch.float32).view(tokens, 3, -1).sum(1)
+    else:
+        expected = torch.mm(x.float(), A.t())
+    assert torch.equal(h, expected)
+    _check_against_float64(_leaves(_detached(inp)))

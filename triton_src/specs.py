@@ -12,7 +12,7 @@ Variants: each kernel's variant key is a tuple of typed axes (KERNEL_KEYS below)
   aligned            a16 promises 16-byte aligned pointers and row strides and a column
                      count divisible by 16 (vectorised loads); any promises nothing. The
                      launcher checks and picks;
-  int axes           the norm kernel's rank tile, r16 ... r128.
+  int axes           the norm kernel's rank tile, r16 ... r128; the parts kernel's layout and dim.
 scripts/aot_build.py generates from KERNEL_KEYS one C++ struct per kernel
 (kernel_variants.h, namespace dora_ext::kernels) whose fields are these axes and whose
 variant() spells the key exactly as Spec.variant does: csrc/ never writes a key by hand.
@@ -67,6 +67,7 @@ KERNEL_KEYS: dict[str, tuple[Axis, ...]] = {
     "dora_norm_partials_kernel": (_dtype("dtype"), Axis("rank_tile", "int", "r"),
                                   _flag("weight_sq", "wsq", "nowsq"), ALIGNED),
     "dora_norm_finish_kernel": (_dtype("dtype"),),
+    "dora_fp32_parts_kernel": (Axis("layout", "int", "layout"), Axis("dim", "int", "dim")),
 }
 
 
@@ -269,6 +270,21 @@ def _decode_specs() -> list[Spec]:
     return specs
 
 
+# The layouts of the parts kernel (triton_src/parts.py's LAYOUT, csrc/fp32_adapters.cpp's PartsLayout):
+# [hi mid lo], the six products' left factor [hi hi hi mid mid lo] and their right factor
+# [hi mid lo hi mid hi]. Each in both concatenation dims: six variants, no alignment axis (a copy
+# pass whose strided and transposed inputs rarely promise 16 bytes).
+PARTS_LAYOUTS = {"hi_mid_lo": 0, "six_a": 1, "six_b": 2}
+
+
+def _fp32_parts_specs() -> list[Spec]:
+    sig = {"t_ptr": "*fp32", "out_ptr": "*bf16", "n_rows": "i64", "n_cols": "i64", "stride_row": "i64",
+           "stride_col": "i64"}
+    return [Spec(module="parts", kernel="dora_fp32_parts_kernel", key=(layout, dim), signature=sig, aligned=(),
+                 constexprs={"LAYOUT": layout, "DIM": dim, "BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, tile=(32, 64))
+            for layout in PARTS_LAYOUTS.values() for dim in (0, 1)]
+
+
 # Archs whose blocks may opt in to at most ~99 KB of shared memory (consumer and
 # workstation parts); the others have 163 KB (sm_80) or more.
 SMALL_SMEM_ARCHS: tuple[int, ...] = (75, 86, 89, 120, 121)
@@ -328,5 +344,4 @@ DEFAULT_ARCHS: tuple[int, ...] = (80, 86, 89, 90, 100, 120)
 
 SPECS: tuple[Spec, ...] = tuple(_scale_specs() + _delta_specs() + _delta_backward_specs() + _fp32_compose_specs() +
                                 _grad_prologue_specs() + _grad_prologue_output_specs() + _grad_output_finish_specs() +
-                                _decode_specs() +
-                                _norm_partials_specs() + _norm_finish_specs())
+                                _decode_specs() + _norm_partials_specs() + _norm_finish_specs() + _fp32_parts_specs())
