@@ -19,8 +19,12 @@ struct AdapterStack {
 // Where adapter k's columns start in the stack: K + 1 offsets, the last one the sum of the ranks.
 std::vector<int64_t> adapter_columns(at::TensorList lora_A);
 
-// The stack of K adapters of one dtype; g[k] is adapter k's g (float32 [d_out]), undefined for
-// plain LoRA.
-AdapterStack stack_adapters(at::TensorList lora_A, at::TensorList lora_B, const std::vector<at::Tensor>& g);
+// The stack of K >= 1 adapters of one dtype on `weight`; g[k] is adapter k's g (float32 [d_out], from
+// the norm cache), undefined for plain LoRA. The last stack made for each weight is reused while
+// every lora_A[k] and lora_B[k] keeps its identity, storage and version and no invalidation of the
+// norm cache happened (its rules, norm_cache.h; with the norm_cache option off nothing is kept); its
+// G while each g is the same tensor. The result is shared with the cache: not to be written to.
+AdapterStack stack_adapters(const at::Tensor& weight, at::TensorList lora_A, at::TensorList lora_B,
+                            const std::vector<at::Tensor>& g);
 
 }  // namespace dora_ext

@@ -72,7 +72,7 @@ at::Tensor mixed_decode_forward(const at::Tensor& x, const at::Tensor& weight, c
     g[k] = cached_magnitude_scale(weight, *m, norm);
   }
   const std::vector<int64_t> columns = adapter_columns(lora_A);
-  const AdapterStack stack = stack_adapters(lora_A, lora_B, g);
+  const AdapterStack stack = stack_adapters(weight, lora_A, lora_B, g);
   const at::Tensor rows = row_table(adapter_index, tokens / x.size(0), columns, scale, x.device());
   // Float32 adapters: h from x upcast, in float32, as PEFT computes it (decode_forward does the same).
   const at::Tensor h = at::mm(x2d.to(stack.lora_A.scalar_type()), stack.lora_A.t());

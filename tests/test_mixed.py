@@ -187,6 +187,15 @@ def test_mixed_decode_kernel_sees_in_place_writes(dtype, adapter_dtype, norm_cac
         adapters[2]["B"].add_(1.0)
         again = _run(x, W, b, adapters, index)
     assert torch.equal(again, after)
+    # A write that bypasses the version counter, followed by invalidate_norm_cache() as the cache's
+    # rules ask: seen too.
+    adapters[1]["B"].data.mul_(-3.0)
+    dora_ext.invalidate_norm_cache()
+    with torch.no_grad():
+        last = _run(x, W, b, adapters, index)
+    for i, k in enumerate(index.tolist()):
+        assert rel_err(last[i], _reference_row(x[i], W, b, adapters[k])) < FWD_TOL[dtype], k
+    assert rel_err(last[1], after[1]) > 0.05
 
 
 @pytest.mark.cuda
