@@ -2,10 +2,10 @@
 
 #include "capture.h"
 #include "eager.h"
+#include "fingerprint.h"
 #include "options.h"
 
 #include <c10/util/Exception.h>
-#include <c10/util/intrusive_ptr.h>
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/graph_task.h>
 
@@ -18,25 +18,6 @@
 
 namespace dora_ext {
 namespace {
-
-using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
-
-// Which tensor, holding which data, at which write count. A freed tensor whose
-// address is reused by a new one fails the weak-pointer check.
-struct Fingerprint {
-  WeakImpl impl{c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
-  const void* data = nullptr;
-  uint32_t version = 0;
-
-  static Fingerprint of(const at::Tensor& t) {
-    return {WeakImpl(t.getIntrusivePtr()), t.const_data_ptr(),
-            t.unsafeGetTensorImpl()->version_counter().current_version()};
-  }
-  bool matches(const at::Tensor& t) const {
-    return !impl.expired() && impl._unsafe_get_target() == t.unsafeGetTensorImpl() && data == t.const_data_ptr() &&
-           version == t.unsafeGetTensorImpl()->version_counter().current_version();
-  }
-};
 
 // One adapter's norm on a weight (and g = m / norm for one magnitude).
 struct AdapterNorm {
@@ -134,20 +115,20 @@ AdapterNorm* norm_holding(Cache& c, const at::Tensor& weight, const at::Tensor& 
   return e != nullptr ? e->holding(norm) : nullptr;
 }
 
-bool cacheable(std::initializer_list<const at::Tensor*> tensors) {
-  if (!current_options().norm_cache) return false;
-  for (const at::Tensor* t : tensors) {
-    if (t->is_inference()) return false;  // no version counter to key on
-  }
-  return !stream_capturing(**tensors.begin());
-}
-
 }  // namespace
+
+bool may_cache(at::TensorList tensors) {
+  if (!current_options().norm_cache) return false;
+  for (const at::Tensor& t : tensors) {
+    if (t.is_inference()) return false;  // no version counter to key on
+  }
+  return !stream_capturing(tensors.front());
+}
 
 at::Tensor cached_row_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
                            NormUse use, const NormCompute& compute) {
   Cache& c = cache();
-  if (!cacheable({&weight, &lora_A, &lora_B})) {
+  if (!may_cache({weight, lora_A, lora_B})) {
     std::lock_guard<std::mutex> lock(c.mutex);
     ++c.stats.bypassed;
     return compute(at::Tensor(), nullptr);
@@ -200,7 +181,7 @@ at::Tensor cached_row_norm(const at::Tensor& weight, const at::Tensor& lora_A, c
 
 at::Tensor cached_magnitude_scale(const at::Tensor& weight, const at::Tensor& magnitude, const at::Tensor& norm) {
   Cache& c = cache();
-  const bool use_cache = cacheable({&weight, &magnitude});
+  const bool use_cache = may_cache({weight, magnitude});
   if (use_cache) {
     std::lock_guard<std::mutex> lock(c.mutex);
     const AdapterNorm* n = norm_holding(c, weight, norm);

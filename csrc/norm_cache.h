@@ -36,6 +36,11 @@ namespace dora_ext {
 // `*weight_sq` so the next change of A or B reuses it.
 using NormCompute = std::function<at::Tensor(const at::Tensor& cached_weight_sq, at::Tensor* weight_sq)>;
 
+// Whether values derived from `tensors` may be kept for later calls, by this cache or any other
+// cache of values derived from parameters (adapter_stack.h): the norm_cache option on, no inference
+// tensors (no version counter), no CUDA-graph capture on the first tensor's device.
+bool may_cache(at::TensorList tensors);
+
 // Whether the calling forward records gradients (rule 1 above).
 enum class NormUse { Inference, Recording };
 

@@ -9,10 +9,12 @@
 #include "mixed.h"
 #include "norm_cache.h"
 #include "op_scope.h"
+#include "options.h"
 #include "tiered.h"
 
 #ifdef DORA_EXT_WITH_CUDA
 #include "fused.h"
+#include "mixed_decode.h"
 #endif
 
 #include <ATen/ops/empty.h>
@@ -136,6 +138,13 @@ at::Tensor dora_linear_mixed_impl(const at::Tensor& x, const at::Tensor& weight,
                                   const at::Tensor& adapter_index) {
   check_dora_linear_mixed_args("dora_linear_mixed", x, weight, bias, lora_A, lora_B, magnitude, scale, adapter_index);
   OpScope scope(x, weight.size(0), /*training=*/false);
+#ifdef DORA_EXT_WITH_CUDA
+  const int64_t max_decode_tokens = current_options().decode_max_tokens;
+  if (scope.fused() && mixed_decode_serves(x, weight, lora_A, max_decode_tokens)) {
+    scope.note("mixed decode kernel (tokens <= " + std::to_string(max_decode_tokens) + ")");
+    return mixed_decode_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, adapter_index);
+  }
+#endif
   return dora_linear_mixed_body(x, weight, bias, lora_A, lora_B, magnitude, scale, adapter_index, scope.fused());
 }
 

@@ -4,7 +4,7 @@
 //   name                    environment variable              default
 //   tier                    DORA_EXT_TIER                     auto   (auto|eager|fused|prefer_fused)
 //   norm_cache              DORA_EXT_NORM_CACHE               1      (0 turns the row-norm cache off)
-//   decode_max_tokens       DORA_EXT_DECODE_MAX_TOKENS        16     (0 turns the decode kernel off)
+//   decode_max_tokens       DORA_EXT_DECODE_MAX_TOKENS        16     (0 turns the decode kernels off)
 //   fp32_parts_min_tokens   DORA_EXT_FP32_PARTS_MIN_TOKENS    2048
 //   saved_activation        DORA_EXT_SAVED_ACTIVATION         output (output|z|recompute)
 //

@@ -64,3 +64,83 @@ def test_decode_kernel_matches_float64_under_the_interpreter():
         assert case["dtype_ok"], case
         dtype = getattr(torch, case["case"][0].removeprefix("torch."))
         assert case["err"] < ROUNDED_ONCE_TOL[dtype], case  # NaN fails too
+
+
+# dora_mixed_decode_kernel: every row its own adapter (dora_linear_mixed at decode sizes). The script
+# lays out its inputs as csrc/mixed_decode.cpp does: the adapters' h and B side by side (plus padding
+# columns that no row owns, filled with noise here so that a row reading past its own columns shows),
+# G with a row of ones per plain LoRA adapter and one for base-model rows (adapter -1).
+_MIXED_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, triton
+    sys.path.insert(0, sys.argv[1])
+    sys.path.insert(0, sys.argv[1] + "/tests")
+    from reference import rel_err
+    from triton_src.decode import dora_mixed_decode_kernel
+    out = []
+    for name, dtype, adapter_dtype, d_in, N, ranks, dora, index, bias in [
+        ("odd shapes, r = 1, base rows", torch.float16, torch.float16, 70, 45, [1, 5, 3],
+         [True, False, True], [0, -1, 2, 1, -1, 0, 2], True),
+        ("every row another adapter", torch.float16, torch.float16, 48, 40, [2, 7, 1, 16, 4],
+         [True, True, False, True, False], [4, 3, 2, 1, 0], False),
+        ("one adapter for all rows, two row tiles", torch.float16, torch.float16, 33, 16, [9, 1],
+         [False, True], [1] * 17, True),
+        ("only base rows", torch.float16, torch.float16, 40, 33, [3], [True], [-1, -1, -1], True),
+        ("float32 adapters", torch.float16, torch.float32, 40, 37, [1, 21, 6], [True, False, True],
+         [2, -1, 0, 1, 1, 2], True),
+        ("float32 adapters, every row another", torch.float16, torch.float32, 35, 16, [3, 1],
+         [False, True], [1, 0], False),
+        ("float32", torch.float32, torch.float32, 70, 45, [5, 1, 2], [True, False, True], [1, 2, 0, -1], True),
+    ]:
+        fp32_adapters = adapter_dtype != dtype
+        gen = torch.Generator().manual_seed(len(index) * 100 + N)
+        T, K, pad = len(index), len(ranks), 3
+        ends = torch.tensor(ranks).cumsum(0).tolist()
+        starts = [e - r for e, r in zip(ends, ranks)]
+        R = ends[-1] + pad
+        x = torch.randn(T, d_in + 3, generator=gen).to(dtype)[:, :d_in]  # rows strided past d_in
+        W = torch.randn(N, d_in, generator=gen).to(dtype)
+        h = torch.randn(T, R, generator=gen).to(adapter_dtype)
+        B = torch.randn(N, R, generator=gen).to(adapter_dtype)
+        G = torch.ones(K + 1, N)
+        for k in range(K):
+            if dora[k]:
+                G[k] = torch.rand(N, generator=gen) + 0.5
+        scales = [0.25 * (k + 1) for k in range(K)]
+        b = torch.randn(N, generator=gen).to(dtype)
+        info = torch.zeros(T, 4, dtype=torch.int32)
+        for t, k in enumerate(index):
+            if k >= 0:
+                info[t, :3] = torch.tensor([k, starts[k], ends[k]])
+                info[t, 3] = torch.tensor([scales[k]], dtype=torch.float32).view(torch.int32)
+            else:
+                info[t, :3] = torch.tensor([K, 0, 0])
+        y = torch.full((T, N), float("nan"), dtype=dtype)
+        BM, BN, BK = 16, 16, 16
+        grid = (triton.cdiv(N, BN), triton.cdiv(T, BM))
+        dora_mixed_decode_kernel[grid](x, W, h, B, G, info, b if bias else G, y, T, N, d_in, R, x.stride(0),
+                                       W.stride(0), h.stride(0), B.stride(0), G.stride(0), y.stride(0),
+                                       HAS_BIAS=bias, FP32_ADAPTERS=fp32_adapters, BLOCK_M=BM, BLOCK_N=BN,
+                                       BLOCK_K=BK, BLOCK_R=8)
+        base = x.double() @ W.double().t()
+        if fp32_adapters:  # rounded like PEFT's base layer output
+            base = base.to(dtype).double()
+        ref = torch.empty(T, N, dtype=torch.float64)
+        for t, k in enumerate(index):
+            ref[t] = base[t]
+            if k >= 0:
+                cols = slice(starts[k], ends[k])
+                ref[t] = (base[t] + scales[k] * h[t, cols].double() @ B[:, cols].double().t()) * G[k].double()
+        ref = ref + (b.double() if bias else 0)
+        out.append({"case": name, "dtype": str(dtype), "dtype_ok": y.dtype == dtype, "err": rel_err(y, ref),
+                    "row_errs": [rel_err(y[t], ref[t]) for t in range(T)]})
+    print(json.dumps(out))
+""")
+
+
+def test_mixed_decode_kernel_matches_float64_under_the_interpreter():
+    cases = interpreted_cases(_MIXED_SCRIPT)
+    assert len(cases) == 7
+    for case in cases:
+        assert case["dtype_ok"], case
+        tol = ROUNDED_ONCE_TOL[getattr(torch, case["dtype"].removeprefix("torch."))]
+        assert max(case["row_errs"]) < tol, case  # each row on its own: NaN fails too

@@ -120,6 +120,104 @@ def test_recording_gradients_is_refused():
         _run(base["x"], base["weight"], base["bias"], adapters, torch.tensor([0, 0]))
 
 
+# ------------------------------------------------------------------- the mixed decode kernel (CUDA)
+# Up to decode_max_tokens tokens on the fused tier, every adapter's factors of one dtype: one kernel
+# pass over W serves every row (triton_src/decode.py's dora_mixed_decode_kernel).
+
+_NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DECODE_CASES = [
+    pytest.param(torch.bfloat16, None, id="bf16"),
+    pytest.param(torch.float16, None, id="fp16"),
+    pytest.param(torch.bfloat16, torch.float32, id="bf16-fp32adapters"),
+    pytest.param(torch.float16, torch.float32, id="fp16-fp32adapters"),
+]
+
+
+def _decode_inputs(dtype, adapter_dtype, batch, d_in=64, d_out=48, bias=True):
+    base = make_inputs(d_in, d_out, 1, batch, dtype, "cuda", bias=bias)
+    adapters = _adapters(d_in, d_out, [1, 3, 8, 4, 2], dtype, "cuda", ["dora", "lora", "dora", "dora", "lora"],
+                         adapter_dtype)
+    return base["x"], base["weight"], base["bias"], adapters
+
+
+def _assert_mixed_decode_kernel_ran():
+    tier, reason = dora_ext.last_tier()
+    assert tier == "fused_inference" and "mixed decode kernel (tokens <= 16)" in reason, (tier, reason)
+
+
+@pytest.mark.cuda
+@_NEEDS_GPU
+@pytest.mark.parametrize("dtype, adapter_dtype", DECODE_CASES)
+@pytest.mark.parametrize("batch, index", [
+    ((5,), [0, 1, 2, 3, 4]),                       # every row another adapter
+    ((5,), [2, 2, 2, 2, 2]),                       # all rows the same adapter
+    ((4,), [-1, 3, 0, -1]),                        # base-model rows; adapters 1, 2, 4 get none
+    ((2, 3), [4, -1]),                             # 3-D x: 2 rows of 3 tokens
+    ((5, 3), [1, 0, 3, 1, -1]),                    # 15 tokens: up to the limit
+], ids=["every-row-different", "all-same", "base-rows", "3d", "15-tokens"])
+@pytest.mark.parametrize("d_in, d_out, bias", [(64, 48, True), (37, 29, False)], ids=["aligned", "odd-nobias"])
+def test_decode_sizes_run_the_mixed_decode_kernel(dtype, adapter_dtype, batch, index, d_in, d_out, bias):
+    """Each row equals dora_linear (or LoRA) of that row alone, against float64; the kernel served it."""
+    dora_ext.set_options(tier="fused")
+    x, W, b, adapters = _decode_inputs(dtype, adapter_dtype, batch, d_in, d_out, bias)
+    _check(x, W, b, adapters, torch.tensor(index), dtype)
+    _assert_mixed_decode_kernel_ran()
+
+
+@pytest.mark.cuda
+@_NEEDS_GPU
+@pytest.mark.parametrize("norm_cache", [True, False], ids=["norm-cache", "no-norm-cache"])
+@pytest.mark.parametrize("dtype, adapter_dtype", DECODE_CASES[::2])
+def test_mixed_decode_kernel_sees_in_place_writes(dtype, adapter_dtype, norm_cache):
+    """An in-place write to one adapter between two calls changes that adapter's rows, and only
+    them: nothing derived from the adapters (their stack, the norm, g) is reused stale."""
+    dora_ext.set_options(tier="fused", norm_cache=norm_cache)
+    x, W, b, adapters = _decode_inputs(dtype, adapter_dtype, (2, 3))
+    index = torch.tensor([0, 1])
+    with torch.no_grad():
+        before = _run(x, W, b, adapters, index)
+        adapters[0]["B"].mul_(-3.0)  # a DoRA adapter's B (its norm changes too)
+        adapters[1]["A"].mul_(-3.0)  # a plain LoRA adapter's A
+        after = _run(x, W, b, adapters, index)
+    _assert_mixed_decode_kernel_ran()
+    for i, k in enumerate(index.tolist()):
+        assert rel_err(after[i], before[i]) > 0.05, k  # far beyond the tolerance below
+        assert rel_err(after[i], _reference_row(x[i], W, b, adapters[k])) < FWD_TOL[dtype], k
+    with torch.no_grad():  # an untouched adapter's rows stay as they were
+        adapters[2]["B"].add_(1.0)
+        again = _run(x, W, b, adapters, index)
+    assert torch.equal(again, after)
+    # A write that bypasses the version counter, followed by invalidate_norm_cache() as the cache's
+    # rules ask: seen too.
+    adapters[1]["B"].data.mul_(-3.0)
+    dora_ext.invalidate_norm_cache()
+    with torch.no_grad():
+        last = _run(x, W, b, adapters, index)
+    for i, k in enumerate(index.tolist()):
+        assert rel_err(last[i], _reference_row(x[i], W, b, adapters[k])) < FWD_TOL[dtype], k
+    assert rel_err(last[1], after[1]) > 0.05
+
+
+@pytest.mark.cuda
+@_NEEDS_GPU
+def test_mixed_decode_kernel_limits():
+    """Above decode_max_tokens, with adapters of two dtypes, or with the option at 0, the per-adapter
+    path runs (and gives the same rows)."""
+    dora_ext.set_options(tier="fused")
+    x, W, b, adapters = _decode_inputs(torch.bfloat16, None, (6, 3))
+    index = torch.tensor([0, 1, 2, 3, 4, -1])
+    _check(x, W, b, adapters, index, torch.bfloat16)  # 18 tokens
+    assert "mixed decode kernel" not in dora_ext.last_tier()[1]
+    _check(x[:4], W, b, adapters, index[:4], torch.bfloat16)  # 12 tokens
+    _assert_mixed_decode_kernel_ran()
+    with dora_ext.options(decode_max_tokens=0):
+        _check(x[:4], W, b, adapters, index[:4], torch.bfloat16)
+        assert "mixed decode kernel" not in dora_ext.last_tier()[1]
+    fp32 = _adapters(64, 48, [2], torch.bfloat16, "cuda", ["dora"], torch.float32)
+    _check(x[:4], W, b, adapters[:2] + fp32, torch.tensor([0, 2, 1, -1]), torch.bfloat16)
+    assert "mixed decode kernel" not in dora_ext.last_tier()[1]
+
+
 # ------------------------------------------------------------------------------------------- PEFT
 
 

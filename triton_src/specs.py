@@ -64,6 +64,7 @@ KERNEL_KEYS: dict[str, tuple[Axis, ...]] = {
     "dora_grad_prologue_output_kernel": (_dtype("dtype"), BIAS, ALIGNED),
     "dora_grad_output_finish_kernel": (BIAS,),
     "dora_decode_kernel": (_dtype("dtype"), _dtype("adapter_dtype"), BIAS, ALIGNED),
+    "dora_mixed_decode_kernel": (_dtype("dtype"), _dtype("adapter_dtype"), BIAS, ALIGNED),
     "dora_norm_partials_kernel": (_dtype("dtype"), Axis("rank_tile", "int", "r"),
                                   _flag("weight_sq", "wsq", "nowsq"), ALIGNED),
     "dora_norm_finish_kernel": (_dtype("dtype"),),
@@ -247,26 +248,35 @@ DECODE_FP32_ADAPTERS_BLOCK_R = 32
 
 
 def _decode_specs() -> list[Spec]:
+    """The single-adapter decode kernel and its mixed-adapter sibling (dora_linear_mixed: h and B of
+    every adapter side by side, a table G of g rows, and a row table saying which are each row's)."""
     specs = []
-    for dt in ("fp16", "bf16"):  # fp32 keeps cuBLAS (tl.dot on fp32 would round through tf32)
-        for adapter_dt in (dt, "fp32"):  # the adapters' dtype: x's, or PEFT's default float32
-            fp32_adapters = adapter_dt == "fp32"
-            for bias in (True, False):
-                for a16 in (True, False):
-                    sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "h_ptr": f"*{adapter_dt}", "b_ptr": f"*{adapter_dt}",
-                           "g_ptr": "*fp32", "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", "n_rows": "i64",
-                           "n_cols": "i64", "d_in": "i64", "rank": "i64", "stride_x": "i64", "stride_w": "i64",
-                           "stride_h": "i64", "stride_b": "i64", "stride_y": "i64", "scale": "fp32"}
-                    block_r = DECODE_FP32_ADAPTERS_BLOCK_R if fp32_adapters else DECODE_TILE["BLOCK_K"]
-                    specs.append(Spec(
-                        module="decode", kernel="dora_decode_kernel",
-                        key=(dt, adapter_dt, bias, a16),
-                        signature=sig,
-                        aligned=("x_ptr", "w_ptr", "h_ptr", "b_ptr", "g_ptr", "bias_ptr", "y_ptr", "n_cols", "d_in",
-                                 "rank", "stride_x", "stride_w", "stride_h", "stride_b", "stride_y") if a16 else (),
-                        constexprs={"HAS_BIAS": int(bias), "FP32_ADAPTERS": int(fp32_adapters), **DECODE_TILE,
-                                    "BLOCK_R": block_r},
-                        num_warps=4, num_stages=3, tile=(DECODE_TILE["BLOCK_M"], DECODE_TILE["BLOCK_N"])))
+    for kernel in ("dora_decode_kernel", "dora_mixed_decode_kernel"):
+        mixed = kernel == "dora_mixed_decode_kernel"
+        for dt in ("fp16", "bf16"):  # fp32 keeps cuBLAS (tl.dot on fp32 would round through tf32)
+            for adapter_dt in (dt, "fp32"):  # the adapters' dtype: x's, or PEFT's default float32
+                fp32_adapters = adapter_dt == "fp32"
+                for bias in (True, False):
+                    for a16 in (True, False):
+                        sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "h_ptr": f"*{adapter_dt}",
+                               "b_ptr": f"*{adapter_dt}", "g_ptr": "*fp32", "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}",
+                               "n_rows": "i64", "n_cols": "i64", "d_in": "i64", "rank": "i64", "stride_x": "i64",
+                               "stride_w": "i64", "stride_h": "i64", "stride_b": "i64", "stride_y": "i64"}
+                        if mixed:  # G's row stride and the row table (which holds the scales)
+                            sig |= {"row_ptr": "*i32", "stride_g": "i64"}
+                        else:
+                            sig["scale"] = "fp32"
+                        block_r = DECODE_FP32_ADAPTERS_BLOCK_R if fp32_adapters else DECODE_TILE["BLOCK_K"]
+                        aligned = ("x_ptr", "w_ptr", "h_ptr", "b_ptr", "g_ptr", "bias_ptr", "y_ptr", "n_cols", "d_in",
+                                   "rank", "stride_x", "stride_w", "stride_h", "stride_b", "stride_y")
+                        specs.append(Spec(
+                            module="decode", kernel=kernel,
+                            key=(dt, adapter_dt, bias, a16),
+                            signature=sig,
+                            aligned=(aligned + (("stride_g",) if mixed else ())) if a16 else (),
+                            constexprs={"HAS_BIAS": int(bias), "FP32_ADAPTERS": int(fp32_adapters), **DECODE_TILE,
+                                        "BLOCK_R": block_r},
+                            num_warps=4, num_stages=3, tile=(DECODE_TILE["BLOCK_M"], DECODE_TILE["BLOCK_N"])))
     return specs
 
 
