@@ -213,6 +213,98 @@ def test_compose_delta_forward_backward_replay(dtype):
 
 
 # ---------------------------------------------------------------------------
+# A whole training step of a PEFT model in one graph
+
+
+@pytest.mark.parametrize("adapter_dtype", ["fp32", "bf16"])
+def test_whole_training_step_of_accelerated_peft_model_replays(adapter_dtype):
+    """Forward, loss, backward and a capturable AdamW step of an accelerated PEFT DoRA model (bf16 base)
+    captured as one CUDA graph. Every replay must compute the norms inside the graph from the weights
+    the previous replay's optimizer step wrote (the norm cache is bypassed while capturing; a norm kept
+    from the capture would go stale at once): an eager twin of the model, the same steps on the same
+    data, must agree after every step."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    import dora_ext.peft as dp
+    from reference import perturb_adapters
+
+    torch.manual_seed(0)
+    dims = (64, 96, 80, 64)
+    layers = []
+    for d_in, d_out in zip(dims, dims[1:]):
+        layers += [torch.nn.Linear(d_in, d_out), torch.nn.GELU()]
+    base = torch.nn.Sequential(*layers[:-1]).to("cuda", torch.bfloat16)
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0", "2", "4"], use_dora=True)
+    model = peft.get_peft_model(base, config, autocast_adapter_dtype=adapter_dtype == "fp32")
+    perturb_adapters(model, seed=4)
+    assert dp.accelerate(model) == 3
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, capturable=True)
+    x = torch.randn(48, dims[0], device="cuda", dtype=torch.bfloat16)
+    target = torch.randn(48, dims[-1], device="cuda")
+
+    def step(net, optimizer) -> torch.Tensor:
+        loss = (net(x).float() - target).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            step(model, opt)
+    torch.cuda.current_stream().wait_stream(side)
+    assert dora_ext.last_tier()[0] == "fused_training", dora_ext.last_tier()
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.AdamW([q for q in twin.parameters() if q.requires_grad], lr=1e-2, capturable=True)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (loading shares the moment tensors)
+
+    opt.zero_grad(set_to_none=True)  # gradients made inside the capture: replays overwrite them
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(model, opt)
+
+    # Tolerances: the loss (same weights, same data) to 1e-3; a parameter to 5% of one Adam step (lr) in
+    # absolute terms: the replay's and the twin's bf16 GEMMs may round differently (cuBLAS picks its own
+    # kernels inside a capture), and Adam turns a gradient difference into an update difference of the
+    # order of lr times the relative difference. A norm left stale by one step changes the output
+    # by about the relative change of the norm in one step: asserted below to exceed 1e-2, ten times the
+    # loss tolerance, so the loss check would see it.
+    lr = opt.param_groups[0]["lr"]
+    start = [q.detach().clone() for q in params]
+    routed = [m for m in model.modules() if dp.is_accelerated(m)]
+
+    def norms() -> list[torch.Tensor]:
+        return [dora_ext.row_norm(m.base_layer.weight, m.lora_A["default"].weight.detach().to(torch.bfloat16),
+                                  m.lora_B["default"].weight.detach().to(torch.bfloat16), m.scaling["default"])
+                for m in routed]
+
+    for i in range(4):
+        before = norms()
+        with torch.no_grad():
+            x.copy_(torch.randn_like(x))
+            target.copy_(torch.randn_like(target))
+        graph.replay()
+        twin_opt.zero_grad(set_to_none=True)
+        with dora_ext.options(saved_activation=CAPTURED_AS[dora_ext.get_options()["saved_activation"]]):
+            twin_loss = step(twin, twin_opt)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_loss, twin_loss, rtol=1e-3, atol=0, msg=f"loss, step {i}")
+        for (name, got), want in zip(((n, q) for n, q in model.named_parameters() if q.requires_grad),
+                                     (q for q in twin.parameters() if q.requires_grad)):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=0.05 * lr, msg=f"{name}, step {i}")
+        change = max(float(((n1 - n0).abs() / n0).max()) for n0, n1 in zip(before, norms()))
+        assert change > 1e-2, change
+    # The steps moved every adapter tensor (a replay that skipped the step would pass the checks above
+    # only if the eager twin did not move either).
+    assert all(not torch.equal(q0, q) for q0, q in zip(start, params))
+    assert not dp.fallback_counts(model)
+
+
+# ---------------------------------------------------------------------------
 # First call inside a capture, in a fresh process
 
 _COLD_CAPTURE = textwrap.dedent("""
