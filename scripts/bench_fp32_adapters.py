@@ -16,14 +16,18 @@ for the output and the gradients of A and B. Writes ``fp32_adapters.json`` and `
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
 import triton
 
-import dora_ext
-from timing import median_ms  # scripts/timing.py
+if importlib.util.find_spec("dora_ext") is None:  # not installed: use the checkout (built in place)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+import dora_ext  # noqa: E402
+from timing import median_ms  # noqa: E402  (scripts/timing.py)
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # d_in x d_out
 ROUTES = {"(a) bf16 parts": 0, "(b) fp32 GEMMs": 1 << 40, "(c) default": None}

@@ -213,7 +213,9 @@ def test_parts_kernel_from_the_token_limit(route, tier):
         # of s g B (grad of h), of its result (grad_A) and the six products of that and A (grad_x)
         assert launched >= 8, names
     else:
-        assert launched == 0, names
+        # below the limit only the norm's W A^T takes A's parts (a 16-bit W against float32 A, whatever
+        # the token count: csrc/eager.cpp's matmul_nt_acc); seen once per step on the H100
+        assert launched == (1 if kernels_here else 0), names
     x, A = inp["x"].detach(), inp["lora_A"].detach()
     args = [inp[k].detach() if torch.is_tensor(inp[k]) else inp[k]
             for k in ("x", "weight", "bias", "lora_A", "lora_B", "magnitude", "scale")]
