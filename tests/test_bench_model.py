@@ -54,3 +54,14 @@ def test_profile_step_tiny_cpu(tmp_path, monkeypatch):
     text = (tmp_path / "profile_step_bf16.txt").read_text()
     assert "== peft_lora_bf16:" in text and "== dora_ext_bf16:" in text
     assert "dora_ext::dora_linear_backward" in text  # the accelerated step ran the op (host-side table)
+
+
+def test_profile_generate_tiny_cpu(tmp_path):
+    """scripts/profile_generate.py, one adapter and PEFT's mixed-adapter path, on the CPU (the plumbing;
+    the GPU run gives the content)."""
+    script = load_script("scripts/profile_generate.py")
+    for extra in ([], ["--mixed", "3", "--batch", "4"]):
+        script.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), *extra])
+        text = (tmp_path / "profile_generate.txt").read_text()
+        assert ("mixed 3 adapters" if extra else "one adapter") in text
+        assert "ms a token" in text and "dora_ext::dora_linear" in text  # the routed layers ran the op
