@@ -51,26 +51,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, dict]:
-    """The accelerated PEFT DoRA model (bf16 adapters) and the generate keyword arguments it needs."""
-    import peft
+    """The accelerated PEFT DoRA model (bf16 adapters, scripts/bench_serving.py's with_adapters) and the
+    generate keyword arguments it needs."""
+    import bench_serving
 
     import dora_ext.peft as dp
 
     base = bm.build_base(args, device, positions=args.prompt + args.new + 8, use_cache=True).eval()
-    n = max(args.mixed, 1)
-    low, high = ((2, 8) if args.tiny else (16, 64)) if args.mixed else (args.rank, args.rank)
-    model = None
-    for k in range(n):
-        r = round(low + (high - low) * k / max(n - 1, 1))
-        config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=bm.TARGETS, use_dora=True)
-        if model is None:
-            model = peft.get_peft_model(base, config, adapter_name=f"a{k}", autocast_adapter_dtype=False)
-        else:
-            model.add_adapter(f"a{k}", config)
-    bm.perturb_adapters(model, seed=2)
+    args.adapters = max(args.mixed, 1)
+    args.ranks = ("2,8" if args.tiny else "16,64") if args.mixed else f"{args.rank},{args.rank}"
+    model = bench_serving.with_adapters(base, args, dora=True)
     dp.accelerate(model)
-    kwargs = {"adapter_names": [f"a{i % n}" for i in range(args.batch)]} if args.mixed else {}
-    return model.eval(), kwargs
+    kwargs = {"adapter_names": [f"a{i % args.adapters}" for i in range(args.batch)]} if args.mixed else {}
+    return model, kwargs
 
 
 def main(argv: Optional[list[str]] = None) -> None:
