@@ -15,41 +15,6 @@
 namespace dora_ext {
 namespace {
 
-// out = g * z + bias over [rows, cols]; out may be z.
-void launch_scale(const at::Tensor& z, const at::Tensor& g, const std::optional<at::Tensor>& bias,
-                  const at::Tensor& out) {
-  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  const int64_t rows = z.size(0), cols = z.size(1);
-  const c10::DeviceIndex device = z.device().index();
-  const KernelImage& k =
-      kernel_for(kernels::Scale{z.scalar_type(), b.defined(),
-                                all_aligned16({&z, &g, &b, &out}, {cols, z.stride(0), out.stride(0)})},
-                 device);
-  launch(k, device, {cdiv(rows, k.tile_rows), cdiv(cols, k.tile_cols), 1},
-         {z, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), out, rows, cols, z.stride(0), out.stride(0)});
-}
-
-// Float32 adapters on 16-bit x: y = g * (base + s * lora) + bias rounded once, and z = base + s * lora
-// in base's dtype when need_z, in one pass (fp32_adapters.h's compose_fp32_adapters, fused).
-std::pair<at::Tensor, at::Tensor> launch_fp32_compose(const at::Tensor& base, const at::Tensor& lora,
-                                                      const at::Tensor& g, const std::optional<at::Tensor>& bias,
-                                                      double scale, bool need_z) {
-  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  at::Tensor y = at::empty_like(base);
-  at::Tensor z = need_z ? at::empty_like(base) : at::Tensor();
-  const int64_t rows = base.size(0), cols = base.size(1);
-  const int64_t z_stride = need_z ? z.stride(0) : 0;
-  const bool aligned =
-      all_aligned16({&base, &lora, &g, &b, &y, &z}, {cols, base.stride(0), lora.stride(0), y.stride(0), z_stride});
-  const c10::DeviceIndex device = base.device().index();
-  const KernelImage& k = kernel_for(kernels::Fp32Compose{base.scalar_type(), b.defined(), need_z, aligned}, device);
-  launch(k, device, {cdiv(rows, k.tile_rows), cdiv(cols, k.tile_cols), 1},
-         {base, lora, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), y,
-          need_z ? KernelArg(z) : KernelArg::null_pointer(), rows, cols, base.stride(0), lora.stride(0), y.stride(0),
-          z_stride, static_cast<float>(scale)});
-  return {y, z};
-}
-
 // Row programs of a kernel that walks row tiles and writes one fp32 row of column partial sums
 // per program: enough to fill the GPU a few times over, so the partial buffer stays small.
 int64_t partial_sum_programs(int64_t rows, int64_t col_tiles, int64_t tile_rows, c10::DeviceIndex device) {
@@ -129,6 +94,38 @@ at::Tensor decode_forward(const at::Tensor& x, const at::Tensor& weight, const s
 }
 
 }  // namespace
+
+void launch_scale(const at::Tensor& z, const at::Tensor& g, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& out) {
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const int64_t rows = z.size(0), cols = z.size(1);
+  const c10::DeviceIndex device = z.device().index();
+  const KernelImage& k =
+      kernel_for(kernels::Scale{z.scalar_type(), b.defined(),
+                                all_aligned16({&z, &g, &b, &out}, {cols, z.stride(0), out.stride(0)})},
+                 device);
+  launch(k, device, {cdiv(rows, k.tile_rows), cdiv(cols, k.tile_cols), 1},
+         {z, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), out, rows, cols, z.stride(0), out.stride(0)});
+}
+
+std::pair<at::Tensor, at::Tensor> launch_fp32_compose(const at::Tensor& base, const at::Tensor& lora,
+                                                      const at::Tensor& g, const std::optional<at::Tensor>& bias,
+                                                      double scale, bool need_z, const at::Tensor& out) {
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  at::Tensor y = out.defined() ? out : at::empty_like(base);
+  at::Tensor z = need_z ? at::empty_like(base) : at::Tensor();
+  const int64_t rows = base.size(0), cols = base.size(1);
+  const int64_t z_stride = need_z ? z.stride(0) : 0;
+  const bool aligned =
+      all_aligned16({&base, &lora, &g, &b, &y, &z}, {cols, base.stride(0), lora.stride(0), y.stride(0), z_stride});
+  const c10::DeviceIndex device = base.device().index();
+  const KernelImage& k = kernel_for(kernels::Fp32Compose{base.scalar_type(), b.defined(), need_z, aligned}, device);
+  launch(k, device, {cdiv(rows, k.tile_rows), cdiv(cols, k.tile_cols), 1},
+         {base, lora, g, b.defined() ? KernelArg(b) : KernelArg::null_pointer(), y,
+          need_z ? KernelArg(z) : KernelArg::null_pointer(), rows, cols, base.stride(0), lora.stride(0), y.stride(0),
+          z_stride, static_cast<float>(scale)});
+  return {y, z};
+}
 
 // gz = gy * g and the fp32 magnitude gradient colsum(gy * z) / norm in one pass.
 std::pair<at::Tensor, at::Tensor> grad_prologue_fused(const at::Tensor& gy, const at::Tensor& z, const at::Tensor& g,

@@ -40,6 +40,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_prologue_from_ou
     const at::Tensor& gy, const at::Tensor& y, const at::Tensor& g, const at::Tensor& norm,
     const std::optional<at::Tensor>& bias, double min_scale, double loss_limit);
 
+// The inference compose of same-dtype adapters: out = g * z + bias over 2-D z [T, d_out] (x's dtype,
+// z = x W^T + s h B^T), g float32 [d_out]; out may be z (each element is read before it is written).
+void launch_scale(const at::Tensor& z, const at::Tensor& g, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& out);
+
+// Float32 adapters on 16-bit x, one pass: y = g * (base + s * lora) + bias rounded once to base's dtype
+// (into `out` when defined; it may be base), and z = base + s * lora in base's dtype when need_z
+// (fp32_adapters.h's compose_fp32_adapters, fused): {y, z or undefined}.
+std::pair<at::Tensor, at::Tensor> launch_fp32_compose(const at::Tensor& base, const at::Tensor& lora,
+                                                      const at::Tensor& g, const std::optional<at::Tensor>& bias,
+                                                      double scale, bool need_z, const at::Tensor& out = {});
+
 at::Tensor compose_delta_fused(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,
                                const at::Tensor& norm, double scale);
 

@@ -1,10 +1,11 @@
 #pragma once
 // Mixed-adapter batches (dora_linear_mixed): one base model, many adapters, each leading row of x
 // (a sequence, or a token of 2-D x) with its own adapter. The base GEMM runs once for the whole
-// batch; each adapter's rows are gathered, get their LoRA product and their delta (DoRA:
-// compose_delta with that adapter's cached norm; plain LoRA: s * lora), and are added back. Rows
-// with adapter index -1 get the base output. Inference only. Decode-size calls on the fused tier
-// run the mixed decode kernel instead where it serves them (mixed_decode.h).
+// batch; each adapter's rows (views where they are consecutive, gathered otherwise) get their LoRA
+// product and are composed in place as dora_linear composes them (DoRA: that adapter's cached norm;
+// plain LoRA: base + s * lora). Rows with adapter index -1 get the base output. The host never waits
+// for the GPU. Inference only. Decode-size calls on the fused tier run the mixed decode kernel
+// instead where it serves them (mixed_decode.h).
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 

@@ -3,6 +3,9 @@
 // bodies in a CUDA build, the eager ones otherwise. One place for the choice, for every op body
 // composed of them (ops_impl.cpp, dropout.cpp, mixed.cpp).
 #include "eager.h"
+#include "fp32_adapters.h"
+
+#include <ATen/ATen.h>
 
 #ifdef DORA_EXT_WITH_CUDA
 #include "fused.h"
@@ -28,6 +31,33 @@ inline at::Tensor compose_delta_on(bool fused, const at::Tensor& base, const at:
 #endif
   (void)fused;
   return compose_delta_eager(base, lora, magnitude, norm, scale);
+}
+
+// The inference compose of same-dtype adapters written over z (2-D [T, d_out], x's dtype, holding
+// z = x W^T + s h B^T): y = g z + bias in float32, rounded once, as dora_linear's forward.
+inline void scale_in_place_on(bool fused, const at::Tensor& z, const at::Tensor& g,
+                              const std::optional<at::Tensor>& bias) {
+#ifdef DORA_EXT_WITH_CUDA
+  if (fused) return launch_scale(z, g, bias, z);
+#endif
+  (void)fused;
+  at::Tensor y = at::mul(z, g);  // promotes to g's dtype
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
+  z.copy_(y);
+}
+
+// Float32 adapters on 16-bit x, written over base (2-D, x's dtype, holding x W^T):
+// y = g (base + s lora) + bias in float32, rounded once (fp32_adapters.h's compose_fp32_adapters).
+inline void compose_fp32_in_place_on(bool fused, const at::Tensor& base, const at::Tensor& lora, const at::Tensor& g,
+                                     const std::optional<at::Tensor>& bias, double scale) {
+#ifdef DORA_EXT_WITH_CUDA
+  if (fused) {
+    launch_fp32_compose(base, lora, g, bias, scale, /*need_z=*/false, base);
+    return;
+  }
+#endif
+  (void)fused;
+  base.copy_(compose_fp32_adapters(base, lora, g, bias, scale, /*need_z=*/false).first);
 }
 
 }  // namespace dora_ext

@@ -77,6 +77,20 @@ def test_two_dimensional_x_is_one_token_per_row(any_device):
     _check(base["x"], base["weight"], None, adapters, index, torch.float32)
 
 
+@pytest.mark.parametrize("layout", ["consecutive-groups", "scattered-groups"])
+def test_non_contiguous_x_and_fp32_adapters_through_the_parts_route(any_device, layout):
+    """Float32 adapters on bfloat16 rows with the tensor-core parts route forced (the route of prefill
+    sizes on CUDA), on a transposed view of x."""
+    dora_ext.set_options(fp32_parts_min_tokens=0)
+    d_in, d_out = 40, 24
+    base = make_inputs(d_in, d_out, 1, (6, 5), torch.bfloat16, any_device)
+    x = base["x"].transpose(0, 1).contiguous().transpose(0, 1)  # [6, 5, d_in], not contiguous
+    adapters = _adapters(d_in, d_out, [3, 8, 1], torch.bfloat16, any_device, ["dora", "lora", "dora"],
+                         torch.float32)
+    index = {"consecutive-groups": [0, 0, 2, 2, 1, -1], "scattered-groups": [2, 0, 1, 2, -1, 0]}[layout]
+    _check(x, base["weight"], base["bias"], adapters, torch.tensor(index), torch.bfloat16)
+
+
 def test_no_adapters_is_the_base_model():
     base = make_inputs(16, 12, 1, (3, 2), torch.float64, "cpu")
     _check(base["x"], base["weight"], base["bias"], [], torch.tensor([-1, -1, -1]), torch.float64)
