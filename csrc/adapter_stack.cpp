@@ -1,6 +1,7 @@
 #include "adapter_stack.h"
 
 #include "fingerprint.h"
+#include "never_destroyed.h"
 #include "norm_cache.h"
 
 #include <ATen/ATen.h>
@@ -67,8 +68,7 @@ struct Cache {
 };
 
 Cache& cache() {
-  static Cache* c = new Cache();  // leaked on purpose: tensors must not be freed after CUDA teardown at exit
-  return *c;
+  return never_destroyed<Cache>();
 }
 
 // Drops the entries of dead weights and adapters and those an invalidation made stale (called when

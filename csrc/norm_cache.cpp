@@ -3,6 +3,7 @@
 #include "capture.h"
 #include "eager.h"
 #include "fingerprint.h"
+#include "never_destroyed.h"
 #include "options.h"
 
 #include <c10/util/Exception.h>
@@ -85,8 +86,7 @@ struct Cache {
 };
 
 Cache& cache() {
-  static Cache* c = new Cache();  // leaked on purpose: tensors must not be freed after CUDA teardown at exit
-  return *c;
+  return never_destroyed<Cache>();
 }
 
 std::atomic<int64_t> generation{0};  // norm_cache_generation(): every invalidation, never reset
