@@ -9,6 +9,7 @@ host-side table of the profiler (self CPU time: launches, syncs, the ops' own ho
 
     python3 scripts/profile_step.py --out R                          # both adapter dtypes
     python3 scripts/profile_step.py --out R --adapter-dtypes bf16    # bf16 adapters only
+    python3 scripts/profile_step.py --out R --recipe dropout         # lora_dropout 0.05, and DoRA without
     python3 scripts/profile_step.py --tiny --device cpu --out /tmp/p # smoke test (no GPU kernels)
 
 Writes OUT/profile_step_<adapter dtype>.txt (a development tool: nothing reads it back).
@@ -71,23 +72,29 @@ def main() -> None:
     ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=gen).to(device)
     base = bm.build_base(args, device)
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    dropout = args.dropout if args.recipe == "dropout" else 0.0
+    # (setup name, use_dora, lora_dropout); with --recipe dropout also the accelerated step without
+    # dropout, the dropout target's reference
+    setups = [("peft_lora", False, dropout), ("dora_ext", True, dropout)]
+    if dropout:
+        setups.append(("dora_ext_no_dropout", True, 0.0))
     for adapter_dtype in [a.strip() for a in args.adapter_dtypes.split(",") if a.strip()]:
         fp32 = adapter_dtype == "fp32"
         with open(Path(args.out) / f"profile_step_{adapter_dtype}.txt", "w") as out:
-            for use_dora in (False, True):
+            for name, use_dora, lora_dropout in setups:
                 config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=bm.TARGETS,
-                                         use_dora=use_dora)
+                                         use_dora=use_dora, lora_dropout=lora_dropout)
                 model = peft.get_peft_model(base, config, autocast_adapter_dtype=fp32)
                 bm.perturb_adapters(model, seed=3)
                 if use_dora:
                     dp.accelerate(model)
-                profile_step(model, ids, f"{'dora_ext' if use_dora else 'peft_lora'}_{adapter_dtype}", out)
+                profile_step(model, ids, f"{name}_{adapter_dtype}" + (f" (lora_dropout {lora_dropout})"
+                                                                      if lora_dropout else ""), out)
                 if use_dora:
                     dp.restore(model)
                 base = model.unload()
                 del model
                 bm.free(device)
-
 
 if __name__ == "__main__":
     main()

@@ -56,6 +56,19 @@ def test_profile_step_tiny_cpu(tmp_path, monkeypatch):
     assert "dora_ext::dora_linear_backward" in text  # the accelerated step ran the op (host-side table)
 
 
+
+def test_profile_step_dropout_recipe_tiny_cpu(tmp_path, monkeypatch):
+    """With --recipe dropout the profiles are of PEFT LoRA and accelerated DoRA with lora_dropout, and of
+    accelerated DoRA without it (the dropout target's reference); the dropout op ran."""
+    script = load_script("scripts/profile_step.py")
+    monkeypatch.setattr("sys.argv", ["profile_step.py", "--tiny", "--device", "cpu", "--adapter-dtypes", "bf16",
+                                     "--recipe", "dropout", "--out", str(tmp_path)])
+    script.main()
+    text = (tmp_path / "profile_step_bf16.txt").read_text()
+    assert "== peft_lora_bf16 (lora_dropout 0.05):" in text and "== dora_ext_bf16 (lora_dropout 0.05):" in text
+    assert "== dora_ext_no_dropout_bf16:" in text
+    assert "dora_ext::dora_linear_dropout" in text
+
 def test_profile_generate_tiny_cpu(tmp_path):
     """scripts/profile_generate.py, one adapter and PEFT's mixed-adapter path, on the CPU (the plumbing;
     the GPU run gives the content)."""
