@@ -232,6 +232,31 @@ def test_mixed_decode_kernel_limits():
     assert "mixed decode kernel" not in dora_ext.last_tier()[1]
 
 
+
+@pytest.mark.cuda
+@_NEEDS_GPU
+@pytest.mark.parametrize("dtype, adapter_dtype", DECODE_CASES[::2])
+@pytest.mark.parametrize("batch, index", [
+    ((4, 1), [0, 1, 2, -1]),                       # decode size: the mixed decode kernel
+    ((6, 40), [0, 0, 3, 1, 2, -1]),                # prefill size, consecutive groups (views)
+    ((6, 40), [2, 0, 1, 2, -1, 0]),                # prefill size, scattered groups (one copy of their rows)
+], ids=["decode", "prefill-consecutive", "prefill-scattered"])
+def test_mixed_batches_never_wait_for_the_gpu(dtype, adapter_dtype, batch, index):
+    """With PEFT's host-side adapter index, a mixed call (norms cached) makes no synchronising CUDA call:
+    the host queues the next layer's work while the GPU runs this one."""
+    dora_ext.set_options(tier="fused")
+    x, W, b, adapters = _decode_inputs(dtype, adapter_dtype, batch)
+    index = torch.tensor(index)
+    with torch.no_grad():
+        expected = _run(x, W, b, adapters, index)  # fills the norm cache (a norm's first computation may wait)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = _run(x, W, b, adapters, index)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(y, expected)
+
 # ------------------------------------------------------------------------------------------- PEFT
 
 
