@@ -49,7 +49,6 @@ Call :func:`accelerate` again after adding adapters to new modules (it is idempo
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import Counter
 from typing import Any, Optional
@@ -88,6 +87,15 @@ def _conv1d_type() -> Optional[type]:
 
 def _is_dora_adapter(layer: LoraLayer, adapter: str) -> bool:
     return type(layer.lora_variant.get(adapter)) is DoraLinearVariant
+
+
+def _param(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """``getattr(module, name)`` for a parameter, read from ``module._parameters`` where it is
+    registered (``nn.Module.__getattr__`` costs about half a microsecond, and the routed forward runs
+    per layer and decoded token); FSDP1 swaps registered parameters for plain tensor attributes, which
+    take the usual lookup."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name, None)
 
 
 def _why_not_servable(layer: nn.Module) -> Optional[str]:
@@ -245,7 +253,7 @@ def _call_fallback_reason(layer: "DoraExtLinear", x: torch.Tensor, args: tuple, 
         return None
     modules = layer._modules
     base = modules["base_layer"]
-    weight = base.weight
+    weight = _param(base, "weight")
     quantized = _quantized.is_quantized_base(base)
     if not quantized and type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
         return "the base weight is a tensor subclass (quantized / DTensor)"
@@ -258,9 +266,9 @@ def _call_fallback_reason(layer: "DoraExtLinear", x: torch.Tensor, args: tuple, 
         variant = layer.lora_variant.get(adapter)
         if variant is not None and type(variant) is not DoraLinearVariant:
             return f"adapter {adapter!r} uses variant {type(variant).__name__}"
-        if a.weight.device != device or lora_B[adapter].weight.device != device:
+        if _param(a, "weight").device != device or _param(lora_B[adapter], "weight").device != device:
             return f"adapter {adapter!r} is on another device than the base weight"
-        if variant is not None and modules["lora_magnitude_vector"][adapter].weight.device != device:
+        if variant is not None and _param(modules["lora_magnitude_vector"][adapter], "weight").device != device:
             return f"adapter {adapter!r} magnitude is on another device than the base weight"
     if x.device != device:
         return "input is on another device than the base weight"
@@ -273,7 +281,7 @@ def _base_weight(layer: "DoraExtLinear", base: nn.Module) -> torch.Tensor:
     """The weight of ``base`` (the layer's base layer) as ``[d_out, d_in]`` (a transposed view for
     Conv1D / fan_in_fan_out); FSDP1's forward view of a frozen weight comes detached (see
     ``dora_ext._frozen``)."""
-    weight = detach_if_frozen_view(base.weight)
+    weight = detach_if_frozen_view(_param(base, "weight"))
     return weight.T if layer.fan_in_fan_out else weight
 
 
@@ -289,11 +297,11 @@ def _single_call(layer: "DoraExtLinear", x: torch.Tensor, adapter: str) -> Optio
     modules = layer._modules
     base = modules["base_layer"]
     weight = _base_weight(layer, base)
-    lora_A = modules["lora_A"][adapter].weight
-    lora_B_module = modules["lora_B"][adapter]
-    if lora_B_module.bias is not None:
+    lora_A = _param(modules["lora_A"]._modules[adapter], "weight")
+    lora_B_module = modules["lora_B"]._modules[adapter]
+    if _param(lora_B_module, "bias") is not None:
         return None
-    lora_B = lora_B_module.weight
+    lora_B = _param(lora_B_module, "weight")
     if (weight.requires_grad and torch.is_grad_enabled()) or _zero3.foreign_hooks(base):
         return None  # (accelerate's hooks wrap base.forward: let it run)
     device_type = x.device.type
@@ -308,31 +316,34 @@ def _single_call(layer: "DoraExtLinear", x: torch.Tensor, adapter: str) -> Optio
         fp32_adapters = dtype in (torch.float16, torch.bfloat16) and adapter_dtype == torch.float32
         if x.dtype != dtype or lora_B.dtype != adapter_dtype or (adapter_dtype != dtype and not fp32_adapters):
             return None  # dtypes dora_linear does not take: the compose path, as PEFT computes them
-    bias = detach_if_frozen_view(base.bias)
-    if bias is not None:
+    bias = detach_if_frozen_view(_param(base, "bias"))
+    if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
-    magnitude = modules["lora_magnitude_vector"][adapter].weight
+    magnitude = _param(modules["lora_magnitude_vector"]._modules[adapter], "weight")
     scale = layer.scaling[adapter]
-    dropout = modules["lora_dropout"][adapter]
-    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        if _dropout_active(layer, dropout):
-            # PEFT's order: x cast to the adapter dtype, then the layer's own dropout module (the same
-            # draw from the same generator state: a seeded run gets PEFT's masks)
-            x_dropped = dropout(layer._cast_input_dtype(x, adapter_dtype))
-            if x_dropped.dtype != adapter_dtype:
-                x_dropped = x_dropped.to(dtype)
-            return dora_linear_dropout(x.to(dtype), x_dropped, weight.to(dtype), bias,
-                                       cast_for_forward(lora_A, adapter_dtype), cast_for_forward(lora_B, adapter_dtype),
-                                       magnitude, scale)
-        return dora_linear(
-            x.to(dtype),
-            weight.to(dtype),  # not cached: a lasting copy of every base weight would cost memory
-            bias,
-            cast_for_forward(lora_A, adapter_dtype),
-            cast_for_forward(lora_B, adapter_dtype),
-            magnitude,
-            scale,
-        )
+    dropout = modules["lora_dropout"]._modules[adapter]
+    lora_A, lora_B = cast_for_forward(lora_A, adapter_dtype), cast_for_forward(lora_B, adapter_dtype)
+    if not autocast:  # (no context manager and no .to: each costs microseconds, per layer and token)
+        return _dora_call(layer, x, weight, bias, lora_A, lora_B, magnitude, scale, dropout, adapter_dtype)
+    with torch.autocast(device_type, enabled=False):
+        # the weight not cached in the compute dtype: a lasting copy of every base weight would cost memory
+        return _dora_call(layer, x.to(dtype), weight.to(dtype), bias, lora_A, lora_B, magnitude, scale, dropout,
+                          adapter_dtype)
+
+
+def _dora_call(layer: "DoraExtLinear", x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor, scale: float, dropout: nn.Module,
+               adapter_dtype: torch.dtype) -> torch.Tensor:
+    """_single_call's op call, every tensor in its compute dtype: dora_linear, or dora_linear_dropout
+    when the layer's dropout applies."""
+    if not _dropout_active(layer, dropout):
+        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scale)
+    # PEFT's order: x cast to the adapter dtype, then the layer's own dropout module (the same draw
+    # from the same generator state: a seeded run gets PEFT's masks)
+    x_dropped = dropout(layer._cast_input_dtype(x, adapter_dtype))
+    if x_dropped.dtype != adapter_dtype:
+        x_dropped = x_dropped.to(x.dtype)
+    return dora_linear_dropout(x, x_dropped, weight, bias, lora_A, lora_B, magnitude, scale)
 
 
 def _to_compute_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -452,7 +463,9 @@ class DoraExtLinear(LoraLinear):
         return "Linear"
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not _zero3.is_registered(self) and _zero3.is_partitioned(self.base_layer.weight):
+        if not _zero3.is_registered(self):
+            if not _zero3.is_partitioned(_param(self._modules["base_layer"], "weight")):
+                return self._routed_forward(x, *args, **kwargs)
             # accelerate() ran before deepspeed.initialize partitioned the parameters
             _zero3.register(self)
             self.__dict__[_STATUS] = ROUTED_ZERO3
@@ -479,7 +492,7 @@ class DoraExtLinear(LoraLinear):
         if self.merged:
             return self.base_layer(x)
 
-        adapters = [a for a in self.active_adapters if a in self.lora_A]
+        adapters = [a for a in self.active_adapters if a in self._modules["lora_A"]._modules]
         if len(adapters) == 1 and _is_dora_adapter(self, adapters[0]):
             # x goes straight to the compute dtype; PEFT's detour through the adapter dtype changes
             # nothing unless the adapter dtype is narrower than the autocast dtype
