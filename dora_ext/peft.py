@@ -386,7 +386,7 @@ def _mixed_batch(layer: "DoraExtLinear", x: torch.Tensor, adapter_names: list[st
     dora_linear_mixed call, row i with adapter ``adapter_names[i]`` (``"__base__"`` or an adapter this
     layer lacks: the base model). None where the call does not qualify (PEFT's forward then runs).
     Runs once per layer and decode step: submodules and parameters are read straight from their
-    dictionaries (``Module.__getattr__`` costs about a microsecond a lookup, eight adapters need ~30)."""
+    dictionaries (see _param; eight adapters need ~30 lookups)."""
     if len(x) != len(adapter_names):
         raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
                          f"{len(adapter_names)} and {len(x)} respectively.")
@@ -407,10 +407,10 @@ def _mixed_batch(layer: "DoraExtLinear", x: torch.Tensor, adapter_names: list[st
     lora_A, lora_B, magnitude, scale = [], [], [], []
     for name in names:
         b_module = B_modules[name]
-        a, b = A_modules[name]._parameters["weight"], b_module._parameters["weight"]
+        a, b = _param(A_modules[name], "weight"), _param(b_module, "weight")
         adapter_dtype = dtype if autocast else a.dtype
         fp32_adapters = dtype in (torch.float16, torch.bfloat16) and adapter_dtype == torch.float32
-        if b_module._parameters.get("bias") is not None or (adapter_dtype != dtype and not fp32_adapters):
+        if _param(b_module, "bias") is not None or (adapter_dtype != dtype and not fp32_adapters):
             return None
         variant = variants.get(name)
         dora = type(variant) is DoraLinearVariant
@@ -418,7 +418,7 @@ def _mixed_batch(layer: "DoraExtLinear", x: torch.Tensor, adapter_names: list[st
             return None  # another variant: PEFT's own code
         lora_A.append(cast_for_forward(a, adapter_dtype))
         lora_B.append(cast_for_forward(b, adapter_dtype))
-        magnitude.append(magnitude_modules[name]._parameters["weight"] if dora else None)
+        magnitude.append(_param(magnitude_modules[name], "weight") if dora else None)
         scale.append(scaling[name])
     position = {n: k for k, n in enumerate(names)}
     index = torch.tensor([position.get(n, -1) for n in adapter_names], dtype=torch.int64)
