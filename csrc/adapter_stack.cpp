@@ -17,8 +17,8 @@ namespace {
 constexpr int64_t kRankQuantum = 16;
 
 std::pair<at::Tensor, at::Tensor> stack_factors(at::TensorList lora_A, at::TensorList lora_B) {
-  const int64_t rank = adapter_columns(lora_A).back(), d_in = lora_A[0].size(1), d_out = lora_B[0].size(0);
-  const int64_t pad = (kRankQuantum - rank % kRankQuantum) % kRankQuantum;
+  const int64_t d_in = lora_A[0].size(1), d_out = lora_B[0].size(0);
+  const int64_t pad = stacked_rank(lora_A) - adapter_columns(lora_A).back();
   std::vector<at::Tensor> a(lora_A.begin(), lora_A.end()), b(lora_B.begin(), lora_B.end());
   if (pad > 0) {
     a.push_back(at::zeros({pad, d_in}, lora_A[0].options()));
@@ -87,6 +87,10 @@ std::vector<int64_t> adapter_columns(at::TensorList lora_A) {
   std::vector<int64_t> columns{0};
   for (const at::Tensor& a : lora_A) columns.push_back(columns.back() + a.size(0));
   return columns;
+}
+
+int64_t stacked_rank(at::TensorList lora_A) {
+  return (adapter_columns(lora_A).back() + kRankQuantum - 1) / kRankQuantum * kRankQuantum;
 }
 
 AdapterStack stack_adapters(const at::Tensor& weight, at::TensorList lora_A, at::TensorList lora_B,

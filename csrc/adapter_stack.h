@@ -1,7 +1,7 @@
 #pragma once
-// Several adapters of one layer laid side by side along the rank, for the mixed decode kernel
-// (triton_src/decode.py's dora_mixed_decode_kernel): one GEMM gives every row's h = x A^T for every
-// adapter, one pass over W and B_cat applies each row's own columns (the others are masked).
+// Several adapters of one layer laid side by side along the rank, for the mixed-batch kernels
+// (mixed_stacked.h): h = x A_cat^T holds every adapter's term, and a kernel applies each row's own
+// columns of h and B_cat (the others are masked).
 #include <ATen/core/Tensor.h>
 
 #include <vector>
@@ -18,6 +18,9 @@ struct AdapterStack {
 
 // Where adapter k's columns start in the stack: K + 1 offsets, the last one the sum of the ranks.
 std::vector<int64_t> adapter_columns(at::TensorList lora_A);
+
+// The stack's rank R: the ranks' sum, padded.
+int64_t stacked_rank(at::TensorList lora_A);
 
 // The stack of K >= 1 adapters of one dtype on `weight`; g[k] is adapter k's g (float32 [d_out], from
 // the norm cache), undefined for plain LoRA. The last stack made for each weight is reused while

@@ -2,27 +2,14 @@
 
 #include "eager.h"
 #include "fp32_adapters.h"
+#include "mixed_rows.h"
 #include "norm_cache.h"
 #include "tiered.h"
 
 #include <ATen/ATen.h>
 
 namespace dora_ext {
-namespace {
 
-// The leading rows of x that use one adapter (or the base model: adapter -1). A group whose rows
-// are consecutive is read and written through views of x and of the output; the others are gathered
-// with `rows` (a slice of one device tensor holding every gathered group's row numbers).
-struct RowGroup {
-  int64_t adapter = -1;
-  int64_t first = 0, count = 0;  // consecutive rows: [first, first + count)
-  bool consecutive = true;
-  at::Tensor rows;  // the row numbers on x's device, when not consecutive
-};
-
-// Groups the rows by adapter on the host (PEFT passes the index on the CPU) and copies the row
-// numbers of the scattered groups to the device in one copy that does not wait for the GPU's queue
-// (pinned memory): the host keeps queueing work ahead of the GPU.
 std::vector<RowGroup> group_rows(const at::Tensor& adapter_index, int64_t adapters, const at::Device& device) {
   const at::Tensor index = adapter_index.to(at::kCPU).to(at::kLong).contiguous();
   const int64_t* k = index.const_data_ptr<int64_t>();
@@ -51,6 +38,8 @@ std::vector<RowGroup> group_rows(const at::Tensor& adapter_index, int64_t adapte
   }
   return groups;
 }
+
+namespace {
 
 // One adapter on its rows, in place: z [T, d_out] holds their x W^T and becomes their output,
 // computed as dora_linear's forward on those rows alone would (DoRA) or as base + s lora + bias

@@ -4,8 +4,8 @@
 // batch; each adapter's rows (views where they are consecutive, gathered otherwise) get their LoRA
 // product and are composed in place as dora_linear composes them (DoRA: that adapter's cached norm;
 // plain LoRA: base + s * lora). Rows with adapter index -1 get the base output. The host never waits
-// for the GPU. Inference only. Decode-size calls on the fused tier run the mixed decode kernel
-// instead where it serves them (mixed_decode.h).
+// for the GPU. Inference only. On the fused tier the stacked-adapter kernels run instead where they
+// serve the call (mixed_stacked.h): launches that do not grow with the number of adapters.
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 

@@ -14,7 +14,7 @@
 
 #ifdef DORA_EXT_WITH_CUDA
 #include "fused.h"
-#include "mixed_decode.h"
+#include "mixed_stacked.h"
 #endif
 
 #include <ATen/ops/empty.h>
@@ -139,10 +139,16 @@ at::Tensor dora_linear_mixed_impl(const at::Tensor& x, const at::Tensor& weight,
   check_dora_linear_mixed_args("dora_linear_mixed", x, weight, bias, lora_A, lora_B, magnitude, scale, adapter_index);
   OpScope scope(x, weight.size(0), /*training=*/false);
 #ifdef DORA_EXT_WITH_CUDA
-  const int64_t max_decode_tokens = current_options().decode_max_tokens;
-  if (scope.fused() && mixed_decode_serves(x, weight, lora_A, max_decode_tokens)) {
-    scope.note("mixed decode kernel (tokens <= " + std::to_string(max_decode_tokens) + ")");
-    return mixed_decode_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, adapter_index);
+  if (scope.fused() && mixed_stacked_serves(x, weight, lora_A)) {
+    const int64_t max_decode_tokens = current_options().decode_max_tokens;
+    if (x.numel() / x.size(-1) <= max_decode_tokens) {
+      scope.note("mixed decode kernel (tokens <= " + std::to_string(max_decode_tokens) + ")");
+      return mixed_decode_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, adapter_index);
+    }
+    if (mixed_lora_serves(weight, lora_A)) {
+      scope.note("mixed LoRA kernel on the base output (tokens > " + std::to_string(max_decode_tokens) + ")");
+      return mixed_lora_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, adapter_index);
+    }
   }
 #endif
   return dora_linear_mixed_body(x, weight, bias, lora_A, lora_B, magnitude, scale, adapter_index, scope.fused());

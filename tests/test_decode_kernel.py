@@ -144,3 +144,77 @@ def test_mixed_decode_kernel_matches_float64_under_the_interpreter():
         assert case["dtype_ok"], case
         tol = ROUNDED_ONCE_TOL[getattr(torch, case["dtype"].removeprefix("torch."))]
         assert max(case["row_errs"]) < tol, case  # each row on its own: NaN fails too
+
+
+# dora_mixed_lora_kernel: the adapters of a mixed batch on its base output z (dora_linear_mixed at
+# prefill sizes). Inputs laid out as csrc/mixed_prefill.cpp lays them out: the stacked h and B of
+# the decode case (noise in the padding columns), the row table per leading row of x, each row
+# holding per_row tokens; y written over z as the op does.
+_MIXED_LORA_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, triton
+    sys.path.insert(0, sys.argv[1])
+    sys.path.insert(0, sys.argv[1] + "/tests")
+    from reference import rel_err
+    from triton_src.decode import dora_mixed_lora_kernel
+    out = []
+    for name, dtype, adapter_dtype, N, ranks, dora, index, per_row, bias in [
+        ("odd shapes, r = 1, base rows, rows of 5 tokens", torch.float16, torch.float16, 45, [1, 5, 3],
+         [True, False, True], [0, -1, 2, 1, -1, 0, 2], 5, True),
+        ("one token per row, every row another adapter", torch.float16, torch.float16, 40, [2, 7, 1, 16, 4],
+         [True, True, False, True, False], [4, 3, 2, 1, 0, 2, 4, 1, 0, 3, 3, 2, 1, 0, 4, 4, 2, 1], 1, False),
+        ("rows longer than a tile, ranks longer than a K tile", torch.float16, torch.float16, 33, [19, 1, 40],
+         [False, True, True], [2, 0, 1], 37, True),
+        ("only base rows", torch.float16, torch.float16, 33, [3], [True], [-1, -1], 9, True),
+        ("float32 adapters", torch.float16, torch.float32, 37, [1, 21, 6], [True, False, True],
+         [2, -1, 0, 1], 11, True),
+        ("float32", torch.float32, torch.float32, 45, [5, 1, 2], [True, False, True], [1, 2, 0, -1], 3, False),
+    ]:
+        fp32_adapters = adapter_dtype != dtype
+        gen = torch.Generator().manual_seed(len(index) * 100 + N)
+        K, pad = len(ranks), 3
+        T = len(index) * per_row
+        ends = torch.tensor(ranks).cumsum(0).tolist()
+        starts = [e - r for e, r in zip(ends, ranks)]
+        R = ends[-1] + pad
+        z = torch.randn(T, N + 5, generator=gen).to(dtype)[:, :N]  # rows strided past N
+        h = torch.randn(T, R, generator=gen).to(adapter_dtype)
+        B = torch.randn(N, R, generator=gen).to(adapter_dtype)
+        G = torch.ones(K + 1, N)
+        for k in range(K):
+            if dora[k]:
+                G[k] = torch.rand(N, generator=gen) + 0.5
+        scales = [0.25 * (k + 1) for k in range(K)]
+        b = torch.randn(N, generator=gen).to(dtype)
+        info = torch.zeros(len(index), 4, dtype=torch.int32)
+        for i, k in enumerate(index):
+            if k >= 0:
+                info[i, :3] = torch.tensor([k, starts[k], ends[k]])
+                info[i, 3] = torch.tensor([scales[k]], dtype=torch.float32).view(torch.int32)
+            else:
+                info[i, :3] = torch.tensor([K, 0, 0])
+        ref = torch.empty(T, N, dtype=torch.float64)
+        for t in range(T):
+            k = index[t // per_row]
+            ref[t] = z[t].double()
+            if k >= 0:
+                cols = slice(starts[k], ends[k])
+                ref[t] = (ref[t] + scales[k] * h[t, cols].double() @ B[:, cols].double().t()) * G[k].double()
+        ref = ref + (b.double() if bias else 0)
+        BM, BN, BR = 16, 16, 16
+        grid = (triton.cdiv(T, BM), triton.cdiv(N, BN))
+        dora_mixed_lora_kernel[grid](z, h, B, G, info, b if bias else G, z, T, N, per_row, z.stride(0), h.stride(0),
+                                     B.stride(0), G.stride(0), z.stride(0), HAS_BIAS=bias,
+                                     FP32_ADAPTERS=fp32_adapters, BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR)
+        out.append({"case": name, "dtype": str(dtype), "dtype_ok": z.dtype == dtype,
+                    "row_errs": [rel_err(z[t], ref[t]) for t in range(T)]})
+    print(json.dumps(out))
+""")
+
+
+def test_mixed_lora_kernel_matches_float64_under_the_interpreter():
+    cases = interpreted_cases(_MIXED_LORA_SCRIPT)
+    assert len(cases) == 6
+    for case in cases:
+        assert case["dtype_ok"], case
+        tol = ROUNDED_ONCE_TOL[getattr(torch, case["dtype"].removeprefix("torch."))]
+        assert max(case["row_errs"]) < tol, case  # each token on its own: NaN fails too

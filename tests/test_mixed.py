@@ -236,16 +236,18 @@ def test_mixed_decode_kernel_limits():
 @pytest.mark.cuda
 @_NEEDS_GPU
 @pytest.mark.parametrize("dtype, adapter_dtype", DECODE_CASES[::2])
-@pytest.mark.parametrize("batch, index", [
-    ((4, 1), [0, 1, 2, -1]),                       # decode size: the mixed decode kernel
-    ((6, 40), [0, 0, 3, 1, 2, -1]),                # prefill size, consecutive groups (views)
-    ((6, 40), [2, 0, 1, 2, -1, 0]),                # prefill size, scattered groups (one copy of their rows)
-], ids=["decode", "prefill-consecutive", "prefill-scattered"])
-def test_mixed_batches_never_wait_for_the_gpu(dtype, adapter_dtype, batch, index):
+@pytest.mark.parametrize("batch, index, d_out", [
+    ((4, 1), [0, 1, 2, -1], 48),                   # decode size: the mixed decode kernel
+    ((6, 40), [0, 0, 3, 1, 2, -1], 48),            # prefill size, per adapter, consecutive groups (views)
+    ((6, 40), [2, 0, 1, 2, -1, 0], 48),            # per adapter, scattered groups (one copy of their rows)
+    ((6, 40), [0, 0, 3, 1, 2, -1], 96),            # prefill size, the mixed LoRA kernel
+    ((6, 40), [2, 0, 1, 2, -1, 0], 96),
+], ids=["decode", "prefill-consecutive", "prefill-scattered", "stacked-consecutive", "stacked-scattered"])
+def test_mixed_batches_never_wait_for_the_gpu(dtype, adapter_dtype, batch, index, d_out):
     """With PEFT's host-side adapter index, a mixed call (norms cached) makes no synchronising CUDA call:
     the host queues the next layer's work while the GPU runs this one."""
     dora_ext.set_options(tier="fused")
-    x, W, b, adapters = _decode_inputs(dtype, adapter_dtype, batch)
+    x, W, b, adapters = _decode_inputs(dtype, adapter_dtype, batch, d_out=d_out)
     index = torch.tensor(index)
     with torch.no_grad():
         expected = _run(x, W, b, adapters, index)  # fills the norm cache (a norm's first computation may wait)
@@ -256,6 +258,81 @@ def test_mixed_batches_never_wait_for_the_gpu(dtype, adapter_dtype, batch, index
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(y, expected)
+
+
+# ------------------------------------------------------ the mixed LoRA kernel (CUDA, above decode sizes)
+# Every adapter's factors of one dtype and their stacked rank at most d_out / 2: cuBLAS's x W^T for the
+# whole batch, h for the stacked adapters, then one kernel applies each row's adapter over x W^T
+# (triton_src/decode.py's dora_mixed_lora_kernel). The adapters of _decode_inputs stack to rank 32.
+
+def _assert_mixed_lora_kernel_ran():
+    tier, reason = dora_ext.last_tier()
+    assert tier == "fused_inference" and "mixed LoRA kernel on the base output" in reason, (tier, reason)
+
+
+@pytest.mark.cuda
+@_NEEDS_GPU
+@pytest.mark.parametrize("dtype, adapter_dtype", DECODE_CASES)
+@pytest.mark.parametrize("batch, index", [
+    ((6, 40), [0, 0, 3, 1, 2, -1]),                # consecutive groups, base rows, an unused adapter
+    ((6, 40), [2, 0, 1, 2, -1, 0]),                # scattered groups
+    ((3, 150), [4, 4, 4]),                         # one adapter, rows longer than a tile
+    ((70,), [k % 6 - 1 for k in range(70)]),       # 2-D x: one token per row, tiles of mixed adapters
+], ids=["consecutive", "scattered", "all-same", "2d-every-token-mixed"])
+@pytest.mark.parametrize("d_in, d_out, bias", [(64, 96, True), (37, 83, False)], ids=["aligned", "odd-nobias"])
+def test_prefill_sizes_run_the_mixed_lora_kernel(dtype, adapter_dtype, batch, index, d_in, d_out, bias):
+    """Each row equals dora_linear (or LoRA) of that row alone, against float64; the kernel served it."""
+    dora_ext.set_options(tier="fused")
+    x, W, b, adapters = _decode_inputs(dtype, adapter_dtype, batch, d_in, d_out, bias)
+    _check(x, W, b, adapters, torch.tensor(index), dtype)
+    _assert_mixed_lora_kernel_ran()
+
+
+@pytest.mark.cuda
+@_NEEDS_GPU
+@pytest.mark.parametrize("dtype, adapter_dtype", DECODE_CASES[::2])
+def test_mixed_lora_kernel_on_a_non_contiguous_x(dtype, adapter_dtype):
+    dora_ext.set_options(tier="fused")
+    x, W, b, adapters = _decode_inputs(dtype, adapter_dtype, (30, 5), d_out=96)
+    x = x.transpose(0, 1).contiguous().transpose(0, 1)  # [30, 5, d_in], not contiguous
+    _check(x, W, b, adapters, torch.tensor([k % 6 - 1 for k in range(30)]), dtype)
+    _assert_mixed_lora_kernel_ran()
+
+
+@pytest.mark.cuda
+@_NEEDS_GPU
+@pytest.mark.parametrize("dtype, adapter_dtype", DECODE_CASES[::2])
+def test_mixed_lora_kernel_sees_in_place_writes(dtype, adapter_dtype):
+    """As the decode kernel's test: the stack, the norms and G follow writes to the adapters."""
+    dora_ext.set_options(tier="fused")
+    x, W, b, adapters = _decode_inputs(dtype, adapter_dtype, (2, 40), d_out=96)
+    index = torch.tensor([0, 1])
+    with torch.no_grad():
+        before = _run(x, W, b, adapters, index)
+        adapters[0]["B"].mul_(-3.0)
+        adapters[1]["A"].mul_(-3.0)
+        after = _run(x, W, b, adapters, index)
+    _assert_mixed_lora_kernel_ran()
+    for i, k in enumerate(index.tolist()):
+        assert rel_err(after[i], before[i]) > 0.05, k
+        assert rel_err(after[i], _reference_row(x[i], W, b, adapters[k])) < FWD_TOL[dtype], k
+
+
+@pytest.mark.cuda
+@_NEEDS_GPU
+def test_mixed_lora_kernel_limits():
+    """A stacked rank above d_out / 2, or adapters of two dtypes: the per-adapter path (same rows)."""
+    dora_ext.set_options(tier="fused")
+    x, W, b, adapters = _decode_inputs(torch.bfloat16, None, (4, 20), d_out=63)  # stacked rank 32 > 31.5
+    index = torch.tensor([0, 1, 2, -1])
+    _check(x, W, b, adapters, index, torch.bfloat16)
+    assert "mixed LoRA kernel" not in dora_ext.last_tier()[1]
+    x, W, b, adapters = _decode_inputs(torch.bfloat16, None, (4, 20), d_out=64)
+    _check(x, W, b, adapters, index, torch.bfloat16)
+    _assert_mixed_lora_kernel_ran()
+    fp32 = _adapters(64, 64, [2], torch.bfloat16, "cuda", ["dora"], torch.float32)
+    _check(x, W, b, adapters[:2] + fp32, torch.tensor([0, 2, 1, -1]), torch.bfloat16)
+    assert "mixed LoRA kernel" not in dora_ext.last_tier()[1]
 
 # ------------------------------------------------------------------------------------------- PEFT
 

@@ -25,12 +25,13 @@ import triton.language as tl
 
 @triton.jit
 def _accumulate_abt(acc, a_ptr, b_ptr, offs_m, offs_n, m_ok, n_ok, stride_a, stride_b, K,
-                    BLOCK_K: tl.constexpr, IEEE: tl.constexpr, ROW_RANGE: tl.constexpr = False, k_lo=0, k_hi=0):
-    """acc + a[offs_m, :K] @ b[offs_n, :K]^T (unit stride along K); ``IEEE``: float32 products
-    without tf32 rounding (float32 operands). ``ROW_RANGE``: row i of ``a`` reads only its columns
-    [k_lo[i], k_hi[i]) ([BLOCK_M] tensors), the others as 0."""
+                    BLOCK_K: tl.constexpr, IEEE: tl.constexpr, ROW_RANGE: tl.constexpr = False, k_lo=0, k_hi=0,
+                    k_start=0):
+    """acc + a[offs_m, k_start:K] @ b[offs_n, k_start:K]^T (unit stride along K); ``IEEE``: float32
+    products without tf32 rounding (float32 operands). ``ROW_RANGE``: row i of ``a`` reads only its
+    columns [k_lo[i], k_hi[i]) ([BLOCK_M] tensors), the others as 0."""
     offs_k = tl.arange(0, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
         a_ok = m_ok[:, None] & k_ok[None, :]
@@ -121,6 +122,47 @@ def dora_mixed_decode_kernel(
                          BLOCK_R, True, lo, hi)
     mn_ok = m_ok[:, None] & n_ok[None, :]
     y = acc * tl.load(g_ptr + g_row[:, None] * stride_g + offs_n[None, :], mask=mn_ok, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mn_ok)
+
+
+@triton.jit
+def dora_mixed_lora_kernel(
+    z_ptr, h_ptr, b_ptr, g_ptr, row_ptr, bias_ptr, y_ptr,
+    n_tokens, n_cols, per_row, stride_z, stride_h, stride_b, stride_g, stride_y,
+    HAS_BIAS: tl.constexpr, FP32_ADAPTERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """y[t] = G[a_t] * (z[t] + s_t * h[t, lo_t:hi_t] B[:, lo_t:hi_t]^T) + bias: the adapters of a
+    mixed batch applied to its base output z = x W^T [T, N] (many tokens: W read by cuBLAS, once).
+
+    Token t belongs to leading row t // per_row, whose entry of ``row_ptr`` (int32 [rows, 4], as
+    dora_mixed_decode_kernel's) names its row of G, its columns [lo, hi) of h and B and its scale.
+    A tile loops only over the columns its tokens own ([min lo, max hi)): one adapter's rank when its
+    tokens share an adapter (a prefill row of many tokens), so the stacked factors cost no more
+    products than each adapter's own. y may be z (each program reads its tile before writing it).
+    FP32_ADAPTERS: h and B float32, IEEE products; z is the base output already rounded to x's dtype.
+    Grid: (token tiles, column tiles): the token tiles on the axis without CUDA's 65535 limit.
+    """
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < n_tokens
+    n_ok = offs_n < n_cols
+    info = row_ptr + (offs_m // per_row) * 4
+    g_row = tl.load(info, mask=m_ok, other=0).to(tl.int64)
+    lo = tl.load(info + 1, mask=m_ok, other=0)
+    hi = tl.load(info + 2, mask=m_ok, other=0)
+    scale = tl.load(info + 3, mask=m_ok, other=0).to(tl.float32, bitcast=True)
+    k_start = tl.min(tl.where(m_ok & (hi > lo), lo, 2147483647), axis=0)
+    k_end = tl.max(tl.where(m_ok, hi, 0), axis=0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulate_abt(acc, h_ptr, b_ptr, offs_m, offs_n.to(tl.int64), m_ok, n_ok, stride_h, stride_b, k_end,
+                          BLOCK_R, FP32_ADAPTERS, True, lo, hi, k_start)
+    mn_ok = m_ok[:, None] & n_ok[None, :]
+    z = tl.load(z_ptr + offs_m[:, None] * stride_z + offs_n[None, :], mask=mn_ok, other=0.0).to(tl.float32)
+    y = (z + acc * scale[:, None]) * tl.load(g_ptr + g_row[:, None] * stride_g + offs_n[None, :], mask=mn_ok,
+                                             other=0.0)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mn_ok)

@@ -65,6 +65,7 @@ KERNEL_KEYS: dict[str, tuple[Axis, ...]] = {
     "dora_grad_output_finish_kernel": (BIAS,),
     "dora_decode_kernel": (_dtype("dtype"), _dtype("adapter_dtype"), BIAS, ALIGNED),
     "dora_mixed_decode_kernel": (_dtype("dtype"), _dtype("adapter_dtype"), BIAS, ALIGNED),
+    "dora_mixed_lora_kernel": (_dtype("dtype"), _dtype("adapter_dtype"), BIAS, ALIGNED),
     "dora_norm_partials_kernel": (_dtype("dtype"), Axis("rank_tile", "int", "r"),
                                   _flag("weight_sq", "wsq", "nowsq"), ALIGNED),
     "dora_norm_finish_kernel": (_dtype("dtype"),),
@@ -280,6 +281,37 @@ def _decode_specs() -> list[Spec]:
     return specs
 
 
+# dora_mixed_lora_kernel's tile: tokens x columns of the base output, and the rank step (16 for
+# float32 adapters, whose IEEE products run on the FMA units and hold fp32 operand tiles).
+MIXED_LORA_TILE = {"BLOCK_M": 64, "BLOCK_N": 128}
+MIXED_LORA_BLOCK_R = {False: 32, True: 16}
+
+
+def _mixed_lora_specs() -> list[Spec]:
+    """The adapters of a mixed batch on its base output (dora_linear_mixed above decode sizes)."""
+    specs = []
+    for dt in ("fp16", "bf16"):
+        for adapter_dt in (dt, "fp32"):
+            fp32_adapters = adapter_dt == "fp32"
+            for bias in (True, False):
+                for a16 in (True, False):
+                    sig = {"z_ptr": f"*{dt}", "h_ptr": f"*{adapter_dt}", "b_ptr": f"*{adapter_dt}", "g_ptr": "*fp32",
+                           "row_ptr": "*i32", "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", "n_tokens": "i64",
+                           "n_cols": "i64", "per_row": "i64", "stride_z": "i64", "stride_h": "i64",
+                           "stride_b": "i64", "stride_g": "i64", "stride_y": "i64"}
+                    aligned = ("z_ptr", "h_ptr", "b_ptr", "g_ptr", "bias_ptr", "y_ptr", "n_cols", "stride_z",
+                               "stride_h", "stride_b", "stride_g", "stride_y")
+                    specs.append(Spec(
+                        module="decode", kernel="dora_mixed_lora_kernel",
+                        key=(dt, adapter_dt, bias, a16),
+                        signature=sig,
+                        aligned=aligned if a16 else (),
+                        constexprs={"HAS_BIAS": int(bias), "FP32_ADAPTERS": int(fp32_adapters), **MIXED_LORA_TILE,
+                                    "BLOCK_R": MIXED_LORA_BLOCK_R[fp32_adapters]},
+                        num_warps=8, num_stages=2, tile=(MIXED_LORA_TILE["BLOCK_M"], MIXED_LORA_TILE["BLOCK_N"])))
+    return specs
+
+
 # The layouts of the parts kernel (triton_src/parts.py's LAYOUT, csrc/fp32_adapters.cpp's PartsLayout):
 # [hi mid lo], the six products' left factor [hi hi hi mid mid lo] and their right factor
 # [hi mid lo hi mid hi]. Each in both concatenation dims: six variants, no alignment axis (a copy
@@ -354,4 +386,5 @@ DEFAULT_ARCHS: tuple[int, ...] = (80, 86, 89, 90, 100, 120)
 
 SPECS: tuple[Spec, ...] = tuple(_scale_specs() + _delta_specs() + _delta_backward_specs() + _fp32_compose_specs() +
                                 _grad_prologue_specs() + _grad_prologue_output_specs() + _grad_output_finish_specs() +
-                                _decode_specs() + _norm_partials_specs() + _norm_finish_specs() + _fp32_parts_specs())
+                                _decode_specs() + _mixed_lora_specs() + _norm_partials_specs() + _norm_finish_specs() +
+                                _fp32_parts_specs())
