@@ -1,6 +1,6 @@
 #include "checks.h"
 
-#include <ATen/ops/empty.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -32,6 +32,45 @@ void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t di
   TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D ", shape, ", got shape ", t.sizes());
 }
 
+// A layer with no inputs or no outputs has no row norm to speak of (and its backward could not
+// reshape [T, 0] activations): rejected here, by name.
+void check_weight_shape(const char* op, const at::Tensor& weight) {
+  TORCH_CHECK(weight.size(0) >= 1 && weight.size(1) >= 1, op,
+              ": weight must be [d_out, d_in] with d_out >= 1 and d_in >= 1, got shape ", weight.sizes());
+}
+
+// x [..., d_in] and weight [d_out, d_in]: dimensions, dtypes, device (not yet d_in: the adapters'
+// shapes are named first).
+void check_x_and_weight(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension [..., d_in], got a 0-D tensor");
+  check_float(op, "x", x);
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [d_out, d_in], got shape ", weight.sizes());
+  check_same_dtype(op, "weight", weight, x, "x");
+  check_same_device(op, "weight", weight, x, "x");
+}
+
+void check_x_width(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.size(-1) == weight.size(1), op, ": x has last dimension ", x.size(-1), " but weight is ",
+              weight.sizes(), " (expects d_in = ", weight.size(1), ")");
+}
+
+void check_magnitude(const char* op, const at::Tensor& magnitude, const at::Tensor& x, const at::Tensor& weight) {
+  check_dim(op, "magnitude", magnitude, 1, "[d_out]");
+  check_float(op, "magnitude", magnitude);
+  check_same_device(op, "magnitude", magnitude, x, "x");
+  TORCH_CHECK(magnitude.size(0) == weight.size(0), op, ": magnitude must be [d_out] = [", weight.size(0), "], got ",
+              magnitude.sizes());
+}
+
+void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x, const at::Tensor& weight) {
+  if (!bias.has_value() || !bias->defined()) return;
+  check_dim(op, "bias", *bias, 1, "[d_out]");
+  check_same_dtype(op, "bias", *bias, x, "x");
+  check_same_device(op, "bias", *bias, x, "x");
+  TORCH_CHECK(bias->size(0) == weight.size(0), op, ": bias must be [d_out] = [", weight.size(0), "], got ",
+              bias->sizes());
+}
+
 }  // namespace
 
 at::ScalarType accumulate_type(at::ScalarType dtype) {
@@ -51,11 +90,8 @@ void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Ten
   }
   check_same_device(op, "lora_A", lora_A, weight, "weight");
   check_same_device(op, "lora_B", lora_B, weight, "weight");
+  check_weight_shape(op, weight);
   const int64_t d_out = weight.size(0), d_in = weight.size(1), r = lora_A.size(0);
-  // A layer with no inputs or no outputs has no row norm to speak of (and its
-  // backward could not reshape [T, 0] activations): reject it here, by name.
-  TORCH_CHECK(d_out >= 1 && d_in >= 1, op, ": weight must be [d_out, d_in] with d_out >= 1 and d_in >= 1, got shape ",
-              weight.sizes());
   TORCH_CHECK(r >= 1, op, ": lora_A has rank 0 (shape ", lora_A.sizes(), "); DoRA needs r >= 1");
   TORCH_CHECK(lora_A.size(1) == d_in, op, ": lora_A must be [r, d_in] = [", r, ", ", d_in, "] (weight is ",
               weight.sizes(), "), got ", lora_A.sizes());
@@ -66,26 +102,11 @@ void check_row_norm_args(const char* op, const at::Tensor& weight, const at::Ten
 void check_dora_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
                             const at::Tensor& magnitude) {
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension [..., d_in], got a 0-D tensor");
-  check_float(op, "x", x);
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [d_out, d_in], got shape ", weight.sizes());
-  check_same_dtype(op, "weight", weight, x, "x");
-  check_same_device(op, "weight", weight, x, "x");
+  check_x_and_weight(op, x, weight);
   check_row_norm_args(op, weight, lora_A, lora_B);
-  TORCH_CHECK(x.size(-1) == weight.size(1), op, ": x has last dimension ", x.size(-1), " but weight is ",
-              weight.sizes(), " (expects d_in = ", weight.size(1), ")");
-  check_dim(op, "magnitude", magnitude, 1, "[d_out]");
-  check_float(op, "magnitude", magnitude);
-  check_same_device(op, "magnitude", magnitude, x, "x");
-  TORCH_CHECK(magnitude.size(0) == weight.size(0), op, ": magnitude must be [d_out] = [", weight.size(0), "], got ",
-              magnitude.sizes());
-  if (bias.has_value() && bias->defined()) {
-    check_dim(op, "bias", *bias, 1, "[d_out]");
-    check_same_dtype(op, "bias", *bias, x, "x");
-    check_same_device(op, "bias", *bias, x, "x");
-    TORCH_CHECK(bias->size(0) == weight.size(0), op, ": bias must be [d_out] = [", weight.size(0), "], got ",
-                bias->sizes());
-  }
+  check_x_width(op, x, weight);
+  check_magnitude(op, magnitude, x, weight);
+  check_bias(op, bias, x, weight);
 }
 
 void check_dora_linear_dropout_args(const char* op, const at::Tensor& x, const at::Tensor& x_dropped,
@@ -112,18 +133,16 @@ void check_dora_linear_mixed_args(const char* op, const at::Tensor& x, const at:
   TORCH_CHECK(lora_B.size() == adapters && magnitude.size() == adapters && scale.size() == adapters, op,
               ": lora_A, lora_B, magnitude and scale must list the same adapters, got ", adapters, ", ", lora_B.size(),
               ", ", magnitude.size(), " and ", scale.size(), " entries");
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [d_out, d_in], got shape ", weight.sizes());
+  check_x_and_weight(op, x, weight);
   for (size_t k = 0; k < adapters; ++k) {
     const std::string where = std::string(op) + " (adapter " + std::to_string(k) + ")";
+    check_row_norm_args(where.c_str(), weight, lora_A[k], lora_B[k]);
     const std::optional<at::Tensor> m = magnitude.get(k);
-    // a plain LoRA adapter has no magnitude: check the rest against a stand-in of the right shape
-    const at::Tensor m_or_stand_in =
-        m.has_value() && m->defined() ? *m : at::empty({weight.size(0)}, x.options().dtype(at::kFloat));
-    check_dora_linear_args(where.c_str(), x, weight, bias, lora_A[k], lora_B[k], m_or_stand_in);
+    if (m.has_value() && m->defined()) check_magnitude(where.c_str(), *m, x, weight);  // none: plain LoRA
   }
-  if (adapters == 0)
-    check_dora_linear_args(op, x, weight, bias, weight.new_empty({1, weight.size(1)}),
-                           weight.new_empty({weight.size(0), 1}), weight.new_empty({weight.size(0)}));
+  check_weight_shape(op, weight);
+  check_x_width(op, x, weight);
+  check_bias(op, bias, x, weight);
   TORCH_CHECK(adapter_index.dim() == 1 && adapter_index.size(0) == x.size(0), op, ": adapter_index must be [rows] = [",
               x.size(0), "] (one adapter per leading row of x), got shape ", adapter_index.sizes());
   TORCH_CHECK(adapter_index.scalar_type() == at::kLong || adapter_index.scalar_type() == at::kInt, op,
