@@ -82,7 +82,7 @@ def with_adapters(base: torch.nn.Module, args: argparse.Namespace, dora: bool) -
         if model is None:
             model = peft.get_peft_model(base, config, adapter_name=f"a{k}", autocast_adapter_dtype=False)
         else:
-            model.add_adapter(f"a{k}", config)
+            model.add_adapter(f"a{k}", config, autocast_adapter_dtype=False)  # bf16 too (its default: fp32)
     perturb_adapters(model, seed=2)  # every adapter's B and magnitude, from one generator
     return model.eval()
 
