@@ -13,7 +13,7 @@
 // hi*lo, mid*mid, lo*hi); the three dropped ones are below 2^-24, float32's own
 // rounding. The parts come from one pass of an AOT kernel (triton_src/parts.py) written
 // straight into the GEMM operand, or from ATen ops where no cubin serves the device (the
-// same bits). Elsewhere (CPU, float16, fewer than 2048 tokens) the adapters' GEMMs run
+// same bits). Elsewhere (CPU, float16, fewer than fp32_parts_min_tokens tokens) the adapters' GEMMs run
 // in float32.
 #include <ATen/core/Tensor.h>
 

@@ -5,7 +5,7 @@
 //   tier                    DORA_EXT_TIER                     auto   (auto|eager|fused|prefer_fused)
 //   norm_cache              DORA_EXT_NORM_CACHE               1      (0 turns the row-norm cache off)
 //   decode_max_tokens       DORA_EXT_DECODE_MAX_TOKENS        16     (0 turns the decode kernels off)
-//   fp32_parts_min_tokens   DORA_EXT_FP32_PARTS_MIN_TOKENS    2048
+//   fp32_parts_min_tokens   DORA_EXT_FP32_PARTS_MIN_TOKENS    512
 //   saved_activation        DORA_EXT_SAVED_ACTIVATION         output (output|z|recompute)
 //
 // The process-wide values are read from the environment once, on first use,
@@ -36,7 +36,7 @@ struct Options {
   TierOverride tier = TierOverride::Auto;
   bool norm_cache = true;
   int64_t decode_max_tokens = 16;
-  int64_t fp32_parts_min_tokens = 2048;
+  int64_t fp32_parts_min_tokens = 512;
   SavedActivation saved_activation = SavedActivation::Output;
 };
 

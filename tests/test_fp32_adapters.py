@@ -20,7 +20,7 @@ SHAPES = [(64, 96, 16, (128,)), (37, 23, 1, (3, 5)), (130, 70, 12, (2, 9))]  # o
 @pytest.fixture(autouse=True, params=["bf16_parts", "fp32_gemms"])
 def route(request) -> str:
     """Both CUDA bfloat16 routes at test sizes: tensor cores over exact parts from the first token,
-    or float32 GEMMs throughout (the default switches at 2048 tokens). No effect elsewhere."""
+    or float32 GEMMs throughout (the default switches at 512 tokens). No effect elsewhere."""
     dora_ext.set_options(fp32_parts_min_tokens=0 if request.param == "bf16_parts" else 1_000_000_000)
     return request.param
 

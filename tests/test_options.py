@@ -14,7 +14,7 @@ import dora_ext
 from fresh_process import run_python
 from reference import make_inputs
 
-DEFAULTS = {"tier": "auto", "norm_cache": True, "decode_max_tokens": 16, "fp32_parts_min_tokens": 2048,
+DEFAULTS = {"tier": "auto", "norm_cache": True, "decode_max_tokens": 16, "fp32_parts_min_tokens": 512,
             "saved_activation": "output"}
 _NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
