@@ -3,7 +3,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <utility>
 
 namespace dora_ext {
 namespace {
@@ -69,6 +71,17 @@ void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at:
   check_same_device(op, "bias", *bias, x, "x");
   TORCH_CHECK(bias->size(0) == weight.size(0), op, ": bias must be [d_out] = [", weight.size(0), "], got ",
               bias->sizes());
+}
+
+// The smallest and largest entry of a non-empty integer index. A CPU index (PEFT's) is read in place:
+// two ATen reductions and their .item() cost microseconds per layer call at decode sizes; an index on
+// the GPU is read back (a synchronisation).
+std::pair<int64_t, int64_t> index_range(const at::Tensor& index) {
+  if (!index.is_cpu()) return {index.min().item<int64_t>(), index.max().item<int64_t>()};
+  const at::Tensor contiguous = index.to(at::kLong).contiguous();
+  const int64_t* data = contiguous.const_data_ptr<int64_t>();
+  const auto [low, high] = std::minmax_element(data, data + contiguous.numel());
+  return {*low, *high};
 }
 
 }  // namespace
@@ -150,7 +163,7 @@ void check_dora_linear_mixed_args(const char* op, const at::Tensor& x, const at:
   TORCH_CHECK(adapter_index.device().is_cpu() || adapter_index.device() == x.device(), op, ": adapter_index is on ",
               adapter_index.device(), "; it must be on the CPU or on x's device ", x.device());
   if (adapter_index.numel() > 0) {
-    const int64_t low = adapter_index.min().item<int64_t>(), high = adapter_index.max().item<int64_t>();
+    const auto [low, high] = index_range(adapter_index);
     TORCH_CHECK(low >= -1 && high < static_cast<int64_t>(adapters), op, ": adapter_index holds ", low < -1 ? low : high,
                 ", but there are ", adapters, " adapters (valid: -1 for the base model, 0 .. number of adapters - 1)");
   }
