@@ -66,11 +66,36 @@ def test_decode_kernel_matches_float64_under_the_interpreter():
         assert case["err"] < ROUNDED_ONCE_TOL[dtype], case  # NaN fails too
 
 
-# dora_mixed_decode_kernel: every row its own adapter (dora_linear_mixed at decode sizes). The script
-# lays out its inputs as csrc/mixed_decode.cpp does: the adapters' h and B side by side (plus padding
-# columns that no row owns, filled with noise here so that a row reading past its own columns shows),
-# G with a row of ones per plain LoRA adapter and one for base-model rows (adapter -1).
-_MIXED_SCRIPT = textwrap.dedent("""
+# The stacked adapters of dora_linear_mixed, laid out as csrc/mixed_stacked.cpp lays them out for both
+# mixed kernels: h [T, R] and B [N, R] side by side (plus padding columns that no row owns, filled
+# with noise so that a row reading past its own columns shows), G with a row of ones per plain LoRA
+# adapter and one for base-model rows (adapter -1), and the row table (one entry per index entry).
+_STACKED = textwrap.dedent("""
+    def stacked_adapters(gen, ranks, dora, index, T, N, adapter_dtype, pad=3):
+        K = len(ranks)
+        ends = torch.tensor(ranks).cumsum(0).tolist()
+        starts = [e - r for e, r in zip(ends, ranks)]
+        h = torch.randn(T, ends[-1] + pad, generator=gen).to(adapter_dtype)
+        B = torch.randn(N, ends[-1] + pad, generator=gen).to(adapter_dtype)
+        G = torch.ones(K + 1, N)
+        for k in range(K):
+            if dora[k]:
+                G[k] = torch.rand(N, generator=gen) + 0.5
+        scales = [0.25 * (k + 1) for k in range(K)]
+        info = torch.zeros(len(index), 4, dtype=torch.int32)
+        for i, k in enumerate(index):
+            if k >= 0:
+                info[i, :3] = torch.tensor([k, starts[k], ends[k]])
+                info[i, 3] = torch.tensor([scales[k]], dtype=torch.float32).view(torch.int32)
+            else:
+                info[i, :3] = torch.tensor([K, 0, 0])
+        return starts, ends, h, B, G, scales, info
+""")
+
+
+# dora_mixed_decode_kernel: every row its own adapter (dora_linear_mixed at decode sizes), on the
+# stacked adapters with a row table entry per token.
+_MIXED_SCRIPT = _STACKED + textwrap.dedent("""
     import json, sys, torch, triton
     sys.path.insert(0, sys.argv[1])
     sys.path.insert(0, sys.argv[1] + "/tests")
@@ -93,27 +118,12 @@ _MIXED_SCRIPT = textwrap.dedent("""
     ]:
         fp32_adapters = adapter_dtype != dtype
         gen = torch.Generator().manual_seed(len(index) * 100 + N)
-        T, K, pad = len(index), len(ranks), 3
-        ends = torch.tensor(ranks).cumsum(0).tolist()
-        starts = [e - r for e, r in zip(ends, ranks)]
-        R = ends[-1] + pad
+        T = len(index)
         x = torch.randn(T, d_in + 3, generator=gen).to(dtype)[:, :d_in]  # rows strided past d_in
         W = torch.randn(N, d_in, generator=gen).to(dtype)
-        h = torch.randn(T, R, generator=gen).to(adapter_dtype)
-        B = torch.randn(N, R, generator=gen).to(adapter_dtype)
-        G = torch.ones(K + 1, N)
-        for k in range(K):
-            if dora[k]:
-                G[k] = torch.rand(N, generator=gen) + 0.5
-        scales = [0.25 * (k + 1) for k in range(K)]
+        starts, ends, h, B, G, scales, info = stacked_adapters(gen, ranks, dora, index, T, N, adapter_dtype)
+        R = h.shape[1]
         b = torch.randn(N, generator=gen).to(dtype)
-        info = torch.zeros(T, 4, dtype=torch.int32)
-        for t, k in enumerate(index):
-            if k >= 0:
-                info[t, :3] = torch.tensor([k, starts[k], ends[k]])
-                info[t, 3] = torch.tensor([scales[k]], dtype=torch.float32).view(torch.int32)
-            else:
-                info[t, :3] = torch.tensor([K, 0, 0])
         y = torch.full((T, N), float("nan"), dtype=dtype)
         BM, BN, BK = 16, 16, 16
         grid = (triton.cdiv(N, BN), triton.cdiv(T, BM))
@@ -146,11 +156,10 @@ def test_mixed_decode_kernel_matches_float64_under_the_interpreter():
         assert max(case["row_errs"]) < tol, case  # each row on its own: NaN fails too
 
 
-# dora_mixed_lora_kernel: the adapters of a mixed batch on its base output z (dora_linear_mixed at
-# prefill sizes). Inputs laid out as csrc/mixed_prefill.cpp lays them out: the stacked h and B of
-# the decode case (noise in the padding columns), the row table per leading row of x, each row
-# holding per_row tokens; y written over z as the op does.
-_MIXED_LORA_SCRIPT = textwrap.dedent("""
+# dora_mixed_lora_kernel: the adapters of a mixed batch on its base output z (dora_linear_mixed above
+# decode sizes), on the stacked adapters with a row table entry per leading row of x, each row holding
+# per_row tokens; y written over z as the op does.
+_MIXED_LORA_SCRIPT = _STACKED + textwrap.dedent("""
     import json, sys, torch, triton
     sys.path.insert(0, sys.argv[1])
     sys.path.insert(0, sys.argv[1] + "/tests")
@@ -171,27 +180,10 @@ _MIXED_LORA_SCRIPT = textwrap.dedent("""
     ]:
         fp32_adapters = adapter_dtype != dtype
         gen = torch.Generator().manual_seed(len(index) * 100 + N)
-        K, pad = len(ranks), 3
         T = len(index) * per_row
-        ends = torch.tensor(ranks).cumsum(0).tolist()
-        starts = [e - r for e, r in zip(ends, ranks)]
-        R = ends[-1] + pad
         z = torch.randn(T, N + 5, generator=gen).to(dtype)[:, :N]  # rows strided past N
-        h = torch.randn(T, R, generator=gen).to(adapter_dtype)
-        B = torch.randn(N, R, generator=gen).to(adapter_dtype)
-        G = torch.ones(K + 1, N)
-        for k in range(K):
-            if dora[k]:
-                G[k] = torch.rand(N, generator=gen) + 0.5
-        scales = [0.25 * (k + 1) for k in range(K)]
+        starts, ends, h, B, G, scales, info = stacked_adapters(gen, ranks, dora, index, T, N, adapter_dtype)
         b = torch.randn(N, generator=gen).to(dtype)
-        info = torch.zeros(len(index), 4, dtype=torch.int32)
-        for i, k in enumerate(index):
-            if k >= 0:
-                info[i, :3] = torch.tensor([k, starts[k], ends[k]])
-                info[i, 3] = torch.tensor([scales[k]], dtype=torch.float32).view(torch.int32)
-            else:
-                info[i, :3] = torch.tensor([K, 0, 0])
         ref = torch.empty(T, N, dtype=torch.float64)
         for t in range(T):
             k = index[t // per_row]
