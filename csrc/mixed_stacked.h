@@ -1,8 +1,9 @@
 #pragma once
 // dora_linear_mixed on CUDA with the adapters stacked along the rank (adapter_stack.h): h = x A_cat^T
 // holds every row's adapter term, and one kernel gives each row its own adapter's columns of h and
-// B, its scale and its g (triton_src/decode.py). Launches per call do not grow with the number of
-// adapters, where the per-adapter path (mixed.h) runs three per adapter.
+// B, its scale and its g (triton_src/decode.py). Three launches per call however many adapters (float32
+// adapters above decode sizes: one GEMM more per adapter), where the per-adapter path (mixed.h) runs
+// three per adapter.
 //  - decode sizes (at most decode_max_tokens tokens): dora_mixed_decode_kernel computes x W^T in the
 //    same single pass over W;
 //  - more tokens: x W^T by cuBLAS, then dora_mixed_lora_kernel applies the adapters over it in place,
