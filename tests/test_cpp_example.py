@@ -234,6 +234,26 @@ def test_cpp_mixed_adapter_batch(example_exe, trained, tmp_path):
     assert bad.returncode == 1 and "adapter_index holds 2, but the set has 1 adapters" in bad.stderr
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("tokens", [5, 64], ids=["decode-size", "prefill-size"])
+def test_cpp_cuda_mixed_adapter_batch(example_exe, trained, tmp_path, dtype, tol, tokens):
+    """DoraAdapterSet on CUDA (with bfloat16, the stacked mixed-batch kernels where they serve), each row
+    against that row alone in float64."""
+    other = _with_adapter(trained, seed=4)
+    x = _export(trained, tmp_path, dtype, tokens=tokens)
+    dora_ext.export.save_adapter(other, tmp_path / "other.pt", dtype=dtype)
+    out = tmp_path / "mixed.pt"
+    _run([str(example_exe), "--base", str(tmp_path / "base.pt"), "--adapter",
+          f"{tmp_path / 'adapter.pt'},{tmp_path / 'other.pt'}", "--adapter-index", "1,-1,0",
+          "--input", str(tmp_path / "input.pt"), "--out", str(out), "--device", "cuda"])
+    y = dora_ext.export.load_tensors(out)[0]["y"]
+    base_model = _with_adapter(trained, seed=0, identity=True)
+    for row, model in enumerate([other, base_model, trained]):
+        assert rel_err(y[row:row + 1], _ref_forward(model, x[row:row + 1])) < tol, row
+
+
 def test_cpp_rejects_a_corrupt_adapter(example_exe, trained, tmp_path):
     """A truncated adapter file is an error naming the file, not a crash or garbage output."""
     _export(trained, tmp_path, torch.float32)
