@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 WITH_CUDA = os.environ.get("DORA_EXT_WITH_CUDA", "1") != "0" and torch.version.cuda is not None and CUDA_HOME
-CUDA_ONLY_SOURCES = {"cuda_driver.cpp", "fused.cpp", "fused_norm.cpp", "mixed_stacked.cpp"}
+CUDA_ONLY_SOURCES = {"cuda_driver.cpp", "fused.cpp", "fused_norm.cpp", "mixed_stacked.cpp", "mixed_row_table.cpp"}
 
 
 def loaded_libstdcxx() -> list[str]:

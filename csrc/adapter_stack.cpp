@@ -35,12 +35,41 @@ at::Tensor stack_g(const std::vector<at::Tensor>& g, int64_t d_out, const at::Te
   return at::cat(rows, 0);
 }
 
+// What the stack's G was made from, besides the factors: W, each magnitude (none: plain LoRA) and
+// the scales. The norm and g of each adapter are functions of these and of the factors alone.
+struct GInputs {
+  Fingerprint weight;
+  std::vector<std::optional<Fingerprint>> magnitudes;
+  std::vector<double> scales;
+
+  static GInputs of(const at::Tensor& weight, const c10::List<std::optional<at::Tensor>>& magnitude,
+                    at::ArrayRef<double> scale) {
+    GInputs inputs{Fingerprint::of(weight), {}, scale.vec()};
+    for (size_t k = 0; k < magnitude.size(); ++k) {
+      const std::optional<at::Tensor> m = magnitude.get(k);
+      inputs.magnitudes.push_back(m.has_value() && m->defined() ? std::optional(Fingerprint::of(*m)) : std::nullopt);
+    }
+    return inputs;
+  }
+  bool match(const at::Tensor& w, const c10::List<std::optional<at::Tensor>>& magnitude,
+             at::ArrayRef<double> scale) const {
+    if (!weight.matches(w) || !scale.equals(scales) || magnitudes.size() != magnitude.size()) return false;
+    for (size_t k = 0; k < magnitudes.size(); ++k) {
+      const std::optional<at::Tensor> m = magnitude.get(k);
+      const bool dora = m.has_value() && m->defined();
+      if (dora != magnitudes[k].has_value() || (dora && !magnitudes[k]->matches(*m))) return false;
+    }
+    return true;
+  }
+};
+
 // The stack last made for a base weight (one per weight: a layer serving another set of adapters
 // replaces it, so the cache holds at most one copy of each layer's adapters).
 struct Entry {
   int64_t generation = 0;  // norm_cache_generation() when made: invalidations drop it
   WeakImpl weight{c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};  // the key: swept once dead
   std::vector<Fingerprint> factors;  // lora_A[0], lora_B[0], lora_A[1], ...
+  GInputs g_inputs;                  // what G was made from, with
   std::vector<at::Tensor> g;         // the g tensors G was made of (undefined: plain LoRA)
   AdapterStack stack;
 
@@ -94,34 +123,53 @@ int64_t stacked_rank(at::TensorList lora_A) {
 }
 
 AdapterStack stack_adapters(const at::Tensor& weight, at::TensorList lora_A, at::TensorList lora_B,
-                            const std::vector<at::Tensor>& g) {
+                            const c10::List<std::optional<at::Tensor>>& magnitude, at::ArrayRef<double> scale,
+                            const MakeG& make_g) {
   TORCH_CHECK(!lora_A.empty(), "stack_adapters: lora_A must list at least one adapter");
   const int64_t d_out = lora_B[0].size(0);
+  const at::TensorOptions options = lora_B[0].options();
   std::vector<at::Tensor> inputs{weight};
   inputs.insert(inputs.end(), lora_A.begin(), lora_A.end());
   inputs.insert(inputs.end(), lora_B.begin(), lora_B.end());
+  for (size_t k = 0; k < magnitude.size(); ++k) {
+    const std::optional<at::Tensor> m = magnitude.get(k);
+    if (m.has_value() && m->defined()) inputs.push_back(*m);
+  }
   if (!may_cache(inputs)) {
     auto [a, b] = stack_factors(lora_A, lora_B);
-    return {a, b, stack_g(g, d_out, lora_B[0].options())};
+    return {a, b, stack_g(make_g(), d_out, options)};
   }
   Cache& c = cache();
   const int64_t generation = norm_cache_generation();
+  auto live = [&]() -> Entry* {  // the entry of these factors, if any (caller holds the lock)
+    auto it = c.entries.find(weight.unsafeGetTensorImpl());
+    const bool valid = it != c.entries.end() && it->second.generation == generation && !it->second.weight.expired() &&
+                       it->second.factors_match(lora_A, lora_B);
+    return valid ? &it->second : nullptr;
+  };
   {
     std::lock_guard<std::mutex> lock(c.mutex);
-    auto it = c.entries.find(weight.unsafeGetTensorImpl());
-    if (it != c.entries.end() && it->second.generation == generation && !it->second.weight.expired() &&
-        it->second.factors_match(lora_A, lora_B)) {
-      Entry& e = it->second;
-      if (!e.g_matches(g)) {  // a norm or a magnitude changed: G only (a [K + 1, d_out] copy)
-        e.stack.g = stack_g(g, d_out, lora_B[0].options());
-        e.g = g;
+    const Entry* e = live();
+    if (e != nullptr && e->g_inputs.match(weight, magnitude, scale)) return e->stack;  // no norm-cache lookup
+  }
+  // The norm-cache lookups (and any norm computation) run outside the lock.
+  const std::vector<at::Tensor> g = make_g();
+  GInputs g_inputs = GInputs::of(weight, magnitude, scale);
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    if (Entry* e = live()) {  // W, a magnitude or a scale changed: G only (a [K + 1, d_out] copy)
+      if (!e->g_matches(g)) {
+        e->stack.g = stack_g(g, d_out, options);
+        e->g = g;
       }
-      return e.stack;
+      e->g_inputs = std::move(g_inputs);
+      return e->stack;
     }
   }
   // Made outside the lock; two threads making the same stack both get a correct one, the last is kept.
   auto [a, b] = stack_factors(lora_A, lora_B);
-  Entry e{generation, WeakImpl(weight.getIntrusivePtr()), {}, g, {a, b, stack_g(g, d_out, lora_B[0].options())}};
+  Entry e{generation, WeakImpl(weight.getIntrusivePtr()), {}, std::move(g_inputs),
+          g,          {a, b, stack_g(g, d_out, options)}};
   for (size_t k = 0; k < lora_A.size(); ++k) {
     e.factors.push_back(Fingerprint::of(lora_A[k]));
     e.factors.push_back(Fingerprint::of(lora_B[k]));

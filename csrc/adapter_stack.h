@@ -2,8 +2,11 @@
 // Several adapters of one layer laid side by side along the rank, for the mixed-batch kernels
 // (mixed_stacked.h): h = x A_cat^T holds every adapter's term, and a kernel applies each row's own
 // columns of h and B_cat (the others are masked).
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
+#include <functional>
+#include <optional>
 #include <vector>
 
 namespace dora_ext {
@@ -22,12 +25,19 @@ std::vector<int64_t> adapter_columns(at::TensorList lora_A);
 // The stack's rank R: the ranks' sum, padded.
 int64_t stacked_rank(at::TensorList lora_A);
 
-// The stack of K >= 1 adapters of one dtype on `weight`; g[k] is adapter k's g (float32 [d_out], from
-// the norm cache), undefined for plain LoRA. The last stack made for each weight is reused while
-// every lora_A[k] and lora_B[k] keeps its identity, storage and version and no invalidation of the
-// norm cache happened (its rules, norm_cache.h; with the norm_cache option off nothing is kept); its
-// G while each g is the same tensor. The result is shared with the cache: not to be written to.
+// Each adapter's g (float32 [d_out]; undefined for plain LoRA), from the norm cache.
+using MakeG = std::function<std::vector<at::Tensor>()>;
+
+// The stack of K >= 1 adapters of one dtype on `weight` (magnitude[k] None: plain LoRA). The last stack
+// made for each weight is reused whole, G included and `make_g` not called, while W, every lora_A[k],
+// lora_B[k] and magnitude[k] keeps its identity, storage and version, the scales are the same and no
+// invalidation of the norm cache happened: the norm cache's own rule for reusing a norm and g
+// (norm_cache.h), checked once for the whole stack instead of once per adapter. When only W, a
+// magnitude or a scale changed, the factors are kept and G is remade from `make_g` (a [K + 1, d_out]
+// copy, skipped when every g is the tensor G was made of). With the norm_cache option off nothing is
+// kept. The result is shared with the cache: not to be written to.
 AdapterStack stack_adapters(const at::Tensor& weight, at::TensorList lora_A, at::TensorList lora_B,
-                            const std::vector<at::Tensor>& g);
+                            const c10::List<std::optional<at::Tensor>>& magnitude, at::ArrayRef<double> scale,
+                            const MakeG& make_g);
 
 }  // namespace dora_ext

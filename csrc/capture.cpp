@@ -8,16 +8,20 @@
 
 namespace dora_ext {
 
-bool stream_capturing(const at::Tensor& t) {
+bool stream_capturing(const at::Device& device) {
 #ifdef DORA_EXT_WITH_CUDA
-  if (t.is_cuda()) {
+  if (device.is_cuda()) {
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(t.device().index()).stream(), &status));
+    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()).stream(), &status));
     return status != cudaStreamCaptureStatusNone;
   }
 #endif
-  (void)t;
+  (void)device;
   return false;
+}
+
+bool stream_capturing(const at::Tensor& t) {
+  return stream_capturing(t.device());
 }
 
 }  // namespace dora_ext

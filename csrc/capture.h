@@ -6,7 +6,8 @@
 
 namespace dora_ext {
 
-// False for CPU tensors and in builds without CUDA.
+// False for CPU tensors and devices, and in builds without CUDA.
+bool stream_capturing(const at::Device& device);
 bool stream_capturing(const at::Tensor& t);
 
 }  // namespace dora_ext

@@ -10,8 +10,12 @@
 
 namespace dora_ext {
 
+at::Tensor host_index(const at::Tensor& adapter_index) {
+  return adapter_index.to(at::kCPU).to(at::kLong).contiguous();
+}
+
 std::vector<RowGroup> group_rows(const at::Tensor& adapter_index, int64_t adapters, const at::Device& device) {
-  const at::Tensor index = adapter_index.to(at::kCPU).to(at::kLong).contiguous();
+  const at::Tensor index = host_index(adapter_index);
   const int64_t* k = index.const_data_ptr<int64_t>();
   std::vector<std::vector<int64_t>> members(adapters + 1);  // the base model's rows last
   for (int64_t i = 0; i < index.numel(); ++i) members[k[i] >= 0 ? k[i] : adapters].push_back(i);

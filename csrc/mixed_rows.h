@@ -18,6 +18,10 @@ struct RowGroup {
   at::Tensor rows;  // the row numbers on the device, when not consecutive
 };
 
+// `adapter_index` as a contiguous int64 CPU tensor: itself when it is one (PEFT's), else a copy (an
+// index on the GPU is read back: a synchronisation).
+at::Tensor host_index(const at::Tensor& adapter_index);
+
 // The groups of `adapter_index` (validated: -1 .. adapters - 1), adapters in order and the base
 // model's rows last. The scattered groups' row numbers reach `device` in one copy from pinned memory
 // that does not wait for the GPU's queue.

@@ -5,56 +5,29 @@
 #include "eager.h"
 #include "fused.h"
 #include "fused_common.h"
+#include "mixed_row_table.h"
 #include "mixed_rows.h"
 #include "norm_cache.h"
 
 #include <ATen/ATen.h>
 
-#include <cstring>
-
 namespace dora_ext {
 namespace {
 
-// Per leading row, what the kernels read from the row table (int32 [rows, 4]): its row of G, the
-// first and one-past-last column of its adapter in h and B, and the float32 bits of its scale.
-constexpr int64_t kRowFields = 4;
-
-// The row table of x's leading rows, each entry repeated `repeat` times (the decode kernel reads one
-// per token), built in pinned host memory and copied without waiting: the host does not wait for
-// the GPU's queue as a synchronous copy from pageable memory would.
-at::Tensor row_table(const at::Tensor& adapter_index, int64_t repeat, const std::vector<int64_t>& columns,
-                     at::ArrayRef<double> scale, const at::Device& device) {
-  const at::Tensor index = adapter_index.to(at::kCPU).to(at::kLong).contiguous();
-  const int64_t rows = index.size(0), adapters = static_cast<int64_t>(scale.size());
-  at::Tensor table = at::empty({rows * repeat, kRowFields}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
-  const int64_t* k = index.const_data_ptr<int64_t>();
-  int32_t* out = table.mutable_data_ptr<int32_t>();
-  for (int64_t i = 0; i < rows; ++i) {
-    int32_t fields[kRowFields] = {static_cast<int32_t>(adapters), 0, 0, 0};  // base model: G's ones, no columns
-    if (k[i] >= 0) {
-      const float s = static_cast<float>(scale[k[i]]);
-      fields[0] = static_cast<int32_t>(k[i]);
-      fields[1] = static_cast<int32_t>(columns[k[i]]);
-      fields[2] = static_cast<int32_t>(columns[k[i] + 1]);
-      std::memcpy(&fields[3], &s, sizeof(s));
-    }
-    for (int64_t j = 0; j < repeat; ++j, out += kRowFields) std::memcpy(out, fields, sizeof(fields));
-  }
-  return table.to(device, /*non_blocking=*/true);
-}
-
 // The stack of the call's adapters with each DoRA adapter's g = m / n (its norm through the cache, as
-// on the per-adapter path).
+// on the per-adapter path; looked up only when the stack cannot vouch for its G, adapter_stack.h).
 AdapterStack stacked_adapters(const at::Tensor& weight, at::TensorList lora_A, at::TensorList lora_B,
                               const c10::List<std::optional<at::Tensor>>& magnitude, at::ArrayRef<double> scale) {
-  std::vector<at::Tensor> g(lora_A.size());
-  for (size_t k = 0; k < lora_A.size(); ++k) {
-    const std::optional<at::Tensor> m = magnitude.get(k);
-    if (!m.has_value() || !m->defined()) continue;
-    const at::Tensor norm = row_norm_cached_fused(weight, lora_A[k], lora_B[k], scale[k], NormUse::Inference);
-    g[k] = cached_magnitude_scale(weight, *m, norm);
-  }
-  return stack_adapters(weight, lora_A, lora_B, g);
+  return stack_adapters(weight, lora_A, lora_B, magnitude, scale, [&] {
+    std::vector<at::Tensor> g(lora_A.size());
+    for (size_t k = 0; k < lora_A.size(); ++k) {
+      const std::optional<at::Tensor> m = magnitude.get(k);
+      if (!m.has_value() || !m->defined()) continue;
+      const at::Tensor norm = row_norm_cached_fused(weight, lora_A[k], lora_B[k], scale[k], NormUse::Inference);
+      g[k] = cached_magnitude_scale(weight, *m, norm);
+    }
+    return g;
+  });
 }
 
 // h [T, R] for the many-token kernel, x3 [rows, per_row, d_in] (x2d: the same as [T, d_in]). 16-bit adapters: x

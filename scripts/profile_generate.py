@@ -4,7 +4,8 @@
 Builds scripts/bench_model.py's model (same arguments; default the 8B-dims 4-layer decoder in bf16)
 with PEFT DoRA adapters accelerated by dora_ext.peft, then runs ``model.generate`` (greedy, KV cache)
 on --batch rows of --prompt tokens for --new tokens and writes: the wall time per new token, the GPU
-kernels per token and their busy time (torch.profiler), the profiler's host table (self CPU time) and
+kernels per token and their busy time (torch.profiler), the profiler's host table (self CPU time), on a
+GPU its kernel table (self GPU time), and
 cProfile's 30 most expensive Python functions. ``--mixed N``: N adapters (ranks 16..64), row i with
 adapter i % N through PEFT's ``adapter_names`` (the mixed-adapter path); otherwise one adapter of
 --rank.
@@ -100,6 +101,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"GPU operations {len(gpu)} ({len(gpu) / args.new:.0f} a token), GPU busy "
               f"{sum(e.device_time for e in gpu) / 1e3:.2f} ms", file=out)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=out)
+        if cuda:  # where the GPU's time goes (the kernels)
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20), file=out)
         python = cProfile.Profile()
         python.enable()
         generate()

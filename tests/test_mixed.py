@@ -214,6 +214,70 @@ def test_mixed_decode_kernel_sees_in_place_writes(dtype, adapter_dtype, norm_cac
 
 @pytest.mark.cuda
 @_NEEDS_GPU
+@pytest.mark.parametrize("batch", [(4, 1), (4, 5)], ids=["decode-kernel", "lora-kernel"])
+def test_stacked_caches_follow_every_input(batch):
+    """The stacked path keeps the stack with its G and the device row table between calls; a change of
+    W, a magnitude, a scale or the index's values (in place, through a new tensor, or behind the version
+    counter followed by invalidate_norm_cache) is seen by the next call, which reads no stale value."""
+    dora_ext.set_options(tier="fused")
+    x, W, b, adapters = _decode_inputs(torch.bfloat16, None, batch, d_out=96)
+    index = torch.tensor([0, 2, 3, -1])
+
+    def check():
+        with torch.no_grad():
+            y = _run(x, W, b, adapters, index)
+        assert ("mixed decode kernel" if batch[1] == 1 else "mixed LoRA kernel") in dora_ext.last_tier()[1]
+        for i, k in enumerate(index.tolist()):
+            ref = _reference_row(x[i], W, b, adapters[k] if k >= 0 else None)
+            assert rel_err(y[i], ref) < FWD_TOL[torch.bfloat16], (i, k)
+        return y
+
+    first = check()
+    assert torch.equal(check(), first)  # every cache hit: the same result
+    with torch.no_grad():
+        W.mul_(-1.0)  # in place: every DoRA adapter's norm and g change
+    check()
+    with torch.no_grad():
+        adapters[2]["m"].mul_(3.0)  # one magnitude
+    check()
+    adapters[3]["s"] = 2.5 * adapters[3]["s"]  # one scale
+    check()
+    index.copy_(torch.tensor([3, 0, -1, 2]))  # the index's values, in place
+    check()
+    index = torch.tensor([3, 0, -1, 2])  # the same values in a new tensor
+    check()
+    index.numpy()[:] = [2, 2, 0, 0]  # behind the version counter: read by value, so seen too
+    check()
+    adapters[0]["m"].data.mul_(0.5)  # behind the version counter, then the cache's rule
+    dora_ext.invalidate_norm_cache()
+    check()
+
+
+@pytest.mark.cuda
+@_NEEDS_GPU
+def test_stacked_caches_are_per_stream():
+    """Two streams calling with different indexes each read their own row table."""
+    dora_ext.set_options(tier="fused")
+    x, W, b, adapters = _decode_inputs(torch.bfloat16, None, (4,))
+    indexes = [torch.tensor([0, 1, 2, 3]), torch.tensor([3, -1, 1, 0])]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())  # the inputs are ready
+    outputs = [None, None]
+    with torch.no_grad():
+        for _ in range(3):
+            for j in (0, 1):
+                with torch.cuda.stream(streams[j]):
+                    outputs[j] = _run(x, W, b, adapters, indexes[j])
+    torch.cuda.synchronize()
+    for index, y in zip(indexes, outputs):
+        for i, k in enumerate(index.tolist()):
+            ref = _reference_row(x[i], W, b, adapters[k] if k >= 0 else None)
+            assert rel_err(y[i], ref) < FWD_TOL[torch.bfloat16], (i, k)
+
+
+@pytest.mark.cuda
+@_NEEDS_GPU
 def test_mixed_decode_kernel_limits():
     """Above decode_max_tokens, with adapters of two dtypes, or with the option at 0, the per-adapter
     path runs (and gives the same rows)."""
