@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <utility>
 
@@ -148,10 +149,11 @@ void check_dora_linear_mixed_args(const char* op, const at::Tensor& x, const at:
               ", ", magnitude.size(), " and ", scale.size(), " entries");
   check_x_and_weight(op, x, weight);
   for (size_t k = 0; k < adapters; ++k) {
-    const std::string where = std::string(op) + " (adapter " + std::to_string(k) + ")";
-    check_row_norm_args(where.c_str(), weight, lora_A[k], lora_B[k]);
+    char where[160];  // no heap allocation: this runs per adapter and decoded token
+    std::snprintf(where, sizeof(where), "%s (adapter %zu)", op, k);
+    check_row_norm_args(where, weight, lora_A[k], lora_B[k]);
     const std::optional<at::Tensor> m = magnitude.get(k);
-    if (m.has_value() && m->defined()) check_magnitude(where.c_str(), *m, x, weight);  // none: plain LoRA
+    if (m.has_value() && m->defined()) check_magnitude(where, *m, x, weight);  // none: plain LoRA
   }
   check_weight_shape(op, weight);
   check_x_width(op, x, weight);
