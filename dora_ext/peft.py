@@ -381,6 +381,24 @@ def _dora_delta(layer: "DoraExtLinear", adapter: str, x: torch.Tensor, result: t
         return compose_delta(base_result, lora_result, layer.lora_magnitude_vector[adapter].weight, norm, scaling)
 
 
+_ROW_INDEXES: dict[tuple[int, ...], torch.Tensor] = {}
+
+
+def _row_index(values: tuple[int, ...]) -> torch.Tensor:
+    """The int64 CPU adapter index holding ``values``, one tensor per distinct value tuple: a decode
+    step calls every layer with the same one (making it costs microseconds per layer call). Read by
+    dora_linear_mixed only, never written; at most 256 are kept (none while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.int64)
+    index = _ROW_INDEXES.get(values)
+    if index is None:
+        if len(_ROW_INDEXES) >= 256:
+            _ROW_INDEXES.clear()
+        with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+            index = _ROW_INDEXES[values] = torch.tensor(values, dtype=torch.int64)
+    return index
+
+
 def _mixed_batch(layer: "DoraExtLinear", x: torch.Tensor, adapter_names: list[str]) -> Optional[torch.Tensor]:
     """``adapter_names=`` (PEFT's mixed-adapter batches; DoRA adapters included): one
     dora_linear_mixed call, row i with adapter ``adapter_names[i]`` (``"__base__"`` or an adapter this
@@ -421,12 +439,12 @@ def _mixed_batch(layer: "DoraExtLinear", x: torch.Tensor, adapter_names: list[st
         magnitude.append(_param(magnitude_modules[name], "weight") if dora else None)
         scale.append(scaling[name])
     position = {n: k for k, n in enumerate(names)}
-    index = torch.tensor([position.get(n, -1) for n in adapter_names], dtype=torch.int64)
+    index = _row_index(tuple(position.get(n, -1) for n in adapter_names))
     bias = detach_if_frozen_view(base.bias)
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
-    trained = [t for t in (*lora_A, *lora_B, *(m for m in magnitude if m is not None)) if t.requires_grad]
-    if not (torch.is_grad_enabled() and (trained or x.requires_grad)):
+    if not (torch.is_grad_enabled() and (x.requires_grad or any(
+            t.requires_grad for t in (*lora_A, *lora_B, *(m for m in magnitude if m is not None))))):
         if x.dtype != dtype:
             x = x.to(dtype)
         if autocast:

@@ -453,3 +453,28 @@ def test_peft_generate_with_adapter_names():
         alone = model.generate(input_ids=ids[i:i + 1], max_new_tokens=4, do_sample=False)
         assert torch.equal(out[i:i + 1], alone), name
     model.set_adapter("default")
+
+
+def test_peft_adapter_names_in_and_out_of_inference_mode(any_device):
+    """The adapter index PEFT's rows map to is made once per distinct batch layout and shared by the
+    layers: a layout first met under inference_mode serves a later no_grad call too, and another
+    layout gets its own rows."""
+    import dora_ext.peft as dp
+
+    model = _peft_model(any_device)
+    dp.accelerate(model)
+    ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(4)).to(any_device)
+    names = ["plain", "second", "__base__"]
+    with torch.inference_mode():
+        first = model(input_ids=ids, adapter_names=names).logits
+    with torch.no_grad():
+        again = model(input_ids=ids, adapter_names=names).logits
+        swapped = model(input_ids=ids, adapter_names=names[::-1]).logits
+    assert torch.equal(again, first)
+    with torch.no_grad():
+        model.set_adapter("second")
+        alone = model(input_ids=ids[1:2]).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids[0:1]).logits
+    assert rel_err(first[1:2], alone) < 1e-5 and rel_err(swapped[0:1], base) < 1e-5
+    model.set_adapter("default")
