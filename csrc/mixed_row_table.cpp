@@ -15,6 +15,9 @@
 namespace dora_ext {
 namespace {
 
+// Int32 fields per token of the row table (mixed_row_table.h).
+constexpr int64_t kRowFields = 4;
+
 // What a table is made of, compared by value: the same values give the same table, whoever wrote the
 // index tensor and however (no version counter is trusted).
 struct TableKey {

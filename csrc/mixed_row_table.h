@@ -9,10 +9,7 @@
 
 namespace dora_ext {
 
-// Int32 fields per token of the row table.
-constexpr int64_t kRowFields = 4;
-
-// The int32 [rows * repeat, kRowFields] table of `adapter_index` (validated: -1 .. adapters - 1; on the
+// The int32 [rows * repeat, 4] table of `adapter_index` (validated: -1 .. adapters - 1; on the
 // CPU, else read back) on `device`, each leading row's entry repeated `repeat` times; `columns` are
 // adapter_columns(lora_A) (adapter_stack.h). Built in pinned host memory and copied without waiting for
 // the GPU's queue. The table of the last call on each device and stream is kept and returned again for

@@ -39,6 +39,7 @@ if importlib.util.find_spec("dora_ext") is None:  # not installed: use the check
     sys.path.append(str(HERE.parent))
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
+from bench_model import run_and_save  # noqa: E402  (scripts/bench_model.py)
 from timing import median_ms  # noqa: E402  (scripts/timing.py)
 
 
@@ -130,12 +131,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(json.dumps(row), flush=True)
             results.append(row)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"gpu": gpu, "torch": torch.__version__, "args": vars(args), "results": results}
+    return {"setup": {"gpu": gpu, "torch": torch.__version__, **vars(args)}, "results": results}
 
 
 def markdown(result: dict[str, Any]) -> str:
-    a = result["args"]
-    lines = [f"Host time per call ({result['gpu']}, torch {result['torch']}): x [{a['rows']}, 1, {a['dim']}] bf16, "
+    a = result["setup"]
+    lines = [f"Host time per call ({a['gpu']}, torch {a['torch']}): x [{a['rows']}, 1, {a['dim']}] bf16, "
              f"W [{a['dim']}, {a['dim']}], {a['adapters']} adapters (ranks 16..64); median of {a['reps']} runs of "
              f"{a['calls']} calls.", "", "| case | host µs per call | GPU µs per call |", "|---|---|---|"]
     for r in result["results"]:
@@ -145,14 +146,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_host.json").write_text(json.dumps(result, indent=1))
-    (out / "bench_host.md").write_text(markdown(result))
-    print(markdown(result))
-    return result
+    return run_and_save(parse_args(argv), "bench_host", run, markdown)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ triton_src/specs.py.
 
     python3 scripts/tune_mixed_lora.py --out tune_mixed_lora
 
-Writes OUT/tune_mixed_lora.json and prints a table.
+Writes OUT/tune_mixed_lora.json and OUT/tune_mixed_lora.md (the table, also printed).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
+from bench_model import run_and_save  # noqa: E402  (scripts/bench_model.py)
 from timing import median_ms  # noqa: E402  (scripts/timing.py)
 from triton_src.decode import dora_mixed_lora_kernel  # noqa: E402
 from triton_src.specs import MIXED_LORA_BLOCK_R, MIXED_LORA_TILE  # noqa: E402
@@ -105,23 +106,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "max_rel_diff_vs_shipped": error, "shipped": config == SHIPPED}
             print(json.dumps(row), flush=True)
             results.append(row)
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "args": vars(args), "results": results}
+    return {"setup": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                      **vars(args)}, "results": results}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["| d_out | BLOCK_M, BLOCK_N, BLOCK_R, warps, stages | ms | copy of z, ms | × copy | max rel diff |",
+             "|---|---|---|---|---|---|"]
+    for r in result["results"]:
+        mark = " (shipped)" if r["shipped"] else ""
+        lines.append(f"| {r['n_cols']} | {tuple(r['config'])}{mark} | {r['ms']:.4f} | {r['copy_ms']:.4f} | "
+                     f"{r['vs_copy']:.2f} | {r['max_rel_diff_vs_shipped']:.1e} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tune_mixed_lora.json").write_text(json.dumps(result, indent=1))
-    print("| d_out | BLOCK_M, BLOCK_N, BLOCK_R, warps, stages | ms | copy of z, ms | × copy | max rel diff |")
-    print("|---|---|---|---|---|---|")
-    for r in result["results"]:
-        mark = " (shipped)" if r["shipped"] else ""
-        print(f"| {r['n_cols']} | {tuple(r['config'])}{mark} | {r['ms']:.4f} | {r['copy_ms']:.4f} | "
-              f"{r['vs_copy']:.2f} | {r['max_rel_diff_vs_shipped']:.1e} |")
-    return result
+    return run_and_save(parse_args(argv), "tune_mixed_lora", run, markdown)
 
 
 if __name__ == "__main__":
