@@ -41,9 +41,10 @@ base layers with hooks (DeepSpeed ZeRO-3's are recognised and served: dora_ext._
 ``ephemeral_gpu_offload``. :func:`report` gives the reason per layer and
 ``accelerate`` logs it on the ``dora_ext.peft`` logger. ``adapter_names=`` mixed batches (DoRA and
 LoRA adapters and ``"__base__"`` rows; stock PEFT refuses DoRA there) are one ``dora_linear_mixed`` call
-per layer. Calls that a routed layer hands back to PEFT (extra forward arguments, a non-DoRA variant among the active
-adapters, ``cast_input_dtype_enabled=False``, devices that differ) are counted per layer:
-:func:`fallback_counts`.
+per layer; the ``LoraModel`` finds the layers to hand the names to from a kept list instead of walking
+every module per call (dora_ext._adapter_names). Calls that a routed layer hands back to PEFT (extra
+forward arguments, a non-DoRA variant among the active adapters, ``cast_input_dtype_enabled=False``,
+devices that differ) are counted per layer: :func:`fallback_counts`.
 
 Call :func:`accelerate` again after adding adapters to new modules (it is idempotent).
 """
@@ -61,7 +62,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
-from . import _quantized, _zero3
+from . import _adapter_names, _quantized, _zero3
 from ._frozen import detach_if_frozen_view
 from ._cast_cache import cast_for_forward
 from .ops import compose_delta, dora_linear, dora_linear_dropout, dora_linear_mixed, row_norm
@@ -188,14 +189,16 @@ def accelerate(peft_model: nn.Module) -> int:
             setattr(module, _FALLBACKS, Counter())
         setattr(module, _STATUS, ROUTED_ZERO3 if _zero3.register(module) else ROUTED)
         routed += 1
+    _adapter_names.route(peft_model)
     logger.info("dora_ext.peft: %d DoRA layer(s) routed through dora_ext", routed)
     return routed
 
 
 def restore(peft_model: nn.Module) -> int:
-    """Undo :func:`accelerate`: every routed layer gets PEFT's own class (and forward) back.
-    Returns the number of layers restored."""
+    """Undo :func:`accelerate`: every routed layer, and the ``LoraModel``, gets PEFT's own class (and
+    forward) back. Returns the number of layers restored."""
     restored = 0
+    _adapter_names.unroute(peft_model)
     for module in peft_model.modules():
         if is_accelerated(module):
             module.__class__ = type(module).__bases__[0]
