@@ -268,3 +268,19 @@ def perturb_adapters(model: torch.nn.Module, seed: int = 1, adapter: str | None 
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
             elif "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
+
+
+def assert_rows_alone(model: torch.nn.Module, ids: torch.Tensor, names: list[str], tol: float = 1e-5) -> None:
+    """A PEFT model's ``adapter_names=`` logits equal, row by row, that row run alone with its adapter
+    set (``"__base__"``: adapters disabled). Leaves ``"default"`` active."""
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=ids[i:i + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=ids[i:i + 1]).logits
+            assert rel_err(mixed[i:i + 1], alone) < tol, name
+    model.set_adapter("default")

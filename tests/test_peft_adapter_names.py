@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from reference import perturb_adapters, rel_err, tiny_llama_config  # noqa: E402
+from reference import assert_rows_alone, perturb_adapters, tiny_llama_config  # noqa: E402
 
 
 def _model(targets: list[str]):
@@ -32,20 +32,6 @@ def _hooks_left(model) -> int:
     return sum(len(m._forward_pre_hooks) for m in model.modules())
 
 
-def _assert_rows_alone(model, ids: torch.Tensor, names: list[str]) -> None:
-    with torch.no_grad():
-        mixed = model(input_ids=ids, adapter_names=names).logits
-        for i, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    alone = model(input_ids=ids[i:i + 1]).logits
-            else:
-                model.set_adapter(name)
-                alone = model(input_ids=ids[i:i + 1]).logits
-            assert rel_err(mixed[i:i + 1], alone) < 1e-5, name
-    model.set_adapter("default")
-
-
 def test_lora_model_is_routed_and_restored():
     import dora_ext.peft as dp
     from dora_ext._adapter_names import DoraExtLoraModel
@@ -55,7 +41,7 @@ def test_lora_model_is_routed_and_restored():
     text = repr(model)
     dp.accelerate(model)
     assert type(model.base_model) is DoraExtLoraModel and repr(model) == text
-    _assert_rows_alone(model, _ids(3), ["plain", "default", "__base__"])
+    assert_rows_alone(model, _ids(3), ["plain", "default", "__base__"])
     dp.restore(model)
     assert type(model.base_model) is LoraModel
 
@@ -77,7 +63,7 @@ def test_errors_and_no_hooks_left_behind():
             model(input_ids=ids, adapter_names=["default", "plain"])
         model.eval()
     assert _hooks_left(model) == 0
-    _assert_rows_alone(model, ids, ["default", "plain"])
+    assert_rows_alone(model, ids, ["default", "plain"])
     assert _hooks_left(model) == 0
 
 
@@ -89,10 +75,10 @@ def test_new_layers_and_deleted_adapters_are_seen():
 
     model = _model(["q_proj"])
     dp.accelerate(model)
-    _assert_rows_alone(model, _ids(2), ["plain", "default"])  # the list of layers is made here
+    assert_rows_alone(model, _ids(2), ["plain", "default"])  # the list of layers is made here
     model.add_adapter("late", LoraConfig(r=3, lora_alpha=3, target_modules=["v_proj", "down_proj"]))
     perturb_adapters(model)
-    _assert_rows_alone(model, _ids(4), ["late", "default", "__base__", "late"])
+    assert_rows_alone(model, _ids(4), ["late", "default", "__base__", "late"])
     model.delete_adapter("late")
     with torch.no_grad(), pytest.raises(ValueError, match="non-existing adapter.*: late"):
         model(input_ids=_ids(1), adapter_names=["late"])
