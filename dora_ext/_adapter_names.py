@@ -97,17 +97,16 @@ class DoraExtLoraModel(LoraModel):
                 handle.remove()
 
 
-def route(model: nn.Module) -> None:
-    """Make every plain ``LoraModel`` in ``model`` (itself included) a :class:`DoraExtLoraModel`."""
-    for module in model.modules():
-        if type(module) is LoraModel:
-            _Registrations.watch()
-            module.__class__ = DoraExtLoraModel
+def route(module: nn.Module) -> None:
+    """Make ``module`` a :class:`DoraExtLoraModel` if it is a plain ``LoraModel`` (called on each
+    module of accelerate's walk)."""
+    if type(module) is LoraModel:
+        _Registrations.watch()
+        module.__class__ = DoraExtLoraModel
 
 
-def unroute(model: nn.Module) -> None:
-    """Undo :func:`route`."""
-    for module in model.modules():
-        if type(module) is DoraExtLoraModel:
-            module.__class__ = LoraModel
-        module.__dict__.pop(_LAYERS, None)
+def unroute(module: nn.Module) -> None:
+    """Undo :func:`route` on ``module`` (called on each module of restore's walk)."""
+    if type(module) is DoraExtLoraModel:
+        module.__class__ = LoraModel
+    module.__dict__.pop(_LAYERS, None)

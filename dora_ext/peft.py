@@ -174,6 +174,7 @@ def accelerate(peft_model: nn.Module) -> int:
     PEFT's forward; the reason is logged (INFO, ``dora_ext.peft``) and listed by :func:`report`."""
     routed = 0
     for name, module in peft_model.named_modules():
+        _adapter_names.route(module)
         if not isinstance(module, LoraLayer):
             continue
         reason = _why_not_servable(module)
@@ -189,7 +190,6 @@ def accelerate(peft_model: nn.Module) -> int:
             setattr(module, _FALLBACKS, Counter())
         setattr(module, _STATUS, ROUTED_ZERO3 if _zero3.register(module) else ROUTED)
         routed += 1
-    _adapter_names.route(peft_model)
     logger.info("dora_ext.peft: %d DoRA layer(s) routed through dora_ext", routed)
     return routed
 
@@ -198,8 +198,8 @@ def restore(peft_model: nn.Module) -> int:
     """Undo :func:`accelerate`: every routed layer, and the ``LoraModel``, gets PEFT's own class (and
     forward) back. Returns the number of layers restored."""
     restored = 0
-    _adapter_names.unroute(peft_model)
     for module in peft_model.modules():
+        _adapter_names.unroute(module)
         if is_accelerated(module):
             module.__class__ = type(module).__bases__[0]
             _quantized.forget_norms(module)
@@ -221,6 +221,7 @@ def report(peft_model: nn.Module) -> dict[str, str]:
     adapter seen by :func:`accelerate` (layers it has not seen are listed with the reason they would get)."""
     out = {}
     for name, module in peft_model.named_modules():
+        _adapter_names.route(module)
         if not isinstance(module, LoraLayer):
             continue
         status = getattr(module, _STATUS, None)
