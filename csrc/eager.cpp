@@ -151,11 +151,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_eager(
   const std::vector<int64_t> y_shape = output_shape(x, weight.size(0));
   if (has_fp32_adapters(x, lora_A)) {
     auto [base, lora, h] = gemms_fp32_adapters(as_rows(x), weight, lora_A, lora_B);
-    auto [y, z] = compose_fp32_adapters(base, lora, magnitude_scale(magnitude, norm), bias, scale, keep_z);
+    auto [y, z] =
+        compose_fp32_adapters(base, lora, cached_magnitude_scale(weight, magnitude, norm), bias, scale, keep_z);
     return {y.view(y_shape), z, h, norm};
   }
   auto [h, z] = lora_and_base(as_rows(x), weight, lora_A, lora_B, scale);
-  at::Tensor out = z * magnitude_scale(magnitude, norm);  // promotes to the accumulate dtype
+  at::Tensor out = z * cached_magnitude_scale(weight, magnitude, norm);  // promotes to the accumulate dtype
   if (bias.has_value() && bias->defined()) out.add_(*bias);
   return {out.to(x.scalar_type()).view(y_shape), keep_z ? z : at::Tensor(), h, norm};
 }

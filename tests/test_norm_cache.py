@@ -47,6 +47,7 @@ def test_repeated_no_grad_forward_hits_the_cache(device):
             _check_forward(inp, torch.float32)
     delta = _stats_delta(before)
     assert delta["norm_misses"] == 1 and delta["norm_hits"] == 2, delta
+    assert delta["scale_hits"] == 2, delta  # g = m / n reused too, on the eager path as on the fused one
 
 
 @pytest.mark.parametrize("device", DEVICES)
