@@ -13,8 +13,10 @@ namespace dora_ext {
 namespace {
 
 // The stack's rank is padded to this many columns: h's and B's row strides then keep the 16-element
-// alignment the aligned kernel variants promise (vector loads), whatever the adapters' ranks.
-constexpr int64_t kRankQuantum = 16;
+// alignment the aligned kernel variants promise (vector loads), whatever the adapters' ranks, and
+// dora_mixed_lora_kernel's rank tiles (MIXED_LORA_BLOCK_R in triton_src/specs.py, which must divide
+// it) never pass the stack's last column.
+constexpr int64_t kRankQuantum = 32;
 
 std::pair<at::Tensor, at::Tensor> stack_factors(at::TensorList lora_A, at::TensorList lora_B) {
   const int64_t d_in = lora_A[0].size(1), d_out = lora_B[0].size(0);

@@ -11,7 +11,7 @@
 
 namespace dora_ext {
 
-// K adapters stacked along the rank R (their ranks' sum, padded with zeros to a multiple of 16).
+// K adapters stacked along the rank R (their ranks' sum, padded with zeros to a multiple of 32).
 struct AdapterStack {
   at::Tensor lora_A;  // [R, d_in]: adapter k's rows from adapter_columns(...)[k] on
   at::Tensor lora_B;  // [d_out, R]: adapter k's columns at the same place

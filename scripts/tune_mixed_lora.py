@@ -40,9 +40,12 @@ WIDTHS = [1024, 4096, 14336]  # the 8B-dims decoder's output widths (k/v, q/o/do
 SHIPPED = (MIXED_LORA_TILE["BLOCK_M"], MIXED_LORA_TILE["BLOCK_N"], MIXED_LORA_BLOCK_R[False], 8, 2)
 CANDIDATES = [  # (BLOCK_M, BLOCK_N, BLOCK_R, warps, stages)
     SHIPPED, (64, 128, 32, 4, 2), (64, 256, 32, 8, 2), (128, 128, 32, 8, 2), (128, 256, 32, 8, 2),
-    (64, 128, 16, 4, 3), (64, 128, 64, 8, 2), (32, 256, 32, 4, 2), (128, 64, 32, 4, 2),
+    (64, 128, 16, 4, 3), (64, 128, 64, 8, 2), (32, 256, 32, 4, 2), (128, 64, 32, 4, 2), (64, 64, 32, 4, 2),
+    (128, 128, 32, 8, 3), (64, 256, 32, 8, 3), (256, 128, 32, 8, 2),
 ]
-RANK_QUANTUM = 16  # csrc/adapter_stack.cpp's kRankQuantum
+# The kernel reads h and B in whole BLOCK_R tiles: the stack is padded to a multiple of every
+# candidate's BLOCK_R (the library pads to csrc/adapter_stack.cpp's kRankQuantum).
+RANK_QUANTUM = max(config[2] for config in CANDIDATES)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

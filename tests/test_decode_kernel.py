@@ -67,16 +67,18 @@ def test_decode_kernel_matches_float64_under_the_interpreter():
 
 
 # The stacked adapters of dora_linear_mixed, laid out as csrc/mixed_stacked.cpp lays them out for both
-# mixed kernels: h [T, R] and B [N, R] side by side (plus padding columns that no row owns, filled
-# with noise so that a row reading past its own columns shows), G with a row of ones per plain LoRA
-# adapter and one for base-model rows (adapter -1), and the row table (one entry per index entry).
+# mixed kernels: h [T, R] and B [N, R] side by side (plus at least 3 padding columns that no row owns,
+# filled with noise so that a row reading past its own columns shows, up to a multiple of 16 wide: the
+# mixed LoRA kernel reads whole rank tiles), G with a row of ones per plain LoRA adapter and one for
+# base-model rows (adapter -1), and the row table (one entry per index entry).
 _STACKED = textwrap.dedent("""
-    def stacked_adapters(gen, ranks, dora, index, T, N, adapter_dtype, pad=3):
+    def stacked_adapters(gen, ranks, dora, index, T, N, adapter_dtype):
         K = len(ranks)
         ends = torch.tensor(ranks).cumsum(0).tolist()
         starts = [e - r for e, r in zip(ends, ranks)]
-        h = torch.randn(T, ends[-1] + pad, generator=gen).to(adapter_dtype)
-        B = torch.randn(N, ends[-1] + pad, generator=gen).to(adapter_dtype)
+        width = (ends[-1] + 3 + 15) // 16 * 16
+        h = torch.randn(T, width, generator=gen).to(adapter_dtype)
+        B = torch.randn(N, width, generator=gen).to(adapter_dtype)
         G = torch.ones(K + 1, N)
         for k in range(K):
             if dora[k]:
@@ -185,17 +187,19 @@ _MIXED_LORA_SCRIPT = _STACKED + textwrap.dedent("""
         starts, ends, h, B, G, scales, info = stacked_adapters(gen, ranks, dora, index, T, N, adapter_dtype)
         b = torch.randn(N, generator=gen).to(dtype)
         ref = torch.empty(T, N, dtype=torch.float64)
+        h_seen = torch.full_like(h, float("nan"))  # a token's h outside its adapter's columns: never read
         for t in range(T):
             k = index[t // per_row]
             ref[t] = z[t].double()
             if k >= 0:
                 cols = slice(starts[k], ends[k])
+                h_seen[t, cols] = h[t, cols]
                 ref[t] = (ref[t] + scales[k] * h[t, cols].double() @ B[:, cols].double().t()) * G[k].double()
         ref = ref + (b.double() if bias else 0)
         BM, BN, BR = 16, 16, 16
         grid = (triton.cdiv(T, BM), triton.cdiv(N, BN))
-        dora_mixed_lora_kernel[grid](z, h, B, G, info, b if bias else G, z, T, N, per_row, z.stride(0), h.stride(0),
-                                     B.stride(0), G.stride(0), z.stride(0), HAS_BIAS=bias,
+        dora_mixed_lora_kernel[grid](z, h_seen, B, G, info, b if bias else G, z, T, N, per_row, z.stride(0),
+                                     h.stride(0), B.stride(0), G.stride(0), z.stride(0), HAS_BIAS=bias,
                                      FP32_ADAPTERS=fp32_adapters, BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR)
         out.append({"case": name, "dtype": str(dtype), "dtype_ok": z.dtype == dtype,
                     "row_errs": [rel_err(z[t], ref[t]) for t in range(T)]})
@@ -210,3 +214,18 @@ def test_mixed_lora_kernel_matches_float64_under_the_interpreter():
         assert case["dtype_ok"], case
         tol = ROUNDED_ONCE_TOL[getattr(torch, case["dtype"].removeprefix("torch."))]
         assert max(case["row_errs"]) < tol, case  # each token on its own: NaN fails too
+
+
+def test_mixed_lora_rank_tiles_divide_the_stack_padding():
+    """dora_mixed_lora_kernel reads h and B in whole BLOCK_R tiles up to its rows' last column rounded
+    up: the stack's padding (csrc/adapter_stack.cpp's kRankQuantum) must be a multiple of BLOCK_R, or
+    the last tile reads past the stack."""
+    import re
+    from pathlib import Path
+
+    from triton_src.specs import MIXED_LORA_BLOCK_R
+
+    source = (Path(__file__).resolve().parents[1] / "csrc" / "adapter_stack.cpp").read_text()
+    quantum = int(re.search(r"constexpr int64_t kRankQuantum = (\d+);", source).group(1))
+    for block_r in MIXED_LORA_BLOCK_R.values():
+        assert quantum % block_r == 0, (quantum, block_r)

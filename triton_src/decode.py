@@ -25,13 +25,12 @@ import triton.language as tl
 
 @triton.jit
 def _accumulate_abt(acc, a_ptr, b_ptr, offs_m, offs_n, m_ok, n_ok, stride_a, stride_b, K,
-                    BLOCK_K: tl.constexpr, IEEE: tl.constexpr, ROW_RANGE: tl.constexpr = False, k_lo=0, k_hi=0,
-                    k_start=0):
-    """acc + a[offs_m, k_start:K] @ b[offs_n, k_start:K]^T (unit stride along K); ``IEEE``: float32
+                    BLOCK_K: tl.constexpr, IEEE: tl.constexpr, ROW_RANGE: tl.constexpr = False, k_lo=0, k_hi=0):
+    """acc + a[offs_m, :K] @ b[offs_n, :K]^T (unit stride along K); ``IEEE``: float32
     products without tf32 rounding (float32 operands). ``ROW_RANGE``: row i of ``a`` reads only its
     columns [k_lo[i], k_hi[i]) ([BLOCK_M] tensors), the others as 0."""
     offs_k = tl.arange(0, BLOCK_K)
-    for k0 in range(k_start, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
         a_ok = m_ok[:, None] & k_ok[None, :]
@@ -39,6 +38,32 @@ def _accumulate_abt(acc, a_ptr, b_ptr, offs_m, offs_n, m_ok, n_ok, stride_a, str
             a_ok = a_ok & (kk[None, :] >= k_lo[:, None]) & (kk[None, :] < k_hi[:, None])
         a = tl.load(a_ptr + offs_m[:, None] * stride_a + kk[None, :], mask=a_ok, other=0.0)
         b = tl.load(b_ptr + offs_n[:, None] * stride_b + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+    return acc
+
+
+@triton.jit
+def _accumulate_owned_columns(acc, a_ptr, b_ptr, offs_m, offs_n, m_ok, n_ok, stride_a, stride_b, k_lo, k_hi,
+                              BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """acc + the products of row i of ``a`` and the rows of ``b`` over row i's own columns
+    [k_lo[i], k_hi[i]) ([BLOCK_M] tensors), the others as 0; unit stride along K.
+
+    The K tiles run from the smallest k_lo rounded down to BLOCK_K to the largest k_hi: the caller
+    guarantees that a and b are that wide (their width a multiple of BLOCK_K), so the loads need no
+    mask along K. Masks that vary along K (arbitrary adapter offsets) turn the loads into scalar
+    2-byte reads; masks by row only keep them 16-byte vector copies, and each row's columns are
+    selected after the load (entries outside them, even unwritten ones, read as 0)."""
+    k_start = tl.min(tl.where(m_ok & (k_hi > k_lo), k_lo, 2147483647), axis=0) // BLOCK_K * BLOCK_K
+    k_end = tl.max(tl.where(m_ok, k_hi, 0), axis=0)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(a_ptr + offs_m[:, None] * stride_a + kk[None, :], mask=m_ok[:, None], other=0.0)
+        a = tl.where((kk[None, :] >= k_lo[:, None]) & (kk[None, :] < k_hi[:, None]), a, 0.0)
+        b = tl.load(b_ptr + offs_n[:, None] * stride_b + kk[None, :], mask=n_ok[:, None], other=0.0)
         if IEEE:
             acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
         else:
@@ -139,9 +164,11 @@ def dora_mixed_lora_kernel(
 
     Token t belongs to leading row t // per_row, whose entry of ``row_ptr`` (int32 [rows, 4], as
     dora_mixed_decode_kernel's) names its row of G, its columns [lo, hi) of h and B and its scale.
-    A tile loops only over the columns its tokens own ([min lo, max hi)): one adapter's rank when its
-    tokens share an adapter (a prefill row of many tokens), so the stacked factors cost no more
-    products than each adapter's own. y may be z (each program reads its tile before writing it).
+    A tile loops only over the columns its tokens own ([min lo, max hi), in BLOCK_R tiles): one
+    adapter's rank when its tokens share an adapter (a prefill row of many tokens), so the stacked
+    factors cost no more products than each adapter's own. h and B are a multiple of BLOCK_R wide
+    (the stack's padding, csrc/adapter_stack.cpp). y may be z (each program reads its tile before
+    writing it).
     FP32_ADAPTERS: h and B float32, IEEE products; z is the base output already rounded to x's dtype.
     Grid: (token tiles, column tiles): the token tiles on the axis without CUDA's 65535 limit.
     """
@@ -154,11 +181,9 @@ def dora_mixed_lora_kernel(
     lo = tl.load(info + 1, mask=m_ok, other=0)
     hi = tl.load(info + 2, mask=m_ok, other=0)
     scale = tl.load(info + 3, mask=m_ok, other=0).to(tl.float32, bitcast=True)
-    k_start = tl.min(tl.where(m_ok & (hi > lo), lo, 2147483647), axis=0)
-    k_end = tl.max(tl.where(m_ok, hi, 0), axis=0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _accumulate_abt(acc, h_ptr, b_ptr, offs_m, offs_n.to(tl.int64), m_ok, n_ok, stride_h, stride_b, k_end,
-                          BLOCK_R, FP32_ADAPTERS, True, lo, hi, k_start)
+    acc = _accumulate_owned_columns(acc, h_ptr, b_ptr, offs_m, offs_n.to(tl.int64), m_ok, n_ok, stride_h, stride_b,
+                                    lo, hi, BLOCK_R, FP32_ADAPTERS)
     mn_ok = m_ok[:, None] & n_ok[None, :]
     z = tl.load(z_ptr + offs_m[:, None] * stride_z + offs_n[None, :], mask=mn_ok, other=0.0).to(tl.float32)
     y = (z + acc * scale[:, None]) * tl.load(g_ptr + g_row[:, None] * stride_g + offs_n[None, :], mask=mn_ok,
