@@ -221,7 +221,6 @@ def report(peft_model: nn.Module) -> dict[str, str]:
     adapter seen by :func:`accelerate` (layers it has not seen are listed with the reason they would get)."""
     out = {}
     for name, module in peft_model.named_modules():
-        _adapter_names.route(module)
         if not isinstance(module, LoraLayer):
             continue
         status = getattr(module, _STATUS, None)
