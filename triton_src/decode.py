@@ -181,13 +181,14 @@ def dora_mixed_lora_kernel(
     lo = tl.load(info + 1, mask=m_ok, other=0)
     hi = tl.load(info + 2, mask=m_ok, other=0)
     scale = tl.load(info + 3, mask=m_ok, other=0).to(tl.float32, bitcast=True)
+    # z and G are loaded before the rank loop, so that their latency overlaps it.
+    mn_ok = m_ok[:, None] & n_ok[None, :]
+    z = tl.load(z_ptr + offs_m[:, None] * stride_z + offs_n[None, :], mask=mn_ok, other=0.0)
+    g = tl.load(g_ptr + g_row[:, None] * stride_g + offs_n[None, :], mask=mn_ok, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _accumulate_owned_columns(acc, h_ptr, b_ptr, offs_m, offs_n.to(tl.int64), m_ok, n_ok, stride_h, stride_b,
                                     lo, hi, BLOCK_R, FP32_ADAPTERS)
-    mn_ok = m_ok[:, None] & n_ok[None, :]
-    z = tl.load(z_ptr + offs_m[:, None] * stride_z + offs_n[None, :], mask=mn_ok, other=0.0).to(tl.float32)
-    y = (z + acc * scale[:, None]) * tl.load(g_ptr + g_row[:, None] * stride_g + offs_n[None, :], mask=mn_ok,
-                                             other=0.0)
+    y = (z.to(tl.float32) + acc * scale[:, None]) * g
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mn_ok)
