@@ -5,7 +5,10 @@
 #include "norm_cache.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 
+#include <algorithm>
 #include <mutex>
 #include <unordered_map>
 
@@ -18,15 +21,95 @@ namespace {
 // it) never pass the stack's last column.
 constexpr int64_t kRankQuantum = 32;
 
+int64_t rank_sum(at::TensorList lora_A) {
+  int64_t sum = 0;
+  for (const at::Tensor& a : lora_A) sum += a.size(0);
+  return sum;
+}
+
+int64_t round_up(int64_t columns) {
+  return (columns + kRankQuantum - 1) / kRankQuantum * kRankQuantum;
+}
+
+// The packed copy: the adapters one after another, then zero columns up to the stack's rank.
 std::pair<at::Tensor, at::Tensor> stack_factors(at::TensorList lora_A, at::TensorList lora_B) {
   const int64_t d_in = lora_A[0].size(1), d_out = lora_B[0].size(0);
-  const int64_t pad = stacked_rank(lora_A) - adapter_columns(lora_A).back();
+  const int64_t pad = stacked_rank(lora_A) - rank_sum(lora_A);
   std::vector<at::Tensor> a(lora_A.begin(), lora_A.end()), b(lora_B.begin(), lora_B.end());
   if (pad > 0) {
     a.push_back(at::zeros({pad, d_in}, lora_A[0].options()));
     b.push_back(at::zeros({d_out, pad}, lora_B[0].options()));
   }
   return {at::cat(a, 0), at::cat(b, 1)};
+}
+
+// A stack made by stack_in_shared_storage, known by the storage of its A (weakly: never kept alive).
+using WeakStorage = c10::weak_intrusive_ptr<c10::StorageImpl>;
+
+struct SharedStack {
+  WeakStorage a{c10::intrusive_ptr<c10::StorageImpl>()}, b{c10::intrusive_ptr<c10::StorageImpl>()};
+  int64_t rank = 0, d_in = 0, d_out = 0;
+
+  bool holds(const at::Tensor& t, const WeakStorage& storage) const {
+    return !storage.expired() && storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl();
+  }
+};
+
+struct SharedStacks {
+  std::mutex mutex;
+  std::unordered_map<const c10::StorageImpl*, SharedStack> by_a;
+};
+
+SharedStacks& shared_stacks() {
+  return never_destroyed<SharedStacks>();
+}
+
+// Where adapter k's rows of A sit in its shared stack `s`: its first column, or -1 where lora_A[k] and
+// lora_B[k] are not the views stack_in_shared_storage made (another storage, layout or shape).
+int64_t shared_column(const SharedStack& s, const at::Tensor& a, const at::Tensor& b) {
+  const int64_t r = a.size(0);
+  if (!s.holds(a, s.a) || !s.holds(b, s.b) || a.scalar_type() != b.scalar_type()) return -1;
+  if (a.size(1) != s.d_in || b.size(0) != s.d_out || b.size(1) != r) return -1;
+  if (a.storage_offset() % s.d_in != 0 || a.stride(1) != 1 || (r > 1 && a.stride(0) != s.d_in)) return -1;
+  const int64_t column = a.storage_offset() / s.d_in;
+  if (b.storage_offset() != column || b.stride(0) != s.rank || (r > 1 && b.stride(1) != 1)) return -1;
+  return column + r <= s.rank ? column : -1;
+}
+
+// The adapters' own stack when every one is a view of the same shared stack: its columns from the
+// first tile holding an adapter of the call to the last (the columns outside them are never read).
+std::optional<AdapterStack> shared_stack(at::TensorList lora_A, at::TensorList lora_B) {
+  SharedStacks& stacks = shared_stacks();
+  SharedStack s;
+  {
+    std::lock_guard<std::mutex> lock(stacks.mutex);
+    auto it = stacks.by_a.find(lora_A[0].storage().unsafeGetStorageImpl());
+    if (it == stacks.by_a.end()) return std::nullopt;
+    s = it->second;
+  }
+  std::vector<int64_t> columns;
+  int64_t first = s.rank, last = 0;
+  for (size_t k = 0; k < lora_A.size(); ++k) {
+    const int64_t column = shared_column(s, lora_A[k], lora_B[k]);
+    if (column < 0) return std::nullopt;
+    columns.push_back(column);
+    columns.push_back(column + lora_A[k].size(0));
+    first = std::min(first, column);
+    last = std::max(last, column + lora_A[k].size(0));
+  }
+  first = first / kRankQuantum * kRankQuantum;
+  last = round_up(last);  // <= s.rank: the shared stack's rank is rounded up too
+  for (int64_t& c : columns) c -= first;
+  const at::Tensor a = lora_A[0].detach().as_strided({last - first, s.d_in}, {s.d_in, 1}, first * s.d_in);
+  const at::Tensor b = lora_B[0].detach().as_strided({s.d_out, last - first}, {s.rank, 1}, first);
+  return AdapterStack{a, b, at::Tensor(), std::move(columns)};
+}
+
+// The stack of the call's factors: their shared stack, else a packed copy.
+AdapterStack factors_stack(at::TensorList lora_A, at::TensorList lora_B) {
+  if (std::optional<AdapterStack> shared = shared_stack(lora_A, lora_B)) return *std::move(shared);
+  auto [a, b] = stack_factors(lora_A, lora_B);
+  return AdapterStack{a, b, at::Tensor(), packed_columns(lora_A)};
 }
 
 at::Tensor stack_g(const std::vector<at::Tensor>& g, int64_t d_out, const at::TensorOptions& options) {
@@ -114,14 +197,64 @@ void sweep_locked(Cache& c, int64_t generation) {
 
 }  // namespace
 
-std::vector<int64_t> adapter_columns(at::TensorList lora_A) {
-  std::vector<int64_t> columns{0};
-  for (const at::Tensor& a : lora_A) columns.push_back(columns.back() + a.size(0));
+std::vector<int64_t> packed_columns(at::TensorList lora_A) {
+  std::vector<int64_t> columns;
+  int64_t next = 0;
+  for (const at::Tensor& a : lora_A) {
+    columns.push_back(next);
+    columns.push_back(next += a.size(0));
+  }
   return columns;
 }
 
 int64_t stacked_rank(at::TensorList lora_A) {
-  return (adapter_columns(lora_A).back() + kRankQuantum - 1) / kRankQuantum * kRankQuantum;
+  return round_up(rank_sum(lora_A));
+}
+
+std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> stack_in_shared_storage(at::TensorList lora_A,
+                                                                                    at::TensorList lora_B) {
+  constexpr const char* op = "share_adapter_storage";
+  TORCH_CHECK(!lora_A.empty(), op, ": lora_A must list at least one adapter");
+  TORCH_CHECK(lora_B.size() == lora_A.size(), op, ": lora_A and lora_B must list the same adapters, got ",
+              lora_A.size(), " and ", lora_B.size(), " entries");
+  const at::Tensor& a0 = lora_A[0];
+  TORCH_CHECK(a0.dim() == 2 && lora_B[0].dim() == 2, op, ": lora_A[0] must be [r, d_in] and lora_B[0] [d_out, r], got ",
+              a0.sizes(), " and ", lora_B[0].sizes());
+  const int64_t d_in = a0.size(1), d_out = lora_B[0].size(0);
+  for (size_t k = 0; k < lora_A.size(); ++k) {
+    const at::Tensor &a = lora_A[k], &b = lora_B[k];
+    TORCH_CHECK(a.dim() == 2 && a.size(1) == d_in && a.size(0) >= 1, op, ": lora_A[", k, "] must be [r, d_in] = [r, ",
+                d_in, "] with r >= 1, got ", a.sizes());
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == d_out && b.size(1) == a.size(0), op, ": lora_B[", k,
+                "] must be [d_out, r] = [", d_out, ", ", a.size(0), "], got ", b.sizes());
+    TORCH_CHECK(at::isFloatingType(a.scalar_type()) && a.scalar_type() == a0.scalar_type() &&
+                    b.scalar_type() == a0.scalar_type(),
+                op, ": every lora_A and lora_B must have lora_A[0]'s floating dtype ", a0.scalar_type(), ", adapter ",
+                k, " has ", a.scalar_type(), " and ", b.scalar_type());
+    TORCH_CHECK(a.device() == a0.device() && b.device() == a0.device(), op,
+                ": every adapter must be on lora_A[0]'s device ", a0.device(), ", adapter ", k, " has ", a.device(),
+                " and ", b.device());
+  }
+  // Plain tensors outside autograd whatever the caller's mode: the views become parameters' data.
+  const c10::NoGradGuard no_grad;
+  const c10::InferenceMode not_inference(false);
+  const int64_t rank = stacked_rank(lora_A);
+  const at::Tensor a_stack = at::zeros({rank, d_in}, a0.options()), b_stack = at::zeros({d_out, rank}, a0.options());
+  const std::vector<int64_t> columns = packed_columns(lora_A);
+  std::vector<at::Tensor> a_views, b_views;
+  for (size_t k = 0; k < lora_A.size(); ++k) {
+    const int64_t first = columns[2 * k], r = columns[2 * k + 1] - first;
+    a_views.push_back(a_stack.narrow(0, first, r).copy_(lora_A[k]));
+    b_views.push_back(b_stack.narrow(1, first, r).copy_(lora_B[k]));
+  }
+  SharedStacks& stacks = shared_stacks();
+  std::lock_guard<std::mutex> lock(stacks.mutex);
+  for (auto it = stacks.by_a.begin(); it != stacks.by_a.end();) {  // forget the stacks no view holds any more
+    it = it->second.a.expired() || it->second.b.expired() ? stacks.by_a.erase(it) : std::next(it);
+  }
+  stacks.by_a[a_stack.storage().unsafeGetStorageImpl()] =
+      SharedStack{a_stack.storage().getWeakStorageImpl(), b_stack.storage().getWeakStorageImpl(), rank, d_in, d_out};
+  return {std::move(a_views), std::move(b_views)};
 }
 
 AdapterStack stack_adapters(const at::Tensor& weight, at::TensorList lora_A, at::TensorList lora_B,
@@ -138,8 +271,9 @@ AdapterStack stack_adapters(const at::Tensor& weight, at::TensorList lora_A, at:
     if (m.has_value() && m->defined()) inputs.push_back(*m);
   }
   if (!may_cache(inputs)) {
-    auto [a, b] = stack_factors(lora_A, lora_B);
-    return {a, b, stack_g(make_g(), d_out, options)};
+    AdapterStack stack = factors_stack(lora_A, lora_B);
+    stack.g = stack_g(make_g(), d_out, options);
+    return stack;
   }
   Cache& c = cache();
   const int64_t generation = norm_cache_generation();
@@ -169,18 +303,18 @@ AdapterStack stack_adapters(const at::Tensor& weight, at::TensorList lora_A, at:
     }
   }
   // Made outside the lock; two threads making the same stack both get a correct one, the last is kept.
-  auto [a, b] = stack_factors(lora_A, lora_B);
-  Entry e{generation, WeakImpl(weight.getIntrusivePtr()), {}, std::move(g_inputs),
-          g,          {a, b, stack_g(g, d_out, options)}};
+  AdapterStack stack = factors_stack(lora_A, lora_B);
+  stack.g = stack_g(g, d_out, options);
+  Entry e{generation, WeakImpl(weight.getIntrusivePtr()), {}, std::move(g_inputs), g, std::move(stack)};
   for (size_t k = 0; k < lora_A.size(); ++k) {
     e.factors.push_back(Fingerprint::of(lora_A[k]));
     e.factors.push_back(Fingerprint::of(lora_B[k]));
   }
-  const AdapterStack stack = e.stack;
+  const AdapterStack made = e.stack;
   std::lock_guard<std::mutex> lock(c.mutex);
   sweep_locked(c, generation);
   c.entries[weight.unsafeGetTensorImpl()] = std::move(e);
-  return stack;
+  return made;
 }
 
 }  // namespace dora_ext

@@ -7,28 +7,41 @@
 
 #include <functional>
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace dora_ext {
 
-// K adapters stacked along the rank R (their ranks' sum, padded with zeros to a multiple of 32).
+// K adapters side by side along the rank R (a multiple of 32; the columns no adapter of the call owns
+// are zeros or other adapters of a shared stack, see stack_in_shared_storage).
 struct AdapterStack {
-  at::Tensor lora_A;  // [R, d_in]: adapter k's rows from adapter_columns(...)[k] on
-  at::Tensor lora_B;  // [d_out, R]: adapter k's columns at the same place
-  at::Tensor g;       // [K + 1, d_out] float32: g_k = m_k / n_k of a DoRA adapter, ones for plain
-                      // LoRA adapters and, in the last row, for base-model rows
+  at::Tensor lora_A;             // [R, d_in]: adapter k's rows are columns[2k] .. columns[2k + 1] - 1
+  at::Tensor lora_B;             // [d_out, R] (row stride: lora_B.stride(0)): adapter k's columns, the same
+  at::Tensor g;                  // [K + 1, d_out] float32: g_k = m_k / n_k of a DoRA adapter, ones for plain
+                                 // LoRA adapters and, in the last row, for base-model rows
+  std::vector<int64_t> columns;  // 2K: adapter k owns columns [columns[2k], columns[2k + 1])
 };
 
-// Where adapter k's columns start in the stack: K + 1 offsets, the last one the sum of the ranks.
-std::vector<int64_t> adapter_columns(at::TensorList lora_A);
+// The column ranges of K adapters packed one after another from column 0 (2K entries, as
+// AdapterStack::columns).
+std::vector<int64_t> packed_columns(at::TensorList lora_A);
 
-// The stack's rank R: the ranks' sum, padded.
+// The packed stack's rank R: the ranks' sum, padded.
 int64_t stacked_rank(at::TensorList lora_A);
+
+// K adapters of one dtype and device (lora_A[k] [r_k, d_in], lora_B[k] [d_out, r_k]) copied into one
+// new zero-padded stack, returned as views of it at their places (adapter k's rows of A, its columns of
+// B: a row stride of R). Mixed batches over views of one such stack, any of its adapters in any order,
+// read them where they are: stack_adapters copies nothing (the stack is known by its storage, kept
+// weakly: it lives as long as a view of it). Serving then holds each adapter once.
+std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> stack_in_shared_storage(at::TensorList lora_A,
+                                                                                    at::TensorList lora_B);
 
 // Each adapter's g (float32 [d_out]; undefined for plain LoRA), from the norm cache.
 using MakeG = std::function<std::vector<at::Tensor>()>;
 
-// The stack of K >= 1 adapters of one dtype on `weight` (magnitude[k] None: plain LoRA). The last stack
+// The stack of K >= 1 adapters of one dtype on `weight` (magnitude[k] None: plain LoRA): the adapters'
+// own shared stack when they are views of one (stack_in_shared_storage), else a packed copy. The last stack
 // made for each weight is reused whole, G included and `make_g` not called, while W, every lora_A[k],
 // lora_B[k] and magnitude[k] keeps its identity, storage and version, the scales are the same and no
 // invalidation of the norm cache happened: the norm cache's own rule for reusing a norm and g

@@ -10,6 +10,7 @@
 
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace dora_ext {
 
@@ -47,6 +48,14 @@ at::Tensor dora_linear_mixed(const at::Tensor& x, const at::Tensor& weight, cons
                              at::TensorList lora_A, at::TensorList lora_B,
                              const c10::List<std::optional<at::Tensor>>& magnitude, at::ArrayRef<double> scale,
                              const at::Tensor& adapter_index);
+
+// One layer's adapters (lora_A[k] [r_k, d_in], lora_B[k] [d_out, r_k], one dtype and device) copied
+// into one new stack and returned as views of it (lora_B[k] with a row stride of the stack's rank).
+// dora_linear_mixed over views of one stack, any of them in any order, reads the adapters where they
+// are: serving then holds each adapter once (otherwise the CUDA kernels keep a stacked copy of the
+// adapters of each layer). Replace the adapters with the views; values are unchanged.
+std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> share_adapter_storage(at::TensorList lora_A,
+                                                                                  at::TensorList lora_B);
 
 // The DoRA delta for callers that already have base = x W^T (no bias) and
 // lora = (x A^T) B^T: (g - 1) * base + g * scale * lora, g = magnitude / norm.

@@ -41,8 +41,8 @@ at::Tensor make_table(const TableKey& key, const at::Device& device) {
     if (k >= 0) {
       const float s = static_cast<float>(key.scales[k]);
       fields[0] = static_cast<int32_t>(k);
-      fields[1] = static_cast<int32_t>(key.columns[k]);
-      fields[2] = static_cast<int32_t>(key.columns[k + 1]);
+      fields[1] = static_cast<int32_t>(key.columns[2 * k]);
+      fields[2] = static_cast<int32_t>(key.columns[2 * k + 1]);
       std::memcpy(&fields[3], &s, sizeof(s));
     }
     for (int64_t j = 0; j < key.repeat; ++j, out += kRowFields) std::memcpy(out, fields, sizeof(fields));

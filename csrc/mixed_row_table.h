@@ -11,10 +11,10 @@ namespace dora_ext {
 
 // The int32 [rows * repeat, 4] table of `adapter_index` (validated: -1 .. adapters - 1; on the
 // CPU, else read back) on `device`, each leading row's entry repeated `repeat` times; `columns` are
-// adapter_columns(lora_A) (adapter_stack.h). Built in pinned host memory and copied without waiting for
-// the GPU's queue. The table of the last call on each device and stream is kept and returned again for
-// the same index values, repeat, columns and scales (a decode step calls every layer with the same
-// ones), except while the stream is being captured. Shared with that cache: not to be written to.
+// the stack's column ranges (AdapterStack::columns, adapter_stack.h). Built in pinned host memory and copied without
+// waiting for the GPU's queue. The table of the last call on each device and stream is kept and returned again for the
+// same index values, repeat, columns and scales (a decode step calls every layer with the same ones), except while the
+// stream is being captured. Shared with that cache: not to be written to.
 at::Tensor row_table(const at::Tensor& adapter_index, int64_t repeat, const std::vector<int64_t>& columns,
                      at::ArrayRef<double> scale, const at::Device& device);
 

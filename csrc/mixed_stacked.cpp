@@ -36,7 +36,7 @@ AdapterStack stacked_adapters(const at::Tensor& weight, at::TensorList lora_A, a
 // stacked GEMM would multiply that float32 work by the number of adapters); the entries a row does
 // not own stay unwritten: the kernel never reads them.
 at::Tensor stacked_h(const at::Tensor& x3, const at::Tensor& x2d, const AdapterStack& stack, at::TensorList lora_A,
-                     const std::vector<int64_t>& columns, const at::Tensor& adapter_index) {
+                     const at::Tensor& adapter_index) {
   const int64_t d_in = x3.size(2), rank = stack.lora_A.size(0);
   if (stack.lora_A.scalar_type() != at::kFloat) return at::mm(x2d, stack.lora_A.t());
   const int64_t per_row = x3.size(1);
@@ -44,7 +44,7 @@ at::Tensor stacked_h(const at::Tensor& x3, const at::Tensor& x2d, const AdapterS
   for (const RowGroup& group : group_rows(adapter_index, static_cast<int64_t>(lora_A.size()), x3.device())) {
     if (group.adapter < 0) continue;
     const at::Tensor& a = lora_A[static_cast<size_t>(group.adapter)];
-    const int64_t first_column = columns[static_cast<size_t>(group.adapter)], r = a.size(0);
+    const int64_t first_column = stack.columns[2 * static_cast<size_t>(group.adapter)], r = a.size(0);
     if (group.consecutive) {
       at::Tensor out = h.narrow(0, group.first, group.count).view({-1, rank}).narrow(1, first_column, r);
       at::mm_out(out, x3.narrow(0, group.first, group.count).reshape({-1, d_in}).to(at::kFloat), a.t());
@@ -78,7 +78,7 @@ at::Tensor mixed_decode_forward(const at::Tensor& x, const at::Tensor& weight, c
   const at::Tensor x2d = as_rows(x);
   const int64_t tokens = x2d.size(0);
   const AdapterStack stack = stacked_adapters(weight, lora_A, lora_B, magnitude, scale);
-  const at::Tensor rows = row_table(adapter_index, tokens / x.size(0), adapter_columns(lora_A), scale, x.device());
+  const at::Tensor rows = row_table(adapter_index, tokens / x.size(0), stack.columns, scale, x.device());
   // Float32 adapters: h from x upcast, in float32, as PEFT computes it (decode_forward does the same).
   const at::Tensor h = at::mm(x2d.to(stack.lora_A.scalar_type()), stack.lora_A.t());
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
@@ -109,13 +109,12 @@ at::Tensor mixed_lora_forward(const at::Tensor& x, const at::Tensor& weight, con
   const at::Tensor x3 = x.reshape({rows, -1, d_in});  // [rows, tokens per row, d_in]
   const int64_t per_row = x3.size(1), tokens = rows * per_row;
   const AdapterStack stack = stacked_adapters(weight, lora_A, lora_B, magnitude, scale);
-  const std::vector<int64_t> columns = adapter_columns(lora_A);
-  const at::Tensor table = row_table(adapter_index, /*repeat=*/1, columns, scale, x.device());
+  const at::Tensor table = row_table(adapter_index, /*repeat=*/1, stack.columns, scale, x.device());
   // The base GEMM once for the whole batch, in x's dtype (as dora_linear's and PEFT's base output);
   // the kernel writes the result over it.
   const at::Tensor x2d = x3.reshape({-1, d_in});
   const at::Tensor z = at::mm(x2d, weight.t());
-  const at::Tensor h = stacked_h(x3, x2d, stack, lora_A, columns, adapter_index);
+  const at::Tensor h = stacked_h(x3, x2d, stack, lora_A, adapter_index);
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const bool aligned = all_aligned16({&z, &h, &stack.lora_B, &stack.g, &b},
                                      {d_out, z.stride(0), h.stride(0), stack.lora_B.stride(0), stack.g.stride(0)});

@@ -2,6 +2,7 @@
 // which calls them through the dispatcher.
 #include "dora_ext.h"
 
+#include "adapter_stack.h"
 #include "dispatch.h"
 #include "eager.h"
 #include "kernel_registry.h"
@@ -46,6 +47,12 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t> norm_c
   return {s.norm_hits, s.norm_misses, s.weight_sq_hits, s.scale_hits, s.bypassed, s.entries, s.invalidations};
 }
 
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> share_adapter_storage_op(at::TensorList lora_A,
+                                                                                      at::TensorList lora_B) {
+  auto [a, b] = stack_in_shared_storage(lora_A, lora_B);
+  return {std::move(a), std::move(b)};
+}
+
 std::string build_info_op() {
   std::string archs;
   for (int64_t arch : compiled_archs()) archs += (archs.empty() ? "" : ", ") + std::to_string(arch);
@@ -76,6 +83,9 @@ TORCH_LIBRARY(dora_ext, m) {
   m.def(
       "dora_linear_mixed(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, "
       "Tensor?[] magnitude, float[] scale, Tensor adapter_index) -> Tensor");
+  // The adapters of one layer copied into one stack and returned as views of it, which mixed batches
+  // read in place (adapter_stack.h).
+  m.def("share_adapter_storage(Tensor[] lora_A, Tensor[] lora_B) -> (Tensor[] lora_A, Tensor[] lora_B)");
   m.def("compose_delta(Tensor base, Tensor lora, Tensor magnitude, Tensor norm, float scale) -> Tensor");
   // Training forward and backward behind dora_linear's and compose_delta's autograd.
   // z is [T, d_out] with keep_z, else empty; the backward's magnitude gradient takes z, else the
@@ -119,6 +129,12 @@ TORCH_LIBRARY(dora_ext, m) {
   m.def("thread_option(str name) -> str?", &thread_option);
   m.def("set_thread_option(str name, str? value) -> ()", &set_thread_option);
   m.def("norm_cache_generation() -> int", &norm_cache_generation);
+}
+
+// One kernel for every device, below autograd (the views it returns are plain tensors), so that the
+// fake kernel in dora_ext/ops.py serves tracing.
+TORCH_LIBRARY_IMPL(dora_ext, CompositeExplicitAutograd, m) {
+  m.impl("share_adapter_storage", &share_adapter_storage_op);
 }
 
 at::Tensor row_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
@@ -165,6 +181,19 @@ at::Tensor dora_linear_mixed(const at::Tensor& x, const at::Tensor& weight, cons
                                          at::TensorList, at::TensorList, const c10::List<std::optional<at::Tensor>>&,
                                          at::ArrayRef<double>, const at::Tensor&)>();
   return op.call(x, weight, bias, lora_A, lora_B, magnitude, scale, adapter_index);
+}
+
+std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> share_adapter_storage(at::TensorList lora_A,
+                                                                                  at::TensorList lora_B) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dora_ext::share_adapter_storage", "")
+          .typed<std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>(at::TensorList, at::TensorList)>();
+  std::vector<at::Tensor> a_in, b_in;  // detached: the views are plain tensors, whatever requires a gradient
+  for (const at::Tensor& t : lora_A) a_in.push_back(t.detach());
+  for (const at::Tensor& t : lora_B) b_in.push_back(t.detach());
+  auto [a, b] = op.call(a_in, b_in);
+  return {std::move(a), std::move(b)};
 }
 
 at::Tensor compose_delta(const at::Tensor& base, const at::Tensor& lora, const at::Tensor& magnitude,

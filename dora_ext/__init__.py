@@ -47,10 +47,11 @@ from .ops import (  # noqa: E402
     row_norm,
     select_tier,
     set_options,
+    share_adapter_storage,
 )
 
 __version__ = "0.1.0"
 __all__ = ["clear_norm_cache", "compose_delta", "dora_linear", "dora_linear_dropout", "dora_linear_mixed",
            "get_options", "info",
            "invalidate_norm_cache", "last_tier", "norm_cache_stats", "options", "overrides", "row_norm", "select_tier",
-           "set_options", "__version__"]
+           "set_options", "share_adapter_storage", "__version__"]

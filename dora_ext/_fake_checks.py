@@ -129,6 +129,20 @@ def dora_linear_mixed_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias:
            f"{op}: adapter_index must be int64 or int32, got {_dt(adapter_index.dtype)}")
 
 
+def share_adapter_storage_args(op: str, lora_A: list, lora_B: list) -> None:
+    _check(len(lora_A) >= 1, f"{op}: lora_A must list at least one adapter")
+    _check(len(lora_B) == len(lora_A),
+           f"{op}: lora_A and lora_B must list the same adapters, got {len(lora_A)} and {len(lora_B)} entries")
+    _check(lora_A[0].dim() == 2 and lora_B[0].dim() == 2,
+           f"{op}: lora_A[0] must be [r, d_in] and lora_B[0] [d_out, r], got {_sz(lora_A[0])} and {_sz(lora_B[0])}")
+    d_in, d_out = lora_A[0].shape[1], lora_B[0].shape[0]
+    for k, (a, b) in enumerate(zip(lora_A, lora_B)):
+        _check(a.dim() == 2 and a.shape[1] == d_in and a.shape[0] >= 1,
+               f"{op}: lora_A[{k}] must be [r, d_in] = [r, {d_in}] with r >= 1, got {_sz(a)}")
+        _check(b.dim() == 2 and b.shape[0] == d_out and b.shape[1] == a.shape[0],
+               f"{op}: lora_B[{k}] must be [d_out, r] = [{d_out}, {a.shape[0]}], got {_sz(b)}")
+
+
 def compose_delta_args(op: str, base: torch.Tensor, lora: torch.Tensor, magnitude: torch.Tensor,
                        norm: torch.Tensor) -> None:
     _check(base.dim() >= 1, f"{op}: base must have at least 1 dimension [..., d_out], got a 0-D tensor")

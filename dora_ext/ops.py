@@ -122,6 +122,22 @@ def dora_linear_mixed(
                                           [float(s) for s in scale], adapter_index)
 
 
+def share_adapter_storage(
+    lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One layer's adapters copied into one new stack, returned as views of it (values unchanged).
+
+    ``lora_A[k]`` ``[r_k, d_in]`` and ``lora_B[k]`` ``[d_out, r_k]``, one dtype and device. The views
+    are plain tensors (no autograd history); ``lora_B[k]`` has the stack's rank as its row stride.
+    :func:`dora_linear_mixed` over views of one stack (any of them, in any order) reads the adapters
+    where they are: without it the CUDA kernels keep a stacked copy of each layer's adapters, so
+    serving holds every adapter twice. Replace the adapters with the views (``p.data = view``);
+    ``dora_ext.peft`` does that itself for PEFT models on the first CUDA ``adapter_names=`` call.
+    """
+    a, b = _ops.share_adapter_storage.default([t.detach() for t in lora_A], [t.detach() for t in lora_B])
+    return list(a), list(b)
+
+
 def compose_delta(
     base: torch.Tensor, lora: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -346,6 +362,22 @@ def _dora_linear_dropout_backward_fake(grad_out, x_dropped, weight, lora_A, lora
         magnitude.new_empty(magnitude.shape if output_mask[4] else none),
         weight.new_empty((weight.shape[0],)) if output_mask[5] else x_dropped.new_empty(none),
     )
+
+
+#: The multiple of columns a stack of adapters is padded to (csrc/adapter_stack.cpp's kRankQuantum;
+#: test_opcheck compares the fake kernel's strides with the real op's).
+_STACK_RANK_QUANTUM = 32
+
+
+@torch.library.register_fake("dora_ext::share_adapter_storage")
+def _share_adapter_storage_fake(lora_A, lora_B):
+    _fake_checks.share_adapter_storage_args("share_adapter_storage", lora_A, lora_B)
+    ranks = [a.shape[0] for a in lora_A]
+    rank = -(-sum(ranks) // _STACK_RANK_QUANTUM) * _STACK_RANK_QUANTUM
+    a_stack, b_stack = lora_A[0].new_empty((rank, lora_A[0].shape[1])), lora_B[0].new_empty((lora_B[0].shape[0], rank))
+    firsts = [sum(ranks[:k]) for k in range(len(ranks))]
+    return ([a_stack.narrow(0, f, r) for f, r in zip(firsts, ranks)],
+            [b_stack.narrow(1, f, r) for f, r in zip(firsts, ranks)])
 
 
 @torch.library.register_fake("dora_ext::dora_linear_mixed")

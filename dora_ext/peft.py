@@ -41,8 +41,10 @@ base layers with hooks (DeepSpeed ZeRO-3's are recognised and served: dora_ext._
 ``ephemeral_gpu_offload``. :func:`report` gives the reason per layer and
 ``accelerate`` logs it on the ``dora_ext.peft`` logger. ``adapter_names=`` mixed batches (DoRA and
 LoRA adapters and ``"__base__"`` rows; stock PEFT refuses DoRA there) are one ``dora_linear_mixed`` call
-per layer; the ``LoraModel`` finds the layers to hand the names to from a kept list instead of walking
-every module per call (dora_ext._adapter_names). Calls that a routed layer hands back to PEFT (extra
+per layer; on CUDA the first such call moves each layer's adapters into one stack the kernels read in
+place (dora_ext._shared_adapters: the parameters become views of it, values unchanged); the
+``LoraModel`` finds the layers to hand the names to from a kept list instead of walking every module
+per call (dora_ext._adapter_names). Calls that a routed layer hands back to PEFT (extra
 forward arguments, a non-DoRA variant among the active adapters, ``cast_input_dtype_enabled=False``,
 devices that differ) are counted per layer: :func:`fallback_counts`.
 
@@ -62,7 +64,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
-from . import _adapter_names, _quantized, _zero3
+from . import _adapter_names, _quantized, _shared_adapters, _zero3
 from ._frozen import detach_if_frozen_view
 from ._cast_cache import cast_for_forward
 from .ops import compose_delta, dora_linear, dora_linear_dropout, dora_linear_mixed, row_norm
@@ -423,6 +425,8 @@ def _mixed_batch(layer: "DoraExtLinear", x: torch.Tensor, adapter_names: list[st
     autocast = torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
     A_modules, B_modules = modules["lora_A"]._modules, modules["lora_B"]._modules
+    if x.is_cuda and not autocast:  # the stacked kernels then read the adapters in place
+        _shared_adapters.share(layer, A_modules, B_modules, _param)
     magnitude_modules, variants, scaling = modules["lora_magnitude_vector"]._modules, layer.lora_variant, layer.scaling
     names = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and n in A_modules]
     lora_A, lora_B, magnitude, scale = [], [], [], []

@@ -15,8 +15,9 @@ perturbed so every adapter differs). Setups, each timed on the same prompts (one
 
 Per setup: prefill ms (one forward over all rows' prompts), decode tokens/s (rows x new tokens over
 the generate time minus its prefill), and the GPU memory its weights take (after setup, before
-generating) and at peak during generate. Timings: medians of --reps runs after one warm-up
-(scripts/timing.py's median_wall_ms).
+generating), what stays allocated after the timed runs (weights plus whatever the setup keeps
+between calls: dora_ext's stacks of adapters, norms and g) and the peak during generate. Timings:
+medians of --reps runs after one warm-up (scripts/timing.py's median_wall_ms).
 
     python3 scripts/bench_serving.py --out serving_bench
     python3 scripts/bench_serving.py --tiny --device cpu --out /tmp/s     # smoke test
@@ -109,10 +110,12 @@ def measure(name: str, label: str, runs: list[tuple[Any, torch.Tensor, dict]], a
         torch.cuda.reset_peak_memory_stats(device)
     generate_ms = timed(generate, args.reps, device)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    held = allocated_gib(device)
     rows = sum(ids.shape[0] for _, ids, _ in runs)
     decode_s = max(generate_ms - prefill_ms, 1e-6) / 1e3
     row = {"setup": name, "label": label, "prefill_ms": prefill_ms, "generate_ms": generate_ms,
-           "decode_tokens_per_s": rows * args.new / decode_s, "weights_gib": weights_gib, "peak_gib": peak,
+           "decode_tokens_per_s": rows * args.new / decode_s, "weights_gib": weights_gib, "held_gib": held,
+           "peak_gib": peak,
            "outputs": [t.tolist() for t in generate()]}
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "outputs"}),
           flush=True)
@@ -187,12 +190,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"median of {s['reps']} runs. Mixed-batch greedy outputs equal to the merged models': "
         f"{s['rows_equal_to_merged_models']} rows.",
         "",
-        "| setup | prefill ms | generate ms | decode tokens/s | weights GiB | peak GiB |",
-        "|---|---|---|---|---|---|",
+        "| setup | prefill ms | generate ms | decode tokens/s | weights GiB | held GiB | peak GiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
         lines.append(f"| {r['label']} | {fmt(r['prefill_ms'], 2)} | {fmt(r['generate_ms'], 1)} | "
-                     f"{fmt(r['decode_tokens_per_s'], 1)} | {fmt(r['weights_gib'], 2)} | {fmt(r['peak_gib'], 2)} |")
+                     f"{fmt(r['decode_tokens_per_s'], 1)} | {fmt(r['weights_gib'], 2)} | {fmt(r['held_gib'], 2)} | "
+                     f"{fmt(r['peak_gib'], 2)} |")
     return "\n".join(lines) + "\n"
 
 

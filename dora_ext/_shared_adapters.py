@@ -1,0 +1,65 @@
+"""One copy of a PEFT layer's adapters while it serves mixed batches on CUDA.
+
+The stacked mixed-batch kernels read every adapter of a call from one stack (``h = x A_cat^T``,
+``B_cat``). Adapters held as separate tensors are copied into a stack kept per layer, so a served
+model holds each adapter twice. :func:`share` moves a layer's LoRA factors into one stack made by
+:func:`dora_ext.share_adapter_storage` (the parameters' ``.data`` become views of it; values,
+parameter objects, dtypes and shapes are unchanged) and the kernels read them in place.
+
+Done again after an adapter was added, removed or had its data replaced (``model.to``,
+``load_state_dict`` with ``assign=True``): the layer remembers the data pointers it left. Factors
+that are part of storage another owner lays out (such as FSDP's flat parameters), wrapped tensors,
+or factors of mixed dtypes or devices are left where they are (the stack is then a copy, as
+before).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .ops import share_adapter_storage
+
+__all__ = ["share"]
+
+_SHARED = "_dora_ext_shared_adapters"  # layer attribute: (factors' data pointers, stacks' storage pointers)
+
+
+def _pointers(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, ...]:
+    return tuple(p for a, b in pairs for p in (a.data_ptr(), b.data_ptr()))
+
+
+def _movable(t: torch.Tensor, first: torch.Tensor, stacks: tuple[int, ...]) -> bool:
+    """``t`` can be replaced by a view of a new stack: a plain tensor like ``first`` that owns its
+    whole storage or lies in this layer's stack (a tensor in it keeps it alive), not part of storage
+    someone else lays out."""
+    if type(t.data) is not torch.Tensor or t.dtype != first.dtype or t.device != first.device:
+        return False
+    storage = t.untyped_storage()
+    whole = t.storage_offset() == 0 and t.is_contiguous() and storage.nbytes() == t.numel() * t.element_size()
+    return whole or storage.data_ptr() in stacks
+
+
+def share(layer: nn.Module, A_modules: dict[str, nn.Module], B_modules: dict[str, nn.Module],
+          param: Any) -> None:
+    """Make the LoRA factors of every adapter of ``layer`` views of one shared stack, unless they
+    already are (checked by data pointer: a few microseconds per call) or cannot be moved.
+    ``param(module, name)`` reads a registered parameter (dora_ext.peft._param)."""
+    pairs = [(param(A_modules[n], "weight"), param(B_modules[n], "weight")) for n in A_modules if n in B_modules]
+    if not pairs:
+        return
+    pointers = _pointers(pairs)
+    last = layer.__dict__.get(_SHARED)
+    if last is not None and last[0] == pointers:
+        return
+    stacks = last[1] if last is not None else ()
+    first = pairs[0][0]
+    if all(_movable(t, first, stacks) for pair in pairs for t in pair):
+        a_views, b_views = share_adapter_storage([a for a, _ in pairs], [b for _, b in pairs])
+        for (a, b), a_view, b_view in zip(pairs, a_views, b_views):
+            a.data, b.data = a_view, b_view
+        stacks = (a_views[0].untyped_storage().data_ptr(), b_views[0].untyped_storage().data_ptr())
+        layer.__dict__[_SHARED] = (_pointers(pairs), stacks)
+    else:  # left as they are; not tried again until they change
+        layer.__dict__[_SHARED] = (pointers, stacks)

@@ -1,0 +1,296 @@
+"""share_adapter_storage: one layer's adapters in one stack, which mixed batches read in place (no
+second copy), and dora_ext.peft moving a PEFT layer's adapters into it on CUDA. Every output is checked
+against float64 of each row alone (test_mixed.py's helpers), and the single-adapter ops against the
+same adapters before they were moved."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import dora_ext
+from reference import FWD_TOL, make_inputs, perturb_adapters, rel_err, tiny_llama_config
+from test_mixed import DECODE_CASES, _NEEDS_GPU, _adapters, _assert_rows, _run
+
+RANKS, KINDS = [1, 3, 8, 4, 2], ["dora", "lora", "dora", "dora", "lora"]
+
+
+def _share(adapters: list[dict]) -> list[dict]:
+    """The same adapters, their factors views of one shared stack."""
+    a, b = dora_ext.share_adapter_storage([x["A"] for x in adapters], [x["B"] for x in adapters])
+    return [dict(x, A=av, B=bv) for x, av, bv in zip(adapters, a, b)]
+
+
+def test_views_lie_in_one_zero_padded_stack(any_device):
+    adapters = _adapters(37, 29, RANKS, torch.float32, any_device, KINDS)
+    for x in adapters:
+        x["A"].requires_grad_()
+    shared = _share(adapters)
+    rank = 32  # 18 columns, padded to the stack's quantum
+    for x, s in zip(adapters, shared):
+        assert torch.equal(s["A"], x["A"]) and torch.equal(s["B"], x["B"])
+        assert not s["A"].requires_grad and s["A"].grad_fn is None and s["A"].device == x["A"].device
+        assert s["A"].is_contiguous() and s["B"].stride() == (rank, 1)
+    for key, shape in (("A", (rank, 37)), ("B", (29, rank))):
+        storages = {s[key].untyped_storage().data_ptr() for s in shared}
+        assert len(storages) == 1
+        whole = shared[0][key].new_empty(0).set_(shared[0][key].untyped_storage()).view(shape)
+        columns = whole[18:] if key == "A" else whole[:, 18:]
+        assert whole.numel() * whole.element_size() == shared[0][key].untyped_storage().nbytes()
+        assert torch.count_nonzero(columns) == 0  # the padding the kernels' tiles read
+
+
+def test_views_made_under_inference_mode_are_plain_tensors():
+    adapters = _adapters(16, 8, [2, 3], torch.float32, "cpu", ["dora", "dora"])
+    with torch.inference_mode():
+        shared = _share(adapters)
+    assert not any(s[k].is_inference() for s in shared for k in ("A", "B"))
+    shared[0]["A"].add_(1.0)  # usable as parameters' data outside inference mode
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda A, B: ([], []), "lora_A must list at least one adapter"),
+    (lambda A, B: (A, B[:1]), "lora_A and lora_B must list the same adapters, got 2 and 1 entries"),
+    (lambda A, B: (A, [B[0], B[1][:, :1]]), r"lora_B\[1\] must be \[d_out, r\] = \[8, 3\], got \[8, 1\]"),
+    (lambda A, B: ([A[0], A[1][:, :5]], B), r"lora_A\[1\] must be \[r, d_in\] = \[r, 16\] with r >= 1, got \[3, 5\]"),
+    (lambda A, B: ([A[0], A[1].double()], B), "lora_A\\[0\\]'s floating dtype Float, adapter 1 has Double"),
+    (lambda A, B: ([A[0].long(), A[1]], B), "floating dtype"),
+])
+def test_bad_arguments_are_named(bad, message):
+    adapters = _adapters(16, 8, [2, 3], torch.float32, "cpu", ["dora", "dora"])
+    A, B = bad([x["A"] for x in adapters], [x["B"] for x in adapters])
+    with pytest.raises(RuntimeError, match=message):
+        dora_ext.share_adapter_storage(A, B)
+
+
+def test_fake_kernel_gives_the_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        A, B = [torch.empty(2, 16), torch.empty(3, 16)], [torch.empty(8, 2), torch.empty(8, 3)]
+        a, b = torch.ops.dora_ext.share_adapter_storage.default(A, B)
+    assert [t.shape for t in a] == [(2, 16), (3, 16)] and [t.shape for t in b] == [(8, 2), (8, 3)]
+
+
+@pytest.mark.parametrize("dtype, adapter_dtype", [
+    pytest.param(torch.float64, None, id="fp64"),
+    pytest.param(torch.bfloat16, None, id="bf16"),
+    pytest.param(torch.bfloat16, torch.float32, id="bf16-fp32adapters"),
+])
+@pytest.mark.parametrize("batch, index, order", [
+    ((5,), [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]),      # decode size, every adapter of the stack
+    ((4, 3), [2, -1, 0, 2], [3, 0, 4]),            # a subset, reordered (adapter k of the call: order[k])
+    ((6, 40), [0, 0, 2, 1, -1, 2], [4, 2, 1]),     # prefill size, a subset
+], ids=["decode-all", "decode-subset", "prefill-subset"])
+def test_mixed_batches_read_shared_views(any_device, dtype, adapter_dtype, batch, index, order):
+    """Every row of a mixed batch over views of a shared stack (any of its adapters, in any order)
+    equals that row alone in float64; on CUDA the stacked kernels serve it."""
+    if dtype == torch.float64 and any_device.type == "cuda":
+        pytest.skip("float64 runs the eager path only: covered on the CPU")
+    d_in, d_out = (64, 96)
+    base = make_inputs(d_in, d_out, 1, batch, dtype, any_device)
+    shared = _share(_adapters(d_in, d_out, RANKS, dtype, any_device, KINDS, adapter_dtype))
+    adapters = [shared[k] for k in order]
+    with torch.no_grad():
+        y = _run(base["x"], base["weight"], base["bias"], adapters, torch.tensor(index))
+    _assert_rows(y, base["x"], base["weight"], base["bias"], adapters, torch.tensor(index), dtype)
+    if any_device.type == "cuda":
+        tier, reason = dora_ext.last_tier()
+        assert tier == "fused_inference" and "mixed" in reason, (tier, reason)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dora_linear_on_shared_views_equals_contiguous_factors(any_device, dtype):
+    """The single-adapter op (forward and every gradient) on a shared stack's strided B equals the
+    same adapter held contiguously."""
+    inp = make_inputs(48, 40, 6, (3, 5), dtype, any_device)
+    other = make_inputs(48, 40, 3, (1,), dtype, any_device, seed=7)
+    a, b = dora_ext.share_adapter_storage([other["lora_A"], inp["lora_A"]], [other["lora_B"], inp["lora_B"]])
+    results = []
+    for A, B in ((inp["lora_A"], inp["lora_B"]), (a[1], b[1])):
+        leaves = [t.detach().clone().requires_grad_() for t in (inp["x"], inp["magnitude"])]
+        A, B = A.detach().requires_grad_(), B.detach().requires_grad_()
+        y = dora_ext.dora_linear(leaves[0], inp["weight"], inp["bias"], A, B, leaves[1], inp["scale"])
+        y.float().square().sum().backward()
+        results.append([y, leaves[0].grad, A.grad, B.grad, leaves[1].grad])
+    assert not b[1].is_contiguous()
+    for contiguous, strided in zip(*results):
+        assert rel_err(strided, contiguous.double()) < FWD_TOL[dtype]
+
+
+# ------------------------------------------------------------------------------ PEFT layers
+
+
+def _peft_model(device, dtype=torch.float32):
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(transformers.LlamaForCausalLM(tiny_llama_config()).to(device=device, dtype=dtype),
+                           LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("plain", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    perturb_adapters(model)
+    return model.eval()
+
+
+def _lora_layers(model):
+    from peft.tuners.lora.layer import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def _share_all(model) -> None:
+    import dora_ext.peft as dp
+    from dora_ext import _shared_adapters
+
+    for layer in _lora_layers(model):
+        _shared_adapters.share(layer, layer.lora_A._modules, layer.lora_B._modules, dp._param)
+
+
+def _storages(layer) -> set[int]:
+    return {p.untyped_storage().data_ptr() for n in layer.lora_A for p in (layer.lora_A[n].weight,
+                                                                            layer.lora_B[n].weight)}
+
+
+def test_peft_layers_keep_their_values_and_parameters():
+    pytest.importorskip("peft")
+    model = _peft_model("cpu")
+    params = {n: p for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    _share_all(model)
+    assert {n: p for n, p in model.named_parameters()} == params  # the same Parameter objects
+    assert all(torch.equal(p, before[n]) for n, p in params.items())
+    for layer in _lora_layers(model):
+        assert len(_storages(layer)) == 2  # one A stack and one B stack per layer
+    pointers = {n: p.data_ptr() for n, p in params.items()}
+    _share_all(model)  # already shared: nothing moves
+    assert {n: p.data_ptr() for n, p in params.items()} == pointers
+
+
+def test_peft_layers_are_shared_again_after_an_adapter_is_added():
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    model = _peft_model("cpu")
+    _share_all(model)
+    model.add_adapter("late", LoraConfig(r=3, lora_alpha=3, use_dora=True, target_modules=["q_proj"]))
+    _share_all(model)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert "late" in q_proj.lora_A and len(_storages(q_proj)) == 2
+
+
+def test_factors_in_storage_another_owner_lays_out_stay_put():
+    pytest.importorskip("peft")
+    model = _peft_model("cpu")
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    flat = torch.zeros(10_000)
+    weight = q_proj.lora_A["second"].weight
+    part = flat[100:100 + weight.numel()].view_as(weight)
+    part.copy_(weight)
+    weight.data = part  # as FSDP's flat parameters lay them out
+    _share_all(model)
+    assert weight.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    assert len(_storages(q_proj)) > 2
+
+
+def test_shared_peft_adapters_train_save_and_load(tmp_path):
+    """After sharing, a training step's gradients equal those of an unshared copy, and
+    save_pretrained (strided views inside) loads back into the same outputs."""
+    pytest.importorskip("peft")
+    import dora_ext.peft as dp
+    from peft import PeftModel
+
+    model = _peft_model("cpu")
+    twin = copy.deepcopy(model)
+    _share_all(model)
+    for m in (model, twin):
+        dp.accelerate(m)
+        m.set_adapter("second")
+        m.train()
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(5))
+    losses = [m(input_ids=ids, labels=ids).loss for m in (model, twin)]
+    for loss in losses:
+        loss.backward()
+    assert rel_err(losses[0], losses[1].double()) < 1e-6
+    grads = {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
+    assert grads
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert rel_err(p.grad, grads[n].double()) < 1e-5, n
+    model.eval()
+    assert not model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["second"].weight.is_contiguous()
+    model.save_pretrained(tmp_path)
+    dp.restore(model)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    import transformers
+
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(tiny_llama_config())
+    loaded = PeftModel.from_pretrained(base, tmp_path / "second").eval()
+    with torch.no_grad():
+        assert rel_err(loaded(input_ids=ids).logits, expected.double()) < 1e-6
+
+
+@pytest.mark.cuda
+@_NEEDS_GPU
+@pytest.mark.parametrize("dtype, adapter_dtype", DECODE_CASES[::2])
+@pytest.mark.parametrize("tokens", [1, 40], ids=["decode-kernel", "lora-kernel"])
+def test_shared_stack_makes_no_copy(dtype, adapter_dtype, tokens):
+    """The first mixed call over separate adapters keeps a stacked copy of them on the GPU; over views
+    of a shared stack it keeps only G and the norms (each adapter is held once)."""
+    dora_ext.set_options(tier="fused")
+    d = 1024
+    base = make_inputs(d, d, 1, (4, tokens), dtype, "cuda")
+    index = torch.tensor([0, 1, 2, 3])
+    grown = {}
+    for name in ("separate", "shared"):
+        adapters = _adapters(d, d, [16, 24, 40, 64], dtype, "cuda", ["dora", "lora", "dora", "dora"], adapter_dtype,
+                             seed=11 if name == "separate" else 12)
+        if name == "shared":
+            adapters = _share(adapters)
+        W = base["weight"].clone()  # a weight of its own: a stack is kept per base weight
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            y = _run(base["x"], W, base["bias"], adapters, index)
+        _assert_rows(y, base["x"], W, base["bias"], adapters, index, dtype)
+        del y
+        torch.cuda.synchronize()
+        grown[name] = torch.cuda.memory_allocated() - before
+    factor_bytes = sum(r * 2 * d for r in [16, 24, 40, 64]) * (4 if adapter_dtype else 2)
+    assert grown["separate"] >= factor_bytes, grown
+    assert grown["shared"] < factor_bytes / 4, grown
+
+
+@pytest.mark.cuda
+@_NEEDS_GPU
+def test_peft_adapter_names_on_cuda_share_each_layer():
+    """The first adapter_names call on CUDA moves each layer's adapters into one stack; the rows still
+    equal each row alone, and a training step on one adapter equals an unshared copy's."""
+    pytest.importorskip("peft")
+    import dora_ext.peft as dp
+    from reference import assert_rows_alone
+
+    model = _peft_model("cuda", torch.bfloat16)
+    twin = copy.deepcopy(model)
+    dp.accelerate(model)
+    dp.accelerate(twin)
+    ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(6)).cuda()
+    assert_rows_alone(model, ids, ["second", "plain", "__base__"], tol=3e-2)
+    for layer in _lora_layers(model):
+        assert len(_storages(layer)) == 2
+    for m in (model, twin):
+        m.set_adapter("second")
+        m.train()
+    losses = [m(input_ids=ids, labels=ids).loss for m in (model, twin)]
+    for loss in losses:
+        loss.backward()
+    assert rel_err(losses[0], losses[1].double()) < 1e-2
+    grads = {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
+    assert grads
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert rel_err(p.grad, grads[n].double()) < 3e-2, n
