@@ -1,4 +1,5 @@
-"""One copy of a PEFT layer's adapters while it serves mixed batches on CUDA.
+"""One copy of a PEFT layer's adapters while it serves mixed batches on CUDA (16-bit models: the
+stacked kernels' inputs).
 
 The stacked mixed-batch kernels read every adapter of a call from one stack (``h = x A_cat^T``,
 ``B_cat``). Adapters held as separate tensors are copied into a stack kept per layer, so a served

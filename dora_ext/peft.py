@@ -41,8 +41,8 @@ base layers with hooks (DeepSpeed ZeRO-3's are recognised and served: dora_ext._
 ``ephemeral_gpu_offload``. :func:`report` gives the reason per layer and
 ``accelerate`` logs it on the ``dora_ext.peft`` logger. ``adapter_names=`` mixed batches (DoRA and
 LoRA adapters and ``"__base__"`` rows; stock PEFT refuses DoRA there) are one ``dora_linear_mixed`` call
-per layer; on CUDA the first such call moves each layer's adapters into one stack the kernels read in
-place (dora_ext._shared_adapters: the parameters become views of it, values unchanged); the
+per layer; on CUDA the first such call on a 16-bit model moves each layer's adapters into one stack the
+kernels read in place (dora_ext._shared_adapters: the parameters become views of it, values unchanged); the
 ``LoraModel`` finds the layers to hand the names to from a kept list instead of walking every module
 per call (dora_ext._adapter_names). Calls that a routed layer hands back to PEFT (extra
 forward arguments, a non-DoRA variant among the active adapters, ``cast_input_dtype_enabled=False``,
@@ -425,8 +425,8 @@ def _mixed_batch(layer: "DoraExtLinear", x: torch.Tensor, adapter_names: list[st
     autocast = torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
     A_modules, B_modules = modules["lora_A"]._modules, modules["lora_B"]._modules
-    if x.is_cuda and not autocast:  # the stacked kernels then read the adapters in place
-        _shared_adapters.share(layer, A_modules, B_modules, _param)
+    if x.is_cuda and not autocast and dtype in (torch.float16, torch.bfloat16):
+        _shared_adapters.share(layer, A_modules, B_modules, _param)  # the stacked kernels read them in place
     magnitude_modules, variants, scaling = modules["lora_magnitude_vector"]._modules, layer.lora_variant, layer.scaling
     names = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and n in A_modules]
     lora_A, lora_B, magnitude, scale = [], [], [], []

@@ -294,3 +294,15 @@ def test_peft_adapter_names_on_cuda_share_each_layer():
     for n, p in model.named_parameters():
         if n in grads:
             assert rel_err(p.grad, grads[n].double()) < 3e-2, n
+
+
+def test_shared_peft_adapters_merge_like_unshared_ones():
+    pytest.importorskip("peft")
+    model = _peft_model("cpu")
+    twin = copy.deepcopy(model)
+    _share_all(model)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(8))
+    merged = [m.merge_and_unload(adapter_names=["second", "plain"]) for m in (model, twin)]
+    with torch.no_grad():
+        logits = [m(input_ids=ids).logits for m in merged]
+    assert rel_err(logits[0], logits[1].double()) < 1e-6
