@@ -154,6 +154,23 @@ def _storages(layer) -> set[int]:
                                                                             layer.lora_B[n].weight)}
 
 
+def _assert_training_step_equal(model, twin, ids, loss_tol: float, grad_tol: float) -> None:
+    """A training step on adapter "second" gives ``model`` (adapters moved) the loss and gradients of
+    ``twin`` (not moved)."""
+    for m in (model, twin):
+        m.set_adapter("second")
+        m.train()
+    losses = [m(input_ids=ids, labels=ids).loss for m in (model, twin)]
+    for loss in losses:
+        loss.backward()
+    assert rel_err(losses[0], losses[1].double()) < loss_tol
+    grads = {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
+    assert grads
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert rel_err(p.grad, grads[n].double()) < grad_tol, n
+
+
 def test_peft_layers_keep_their_values_and_parameters():
     pytest.importorskip("peft")
     model = _peft_model("cpu")
@@ -207,18 +224,8 @@ def test_shared_peft_adapters_train_save_and_load(tmp_path):
     _share_all(model)
     for m in (model, twin):
         dp.accelerate(m)
-        m.set_adapter("second")
-        m.train()
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(5))
-    losses = [m(input_ids=ids, labels=ids).loss for m in (model, twin)]
-    for loss in losses:
-        loss.backward()
-    assert rel_err(losses[0], losses[1].double()) < 1e-6
-    grads = {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
-    assert grads
-    for n, p in model.named_parameters():
-        if n in grads:
-            assert rel_err(p.grad, grads[n].double()) < 1e-5, n
+    _assert_training_step_equal(model, twin, ids, loss_tol=1e-6, grad_tol=1e-5)
     model.eval()
     assert not model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["second"].weight.is_contiguous()
     model.save_pretrained(tmp_path)
@@ -282,18 +289,7 @@ def test_peft_adapter_names_on_cuda_share_each_layer():
     assert_rows_alone(model, ids, ["second", "plain", "__base__"], tol=3e-2)
     for layer in _lora_layers(model):
         assert len(_storages(layer)) == 2
-    for m in (model, twin):
-        m.set_adapter("second")
-        m.train()
-    losses = [m(input_ids=ids, labels=ids).loss for m in (model, twin)]
-    for loss in losses:
-        loss.backward()
-    assert rel_err(losses[0], losses[1].double()) < 1e-2
-    grads = {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
-    assert grads
-    for n, p in model.named_parameters():
-        if n in grads:
-            assert rel_err(p.grad, grads[n].double()) < 3e-2, n
+    _assert_training_step_equal(model, twin, ids, loss_tol=1e-2, grad_tol=3e-2)
 
 
 def test_shared_peft_adapters_merge_like_unshared_ones():
