@@ -49,6 +49,7 @@ using WeakStorage = c10::weak_intrusive_ptr<c10::StorageImpl>;
 struct SharedStack {
   WeakStorage a{c10::intrusive_ptr<c10::StorageImpl>()}, b{c10::intrusive_ptr<c10::StorageImpl>()};
   int64_t rank = 0, d_in = 0, d_out = 0;
+  at::ScalarType dtype = at::kFloat;
 
   bool holds(const at::Tensor& t, const WeakStorage& storage) const {
     return !storage.expired() && storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl();
@@ -68,7 +69,7 @@ SharedStacks& shared_stacks() {
 // lora_B[k] are not the views stack_in_shared_storage made (another storage, layout or shape).
 int64_t shared_column(const SharedStack& s, const at::Tensor& a, const at::Tensor& b) {
   const int64_t r = a.size(0);
-  if (!s.holds(a, s.a) || !s.holds(b, s.b) || a.scalar_type() != b.scalar_type()) return -1;
+  if (!s.holds(a, s.a) || !s.holds(b, s.b) || a.scalar_type() != s.dtype || b.scalar_type() != s.dtype) return -1;
   if (a.size(1) != s.d_in || b.size(0) != s.d_out || b.size(1) != r) return -1;
   if (a.storage_offset() % s.d_in != 0 || a.stride(1) != 1 || (r > 1 && a.stride(0) != s.d_in)) return -1;
   const int64_t column = a.storage_offset() / s.d_in;
@@ -252,8 +253,12 @@ std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> stack_in_shared_stor
   for (auto it = stacks.by_a.begin(); it != stacks.by_a.end();) {  // forget the stacks no view holds any more
     it = it->second.a.expired() || it->second.b.expired() ? stacks.by_a.erase(it) : std::next(it);
   }
-  stacks.by_a[a_stack.storage().unsafeGetStorageImpl()] =
-      SharedStack{a_stack.storage().getWeakStorageImpl(), b_stack.storage().getWeakStorageImpl(), rank, d_in, d_out};
+  stacks.by_a[a_stack.storage().unsafeGetStorageImpl()] = SharedStack{a_stack.storage().getWeakStorageImpl(),
+                                                                      b_stack.storage().getWeakStorageImpl(),
+                                                                      rank,
+                                                                      d_in,
+                                                                      d_out,
+                                                                      a0.scalar_type()};
   return {std::move(a_views), std::move(b_views)};
 }
 
