@@ -10,9 +10,12 @@ host-side table of the profiler (self CPU time: launches, syncs, the ops' own ho
     python3 scripts/profile_step.py --out R                          # both adapter dtypes
     python3 scripts/profile_step.py --out R --adapter-dtypes bf16    # bf16 adapters only
     python3 scripts/profile_step.py --out R --recipe dropout         # lora_dropout 0.05, and DoRA without
+    python3 scripts/profile_step.py --out R --inference              # a forward under no_grad, base model too
     python3 scripts/profile_step.py --tiny --device cpu --out /tmp/p # smoke test (no GPU kernels)
 
-Writes OUT/profile_step_<adapter dtype>.txt (a development tool: nothing reads it back).
+Writes OUT/profile_step_<adapter dtype>.txt, with --inference OUT/profile_inference_<adapter dtype>.txt
+(the model in eval mode, the norm cached after the untimed calls; also the base model without adapters).
+A development tool: nothing reads the files back.
 """
 from __future__ import annotations
 
@@ -29,13 +32,18 @@ if str(HERE) not in sys.path:
 import bench_model as bm  # noqa: E402  (scripts/bench_model.py; puts the checkout on sys.path if needed)
 
 
-def profile_step(model: torch.nn.Module, ids: torch.Tensor, name: str, out: Any) -> None:
-    """Three untimed training steps, then one profiled; writes its kernels and host table to ``out``."""
+def profile_step(model: torch.nn.Module, ids: torch.Tensor, name: str, out: Any, inference: bool = False) -> None:
+    """Three untimed training steps (``inference``: forwards under no_grad in eval mode), then one
+    profiled; writes its kernels and host table to ``out``."""
     from torch.profiler import ProfilerActivity, profile
 
-    model.train()
+    model.train(not inference)
 
     def step() -> None:
+        if inference:
+            with torch.no_grad():
+                model(input_ids=ids)
+            return
         model.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids).loss.backward()
 
@@ -62,7 +70,9 @@ def profile_step(model: torch.nn.Module, ids: torch.Tensor, name: str, out: Any)
 
 
 def main() -> None:
-    args = bm.parse_args([*sys.argv[1:], *([] if "--layers" in sys.argv else ["--layers", "1"])])
+    inference = "--inference" in sys.argv  # this script's own flag; the rest are bench_model.py's
+    argv = [a for a in sys.argv[1:] if a != "--inference"]
+    args = bm.parse_args([*argv, *([] if "--layers" in argv else ["--layers", "1"])])
     import peft
 
     import dora_ext.peft as dp
@@ -80,7 +90,10 @@ def main() -> None:
         setups.append(("dora_ext_no_dropout", True, 0.0))
     for adapter_dtype in [a.strip() for a in args.adapter_dtypes.split(",") if a.strip()]:
         fp32 = adapter_dtype == "fp32"
-        with open(Path(args.out) / f"profile_step_{adapter_dtype}.txt", "w") as out:
+        kind = "inference" if inference else "step"
+        with open(Path(args.out) / f"profile_{kind}_{adapter_dtype}.txt", "w") as out:
+            if inference:
+                profile_step(base, ids, "base_model", out, inference=True)
             for name, use_dora, lora_dropout in setups:
                 config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=bm.TARGETS,
                                          use_dora=use_dora, lora_dropout=lora_dropout)
@@ -89,7 +102,7 @@ def main() -> None:
                 if use_dora:
                     dp.accelerate(model)
                 profile_step(model, ids, f"{name}_{adapter_dtype}" + (f" (lora_dropout {lora_dropout})"
-                                                                      if lora_dropout else ""), out)
+                                                                      if lora_dropout else ""), out, inference)
                 if use_dora:
                     dp.restore(model)
                 base = model.unload()

@@ -69,6 +69,20 @@ def test_profile_step_dropout_recipe_tiny_cpu(tmp_path, monkeypatch):
     assert "== dora_ext_no_dropout_bf16:" in text
     assert "dora_ext::dora_linear_dropout" in text
 
+
+def test_profile_inference_tiny_cpu(tmp_path, monkeypatch):
+    """With --inference the profiles are of one no_grad forward of the base model, PEFT LoRA and
+    accelerated DoRA (no backward op ran)."""
+    script = load_script("scripts/profile_step.py")
+    monkeypatch.setattr("sys.argv", ["profile_step.py", "--tiny", "--device", "cpu", "--adapter-dtypes", "bf16",
+                                     "--inference", "--out", str(tmp_path)])
+    script.main()
+    text = (tmp_path / "profile_inference_bf16.txt").read_text()
+    assert "== base_model:" in text and "== peft_lora_bf16:" in text and "== dora_ext_bf16:" in text
+    assert "dora_ext::dora_linear" in text and "dora_linear_backward" not in text
+    assert not (tmp_path / "profile_step_bf16.txt").exists()
+
+
 def test_profile_generate_tiny_cpu(tmp_path):
     """scripts/profile_generate.py, one adapter and PEFT's mixed-adapter path, on the CPU (the plumbing;
     the GPU run gives the content)."""
