@@ -252,6 +252,13 @@ def test_shared_stack_makes_no_copy(dtype, adapter_dtype, tokens):
     d = 1024
     base = make_inputs(d, d, 1, (4, tokens), dtype, "cuda")
     index = torch.tensor([0, 1, 2, 3])
+    # Cached stacks are freed when a later call adds one and finds their weight or adapters gone: the
+    # stacks of earlier tests go stale here and are swept by a first call, and everything made below
+    # stays alive to the end, so that no other stack is freed inside a measured call.
+    dora_ext.clear_norm_cache()
+    alive = [base["weight"].clone(), _adapters(d, d, [8], dtype, "cuda", ["dora"], adapter_dtype, seed=10)]
+    with torch.no_grad():
+        _run(base["x"], alive[0], base["bias"], alive[1], torch.zeros(4, dtype=torch.long))
     grown = {}
     for name in ("separate", "shared"):
         adapters = _adapters(d, d, [16, 24, 40, 64], dtype, "cuda", ["dora", "lora", "dora", "dora"], adapter_dtype,
@@ -259,6 +266,7 @@ def test_shared_stack_makes_no_copy(dtype, adapter_dtype, tokens):
         if name == "shared":
             adapters = _share(adapters)
         W = base["weight"].clone()  # a weight of its own: a stack is kept per base weight
+        alive += [adapters, W]
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         with torch.no_grad():
