@@ -8,8 +8,12 @@ the config
 with the lowest total time next to the cuBLAS ``W A^T`` GEMM and the FLOP/byte floor.
 Copy the winners into NORM_CONFIGS_* in triton_src/specs.py. With ``--compare-split-rules`` it
 only times the shipped configs with csrc/fused_norm.cpp's split rule next to the previous one.
+With ``--breakdown`` it only writes where ``dora_ext.row_norm``'s time goes at the given ranks:
+the op (uncached), the shipped partials config alone, and cuBLAS's ``W A^T`` and ``A A^T``, each
+against the floor.
 
     python scripts/tune_norm.py --out tune_results [--dtype bf16] [--compare-split-rules]
+    python scripts/tune_norm.py --out R --breakdown [--ranks 384 768]
 """
 from __future__ import annotations
 
@@ -115,12 +119,42 @@ def compare_split_rules(dtype: torch.dtype, sms: int, out: Path, name: str) -> N
     (out / f"split_rules_{name}.md").write_text("\n".join(lines) + "\n")
 
 
+def breakdown(dtype: torch.dtype, ranks: list[int], sms: int, gemm_rate: float, out: Path, name: str) -> None:
+    """dora_ext.row_norm (uncached: A's version bumped before each call) next to its parts, x floor."""
+    from torch.autograd.graph import increment_version
+
+    import dora_ext
+    from triton_src.specs import NORM_CONFIGS
+
+    configs = NORM_CONFIGS[("fp32" if dtype == torch.float32 else "16bit", False)]
+    lines = ["| d_in×d_out | r | floor us | row_norm | partials kernel | cuBLAS W·Aᵀ | cuBLAS A·Aᵀ us |",
+             "|---|---|---|---|---|---|---|"]
+    for rank, (d_in, d_out) in itertools.product(ranks, SHAPES):
+        block_r = min(128, max(16, 1 << (rank - 1).bit_length()))
+        w = torch.randn(d_out, d_in, device="cuda", dtype=dtype)
+        a = torch.randn(rank, d_in, device="cuda", dtype=dtype) / 64
+        b = torch.randn(d_out, rank, device="cuda", dtype=dtype) / 64
+        floor = max(2 * d_out * d_in * rank / gemm_rate, w.numel() * w.element_size() / 3.0e12) * 1e3
+        op = median_ms(lambda: (increment_version(a), dora_ext.row_norm(w, a, b, 0.5)))
+        partials = median_ms(run(w, a, b, block_r, configs[block_r], sms))
+        wat = median_ms(lambda: torch.mm(w, a.t()))
+        aat = median_ms(lambda: a.float() @ a.float().t() if dtype == torch.float32
+                        else torch.mm(a, a.t(), out_dtype=torch.float32))
+        lines.append(f"| {d_in}×{d_out} | {rank} | {floor * 1e3:.1f} | {op / floor:.2f}× | {partials / floor:.2f}× | "
+                     f"{wat / floor:.2f}× | {aat * 1e3:.1f} |")
+        print(lines[-1], flush=True)
+    (out / f"breakdown_{name}.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("tune_results"))
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--compare-split-rules", action="store_true",
                         help="only time the shipped configs with the old and the current split rule")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only time row_norm next to its parts (shipped partials config, cuBLAS W A^T, A A^T)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[384, 768], help="ranks of --breakdown")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[args.dtype]
@@ -131,6 +165,9 @@ def main() -> None:
     n = 8192
     square = torch.randn(n, n, device="cuda", dtype=dtype)
     gemm_rate = 2 * n ** 3 / (median_ms(lambda: square @ square) * 1e-3)
+    if args.breakdown:
+        breakdown(dtype, args.ranks, sms, gemm_rate, args.out, args.dtype)
+        return
     results, best = [], {}
     for block_r, ranks in RANKS.items():
         totals = {}
