@@ -1,5 +1,4 @@
-"""One copy of a PEFT layer's adapters while it serves mixed batches on CUDA (16-bit models: the
-stacked kernels' inputs).
+"""One copy of a PEFT layer's adapters while it serves mixed batches on CUDA (dora_ext.peft.share_adapters).
 
 The stacked mixed-batch kernels read every adapter of a call from one stack (``h = x A_cat^T``,
 ``B_cat``). Adapters held as separate tensors are copied into a stack kept per layer, so a served
@@ -7,11 +6,11 @@ model holds each adapter twice. :func:`share` moves a layer's LoRA factors into 
 :func:`dora_ext.share_adapter_storage` (the parameters' ``.data`` become views of it; values,
 parameter objects, dtypes and shapes are unchanged) and the kernels read them in place.
 
-Done again after an adapter was added, removed or had its data replaced (``model.to``,
-``load_state_dict`` with ``assign=True``): the layer remembers the data pointers it left. Factors
-that are part of storage another owner lays out (such as FSDP's flat parameters), wrapped tensors,
-or factors of mixed dtypes or devices are left where they are (the stack is then a copy, as
-before).
+A layer remembers the data pointers it left, so a second call moves nothing unless an adapter was
+added, removed or had its data replaced (``model.to``, ``load_state_dict`` with ``assign=True``).
+Factors that are part of storage another owner lays out (such as FSDP's flat parameters), wrapped
+tensors, or factors of mixed dtypes or devices are left where they are (the kernels' stack is then a
+copy).
 """
 from __future__ import annotations
 
@@ -24,7 +23,8 @@ from .ops import share_adapter_storage
 
 __all__ = ["share"]
 
-_SHARED = "_dora_ext_shared_adapters"  # layer attribute: (factors' data pointers, stacks' storage pointers)
+# Layer attribute: (factors' data pointers when last seen, stacks' storage pointers, shared or not).
+_SHARED = "_dora_ext_shared_adapters"
 
 
 def _pointers(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, ...]:
@@ -43,24 +43,25 @@ def _movable(t: torch.Tensor, first: torch.Tensor, stacks: tuple[int, ...]) -> b
 
 
 def share(layer: nn.Module, A_modules: dict[str, nn.Module], B_modules: dict[str, nn.Module],
-          param: Any) -> None:
+          param: Any) -> bool:
     """Make the LoRA factors of every adapter of ``layer`` views of one shared stack, unless they
-    already are (checked by data pointer: a few microseconds per call) or cannot be moved.
-    ``param(module, name)`` reads a registered parameter (dora_ext.peft._param)."""
+    already are (checked by data pointer) or cannot be moved. Returns whether they are views of one
+    stack now. ``param(module, name)`` reads a registered parameter (dora_ext.peft._param)."""
     pairs = [(param(A_modules[n], "weight"), param(B_modules[n], "weight")) for n in A_modules if n in B_modules]
     if not pairs:
-        return
+        return False
     pointers = _pointers(pairs)
     last = layer.__dict__.get(_SHARED)
     if last is not None and last[0] == pointers:
-        return
+        return last[2]
     stacks = last[1] if last is not None else ()
     first = pairs[0][0]
-    if all(_movable(t, first, stacks) for pair in pairs for t in pair):
-        a_views, b_views = share_adapter_storage([a for a, _ in pairs], [b for _, b in pairs])
-        for (a, b), a_view, b_view in zip(pairs, a_views, b_views):
-            a.data, b.data = a_view, b_view
-        stacks = (a_views[0].untyped_storage().data_ptr(), b_views[0].untyped_storage().data_ptr())
-        layer.__dict__[_SHARED] = (_pointers(pairs), stacks)
-    else:  # left as they are; not tried again until they change
-        layer.__dict__[_SHARED] = (pointers, stacks)
+    if not all(_movable(t, first, stacks) for pair in pairs for t in pair):
+        layer.__dict__[_SHARED] = (pointers, stacks, False)  # left as they are until they change
+        return False
+    a_views, b_views = share_adapter_storage([a for a, _ in pairs], [b for _, b in pairs])
+    for (a, b), a_view, b_view in zip(pairs, a_views, b_views):
+        a.data, b.data = a_view, b_view
+    stacks = (a_views[0].untyped_storage().data_ptr(), b_views[0].untyped_storage().data_ptr())
+    layer.__dict__[_SHARED] = (_pointers(pairs), stacks, True)
+    return True

@@ -132,7 +132,7 @@ def share_adapter_storage(
     :func:`dora_linear_mixed` over views of one stack (any of them, in any order) reads the adapters
     where they are: without it the CUDA kernels keep a stacked copy of each layer's adapters, so
     serving holds every adapter twice. Replace the adapters with the views (``p.data = view``);
-    ``dora_ext.peft`` does that itself for PEFT models on the first CUDA ``adapter_names=`` call.
+    for a PEFT model, ``dora_ext.peft.share_adapters(model)`` does that for every accelerated layer.
     """
     a, b = _ops.share_adapter_storage.default([t.detach() for t in lora_A], [t.detach() for t in lora_B])
     return list(a), list(b)

@@ -41,8 +41,8 @@ base layers with hooks (DeepSpeed ZeRO-3's are recognised and served: dora_ext._
 ``ephemeral_gpu_offload``. :func:`report` gives the reason per layer and
 ``accelerate`` logs it on the ``dora_ext.peft`` logger. ``adapter_names=`` mixed batches (DoRA and
 LoRA adapters and ``"__base__"`` rows; stock PEFT refuses DoRA there) are one ``dora_linear_mixed`` call
-per layer; on CUDA the first such call on a 16-bit model moves each layer's adapters into one stack the
-kernels read in place (dora_ext._shared_adapters: the parameters become views of it, values unchanged); the
+per layer; :func:`share_adapters` moves each layer's adapters into one stack the CUDA kernels read in
+place (dora_ext._shared_adapters: the parameters become views of it, values unchanged); the
 ``LoraModel`` finds the layers to hand the names to from a kept list instead of walking every module
 per call (dora_ext._adapter_names). Calls that a routed layer hands back to PEFT (extra
 forward arguments, a non-DoRA variant among the active adapters, ``cast_input_dtype_enabled=False``,
@@ -69,7 +69,7 @@ from ._frozen import detach_if_frozen_view
 from ._cast_cache import cast_for_forward
 from .ops import compose_delta, dora_linear, dora_linear_dropout, dora_linear_mixed, row_norm
 
-__all__ = ["DoraExtLinear", "accelerate", "fallback_counts", "is_accelerated", "report", "restore"]
+__all__ = ["DoraExtLinear", "accelerate", "fallback_counts", "is_accelerated", "report", "restore", "share_adapters"]
 
 logger = logging.getLogger("dora_ext.peft")
 
@@ -233,6 +233,26 @@ def report(peft_model: nn.Module) -> dict[str, str]:
             status = f"not accelerated{'' if status is None else ' (' + status + ')'}"
         out[name] = status
     return out
+
+
+def share_adapters(peft_model: nn.Module) -> int:
+    """Moves the LoRA factors of every accelerated layer into one stack per layer, which the CUDA
+    mixed-batch kernels (``adapter_names=``) read in place: a served model then holds each adapter
+    once, where the kernels otherwise keep a stacked copy of every layer's adapters beside them.
+
+    Each ``lora_A`` / ``lora_B`` parameter keeps its object, shape, dtype and values; its ``.data``
+    becomes a view of the stack (``lora_B`` with the stack's rank as row stride: not contiguous).
+    Training, ``state_dict``, ``save_pretrained`` and merging work on the views. Call it after
+    loading the adapters and again after adding, removing or replacing one (layers whose adapters
+    did not change are left as they are; a layer with an adapter outside its stack is served from a
+    copy, as without this call). Factors of mixed dtypes or devices, tensor subclasses and factors in
+    storage another owner lays out (FSDP's flat parameters) stay where they are. Returns the number of
+    layers whose adapters are views of one stack."""
+    shared = 0
+    for module in peft_model.modules():
+        if is_accelerated(module) and "lora_A" in module._modules:
+            shared += _shared_adapters.share(module, module.lora_A._modules, module.lora_B._modules, _param)
+    return shared
 
 
 def fallback_counts(peft_model: nn.Module) -> dict[str, dict[str, int]]:
@@ -425,8 +445,6 @@ def _mixed_batch(layer: "DoraExtLinear", x: torch.Tensor, adapter_names: list[st
     autocast = torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
     A_modules, B_modules = modules["lora_A"]._modules, modules["lora_B"]._modules
-    if x.is_cuda and not autocast and dtype in (torch.float16, torch.bfloat16):
-        _shared_adapters.share(layer, A_modules, B_modules, _param)  # the stacked kernels read them in place
     magnitude_modules, variants, scaling = modules["lora_magnitude_vector"]._modules, layer.lora_variant, layer.scaling
     names = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and n in A_modules]
     lora_A, lora_B, magnitude, scale = [], [], [], []

@@ -1,7 +1,7 @@
 """share_adapter_storage: one layer's adapters in one stack, which mixed batches read in place (no
-second copy), and dora_ext.peft moving a PEFT layer's adapters into it on CUDA. Every output is checked
-against float64 of each row alone (test_mixed.py's helpers), and the single-adapter ops against the
-same adapters before they were moved."""
+second copy), and dora_ext.peft.share_adapters moving every accelerated PEFT layer's adapters into
+one. Every output is checked against float64 of each row alone (test_mixed.py's helpers), and the
+single-adapter ops against the same adapters before they were moved."""
 from __future__ import annotations
 
 import copy
@@ -141,12 +141,10 @@ def _lora_layers(model):
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
-def _share_all(model) -> None:
+def _share_all(model) -> int:
     import dora_ext.peft as dp
-    from dora_ext import _shared_adapters
 
-    for layer in _lora_layers(model):
-        _shared_adapters.share(layer, layer.lora_A._modules, layer.lora_B._modules, dp._param)
+    return dp.share_adapters(model)
 
 
 def _storages(layer) -> set[int]:
@@ -173,16 +171,19 @@ def _assert_training_step_equal(model, twin, ids, loss_tol: float, grad_tol: flo
 
 def test_peft_layers_keep_their_values_and_parameters():
     pytest.importorskip("peft")
+    import dora_ext.peft as dp
+
     model = _peft_model("cpu")
+    dp.accelerate(model)
     params = {n: p for n, p in model.named_parameters()}
     before = {n: p.detach().clone() for n, p in params.items()}
-    _share_all(model)
+    assert _share_all(model) == len(_lora_layers(model)) == 4
     assert {n: p for n, p in model.named_parameters()} == params  # the same Parameter objects
     assert all(torch.equal(p, before[n]) for n, p in params.items())
     for layer in _lora_layers(model):
         assert len(_storages(layer)) == 2  # one A stack and one B stack per layer
     pointers = {n: p.data_ptr() for n, p in params.items()}
-    _share_all(model)  # already shared: nothing moves
+    assert _share_all(model) == 4  # already shared: nothing moves
     assert {n: p.data_ptr() for n, p in params.items()} == pointers
 
 
@@ -190,7 +191,10 @@ def test_peft_layers_are_shared_again_after_an_adapter_is_added():
     pytest.importorskip("peft")
     from peft import LoraConfig
 
+    import dora_ext.peft as dp
+
     model = _peft_model("cpu")
+    dp.accelerate(model)
     _share_all(model)
     model.add_adapter("late", LoraConfig(r=3, lora_alpha=3, use_dora=True, target_modules=["q_proj"]))
     _share_all(model)
@@ -198,16 +202,35 @@ def test_peft_layers_are_shared_again_after_an_adapter_is_added():
     assert "late" in q_proj.lora_A and len(_storages(q_proj)) == 2
 
 
+def test_mixed_batches_leave_adapters_where_they_are_unless_asked():
+    """Without share_adapters nothing moves (serving is as before); layers not accelerated are not
+    touched by it."""
+    pytest.importorskip("peft")
+    import dora_ext.peft as dp
+
+    model = _peft_model("cpu")
+    pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
+    assert _share_all(model) == 0  # not accelerated: PEFT's layers are left alone
+    dp.accelerate(model)
+    ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        model(input_ids=ids, adapter_names=["second", "plain", "__base__"])
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == pointers
+
+
 def test_factors_in_storage_another_owner_lays_out_stay_put():
     pytest.importorskip("peft")
+    import dora_ext.peft as dp
+
     model = _peft_model("cpu")
+    dp.accelerate(model)
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     flat = torch.zeros(10_000)
     weight = q_proj.lora_A["second"].weight
     part = flat[100:100 + weight.numel()].view_as(weight)
     part.copy_(weight)
     weight.data = part  # as FSDP's flat parameters lay them out
-    _share_all(model)
+    assert _share_all(model) == len(_lora_layers(model)) - 1
     assert weight.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
     assert len(_storages(q_proj)) > 2
 
@@ -221,9 +244,9 @@ def test_shared_peft_adapters_train_save_and_load(tmp_path):
 
     model = _peft_model("cpu")
     twin = copy.deepcopy(model)
-    _share_all(model)
     for m in (model, twin):
         dp.accelerate(m)
+    _share_all(model)
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(5))
     _assert_training_step_equal(model, twin, ids, loss_tol=1e-6, grad_tol=1e-5)
     model.eval()
@@ -283,7 +306,7 @@ def test_shared_stack_makes_no_copy(dtype, adapter_dtype, tokens):
 @pytest.mark.cuda
 @_NEEDS_GPU
 def test_peft_adapter_names_on_cuda_share_each_layer():
-    """The first adapter_names call on CUDA moves each layer's adapters into one stack; the rows still
+    """share_adapters moves each layer's adapters into one stack; adapter_names rows on CUDA still
     equal each row alone, and a training step on one adapter equals an unshared copy's."""
     pytest.importorskip("peft")
     import dora_ext.peft as dp
@@ -293,6 +316,7 @@ def test_peft_adapter_names_on_cuda_share_each_layer():
     twin = copy.deepcopy(model)
     dp.accelerate(model)
     dp.accelerate(twin)
+    assert _share_all(model) == len(_lora_layers(model))
     ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(6)).cuda()
     assert_rows_alone(model, ids, ["second", "plain", "__base__"], tol=3e-2)
     for layer in _lora_layers(model):
@@ -302,8 +326,12 @@ def test_peft_adapter_names_on_cuda_share_each_layer():
 
 def test_shared_peft_adapters_merge_like_unshared_ones():
     pytest.importorskip("peft")
+    import dora_ext.peft as dp
+
     model = _peft_model("cpu")
     twin = copy.deepcopy(model)
+    for m in (model, twin):
+        dp.accelerate(m)
     _share_all(model)
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(8))
     merged = [m.merge_and_unload(adapter_names=["second", "plain"]) for m in (model, twin)]
