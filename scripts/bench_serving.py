@@ -7,7 +7,10 @@ perturbed so every adapter differs). Setups, each timed on the same prompts (one
 --prompt tokens, greedy, KV cache, --new tokens):
 
   dora_ext_mixed   PEFT DoRA adapters, dora_ext.peft.accelerate, one batch with
-                   adapter_names=[a0, a1, ...] (stock PEFT refuses adapter_names with DoRA)
+                   adapter_names=[a0, a1, ...] (stock PEFT refuses adapter_names with DoRA); the
+                   kernels keep a stacked copy of each layer's adapters
+  dora_ext_mixed_shared  the same model after dora_ext.peft.share_adapters: each layer's adapters
+                   moved into one stack that the kernels read in place
   merged_sequential  each DoRA adapter merged into its own copy of the model (the usual workaround),
                    the rows run one after another, one model per adapter in memory
   peft_lora_mixed  PEFT LoRA adapters of the same ranks, one batch with adapter_names
@@ -17,7 +20,10 @@ Per setup: prefill ms (one forward over all rows' prompts), decode tokens/s (row
 the generate time minus its prefill), and the GPU memory its weights take (after setup, before
 generating), what stays allocated after the timed runs (weights plus whatever the setup keeps
 between calls: dora_ext's stacks of adapters, norms and g) and the peak during generate. Timings:
-medians of --reps runs after one warm-up (scripts/timing.py's median_wall_ms).
+medians of --reps runs after one warm-up (scripts/timing.py's median_wall_ms). For the dora_ext setups,
+the row-norm cache's counters over the setup's calls (dora_ext.norm_cache_stats): with every cache
+doing its job each adapter's norm is computed once per layer (adapters x adapted linears), and the
+stacks of adapters answer every later call without a norm lookup.
 
     python3 scripts/bench_serving.py --out serving_bench
     python3 scripts/bench_serving.py --tiny --device cpu --out /tmp/s     # smoke test
@@ -105,6 +111,9 @@ def measure(name: str, label: str, runs: list[tuple[Any, torch.Tensor, dict]], a
             return [model.generate(input_ids=ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
                                    **kw) for model, ids, kw in runs]
 
+    import dora_ext
+
+    before = dora_ext.norm_cache_stats()
     prefill_ms = timed(prefill, args.reps, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -117,6 +126,9 @@ def measure(name: str, label: str, runs: list[tuple[Any, torch.Tensor, dict]], a
            "decode_tokens_per_s": rows * args.new / decode_s, "weights_gib": weights_gib, "held_gib": held,
            "peak_gib": peak,
            "outputs": [t.tolist() for t in generate()]}
+    after = dora_ext.norm_cache_stats()
+    row["norms_computed"] = after["norm_misses"] - before["norm_misses"]
+    row["norm_lookups"] = row["norms_computed"] + after["norm_hits"] - before["norm_hits"]
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "outputs"}),
           flush=True)
     return row
@@ -142,8 +154,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dora = with_adapters(base, args, dora=True)
     dp.accelerate(dora)
     free(device)
+    weights = allocated_gib(device)
     rows.append(measure("dora_ext_mixed", f"PEFT DoRA + dora_ext, {n} adapters in one batch (adapter_names)",
-                        [(dora, ids, {"adapter_names": names})], args, device, allocated_gib(device)))
+                        [(dora, ids, {"adapter_names": names})], args, device, weights))
+    dp.share_adapters(dora)
+    # The same parameters (weights): the kernels' copies of the setup above go at this setup's first call.
+    rows.append(measure("dora_ext_mixed_shared", "the same after dora_ext.peft.share_adapters (adapters held "
+                        "once)", [(dora, ids, {"adapter_names": names})], args, device, weights))
     assert dp.fallback_counts(dora) == {}, dp.fallback_counts(dora)
 
     # The usual workaround: one merged model per adapter, each row on its own model.
@@ -159,8 +176,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows.append(measure("merged_sequential", f"{n} DoRA adapters merged into {n} model copies, rows one by one",
                         merged, args, device, allocated_gib(device)))
     # the mixed batch equals each row on its own merged model
-    mixed_rows, merged_rows = rows[1]["outputs"][0], [r[0] for r in rows[2]["outputs"]]
-    agree = sum(a == b for a, b in zip(mixed_rows, merged_rows))
+    merged_rows = [r[0] for r in rows[3]["outputs"]]
+    agree = {row["setup"]: f"{sum(a == b for a, b in zip(row['outputs'][0], merged_rows))}/{n}" for row in rows[1:3]}
     del merged
     free(device)
 
@@ -173,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "peft": peft.__version__,
             "transformers": __import__("transformers").__version__, "dora_ext": dora_ext.info(),
-            "adapter_ranks": ranks(args), "rows_equal_to_merged_models": f"{agree}/{n}",
+            "adapter_ranks": ranks(args), "rows_equal_to_merged_models": agree,
             **{k: v for k, v in vars(args).items() if k not in ("out", "device")},
         },
         "results": [{k: v for k, v in r.items() if k != "outputs"} for r in rows],
@@ -188,15 +205,18 @@ def markdown(result: dict[str, Any]) -> str:
         f"(ranks {s['adapter_ranks']}), one per row; {s['prompt']}-token prompts, {s['new']} new tokens, greedy, "
         "KV cache; "
         f"median of {s['reps']} runs. Mixed-batch greedy outputs equal to the merged models': "
-        f"{s['rows_equal_to_merged_models']} rows.",
+        + ", ".join(f"{k} {v} rows" for k, v in s["rows_equal_to_merged_models"].items()) + ".",
         "",
-        "| setup | prefill ms | generate ms | decode tokens/s | weights GiB | held GiB | peak GiB |",
-        "|---|---|---|---|---|---|---|",
+        "| setup | prefill ms | generate ms | decode tokens/s | weights GiB | held GiB | peak GiB | norms computed "
+        "| norm lookups |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
+        dora = r["setup"].startswith("dora_ext")
         lines.append(f"| {r['label']} | {fmt(r['prefill_ms'], 2)} | {fmt(r['generate_ms'], 1)} | "
                      f"{fmt(r['decode_tokens_per_s'], 1)} | {fmt(r['weights_gib'], 2)} | {fmt(r['held_gib'], 2)} | "
-                     f"{fmt(r['peak_gib'], 2)} |")
+                     f"{fmt(r['peak_gib'], 2)} | {r['norms_computed'] if dora else '—'} | "
+                     f"{r['norm_lookups'] if dora else '—'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -92,3 +92,26 @@ def test_profile_generate_tiny_cpu(tmp_path):
         text = (tmp_path / "profile_generate.txt").read_text()
         assert ("mixed 3 adapters" if extra else "one adapter") in text
         assert "ms a token" in text and "dora_ext::dora_linear" in text  # the routed layers ran the op
+
+
+def test_bench_serving_tiny_cpu(tmp_path):
+    """scripts/bench_serving.py on the CPU: every setup runs, the rows agreeing with the merged models
+    are counted, and each adapter's norm is computed once per adapted linear (the cache's job),
+    counted in the table."""
+    script = load_script("scripts/bench_serving.py")
+    result = script.main(["--tiny", "--device", "cpu", "--out", str(tmp_path)])
+    setups = [r["setup"] for r in result["results"]]
+    assert setups == ["base", "dora_ext_mixed", "dora_ext_mixed_shared", "merged_sequential", "peft_lora_mixed"]
+    n = result["setup"]["adapters"]
+    # bf16 merged weights round differently, so a greedy row may part from the merged model's: counted
+    agreeing = result["setup"]["rows_equal_to_merged_models"]
+    assert set(agreeing) == {"dora_ext_mixed", "dora_ext_mixed_shared"}
+    assert all(v.endswith(f"/{n}") for v in agreeing.values())
+    linears = result["setup"]["layers"] * len(script.TARGETS)
+    by_setup = {r["setup"]: r for r in result["results"]}
+    assert by_setup["dora_ext_mixed"]["norms_computed"] == n * linears
+    # share_adapters gave every adapter new data (views of the stacks): their norms once more, then
+    # cached as before
+    assert by_setup["dora_ext_mixed_shared"]["norms_computed"] == n * linears
+    assert by_setup["dora_ext_mixed_shared"]["norm_lookups"] > n * linears
+    assert "| norms computed | norm lookups |" in (tmp_path / "bench_serving.md").read_text()
