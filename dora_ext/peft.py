@@ -250,7 +250,7 @@ def share_adapters(peft_model: nn.Module) -> int:
     layers whose adapters are views of one stack."""
     shared = 0
     for module in peft_model.modules():
-        if is_accelerated(module) and "lora_A" in module._modules:
+        if is_accelerated(module):  # a LoRA layer: lora_A and lora_B are ModuleDicts
             shared += _shared_adapters.share(module, module.lora_A._modules, module.lora_B._modules, _param)
     return shared
 
