@@ -66,7 +66,7 @@ SharedStacks& shared_stacks() {
 }
 
 // Where adapter k's rows of A sit in its shared stack `s`: its first column, or -1 where lora_A[k] and
-// lora_B[k] are not the views stack_in_shared_storage made (another storage, layout or shape).
+// lora_B[k] are not views of its rows and columns at one place (another storage, layout or shape).
 int64_t shared_column(const SharedStack& s, const at::Tensor& a, const at::Tensor& b) {
   const int64_t r = a.size(0);
   if (!s.holds(a, s.a) || !s.holds(b, s.b) || a.scalar_type() != s.dtype || b.scalar_type() != s.dtype) return -1;
@@ -212,9 +212,8 @@ int64_t stacked_rank(at::TensorList lora_A) {
   return round_up(rank_sum(lora_A));
 }
 
-std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> stack_in_shared_storage(at::TensorList lora_A,
-                                                                                    at::TensorList lora_B) {
-  constexpr const char* op = "share_adapter_storage";
+std::pair<at::Tensor, at::Tensor> stack_in_shared_storage(at::TensorList lora_A, at::TensorList lora_B) {
+  constexpr const char* op = "shared_adapter_stack";
   TORCH_CHECK(!lora_A.empty(), op, ": lora_A must list at least one adapter");
   TORCH_CHECK(lora_B.size() == lora_A.size(), op, ": lora_A and lora_B must list the same adapters, got ",
               lora_A.size(), " and ", lora_B.size(), " entries");
@@ -236,17 +235,16 @@ std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> stack_in_shared_stor
                 ": every adapter must be on lora_A[0]'s device ", a0.device(), ", adapter ", k, " has ", a.device(),
                 " and ", b.device());
   }
-  // Plain tensors outside autograd whatever the caller's mode: the views become parameters' data.
+  // Plain tensors outside autograd whatever the caller's mode: views of them become parameters' data.
   const c10::NoGradGuard no_grad;
   const c10::InferenceMode not_inference(false);
   const int64_t rank = stacked_rank(lora_A);
-  const at::Tensor a_stack = at::zeros({rank, d_in}, a0.options()), b_stack = at::zeros({d_out, rank}, a0.options());
+  at::Tensor a_stack = at::zeros({rank, d_in}, a0.options()), b_stack = at::zeros({d_out, rank}, a0.options());
   const std::vector<int64_t> columns = packed_columns(lora_A);
-  std::vector<at::Tensor> a_views, b_views;
   for (size_t k = 0; k < lora_A.size(); ++k) {
     const int64_t first = columns[2 * k], r = columns[2 * k + 1] - first;
-    a_views.push_back(a_stack.narrow(0, first, r).copy_(lora_A[k]));
-    b_views.push_back(b_stack.narrow(1, first, r).copy_(lora_B[k]));
+    a_stack.narrow(0, first, r).copy_(lora_A[k]);
+    b_stack.narrow(1, first, r).copy_(lora_B[k]);
   }
   SharedStacks& stacks = shared_stacks();
   std::lock_guard<std::mutex> lock(stacks.mutex);
@@ -259,7 +257,7 @@ std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> stack_in_shared_stor
                                                                       d_in,
                                                                       d_out,
                                                                       a0.scalar_type()};
-  return {std::move(a_views), std::move(b_views)};
+  return {std::move(a_stack), std::move(b_stack)};
 }
 
 AdapterStack stack_adapters(const at::Tensor& weight, at::TensorList lora_A, at::TensorList lora_B,

@@ -30,12 +30,13 @@ std::vector<int64_t> packed_columns(at::TensorList lora_A);
 int64_t stacked_rank(at::TensorList lora_A);
 
 // K adapters of one dtype and device (lora_A[k] [r_k, d_in], lora_B[k] [d_out, r_k]) copied into one
-// new zero-padded stack, returned as views of it at their places (adapter k's rows of A, its columns of
-// B: a row stride of R). Mixed batches over views of one such stack, any of its adapters in any order,
-// read them where they are: stack_adapters copies nothing (the stack is known by its storage, kept
-// weakly: it lives as long as a view of it). Serving then holds each adapter once.
-std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> stack_in_shared_storage(at::TensorList lora_A,
-                                                                                    at::TensorList lora_B);
+// new zero-padded stack at their packed_columns: returns the stack (A [R, d_in], B [d_out, R]), which
+// the caller cuts into per-adapter views (adapter k's rows of A, its columns of B: a row stride of R).
+// Mixed batches over views of one such stack, any of its adapters in any order, read them where they
+// are: stack_adapters copies nothing (the stack is known by its storage, kept weakly: it lives as long
+// as a view of it). Serving then holds each adapter once. The stack itself is returned, not the views,
+// because a custom op's outputs may not alias each other.
+std::pair<at::Tensor, at::Tensor> stack_in_shared_storage(at::TensorList lora_A, at::TensorList lora_B);
 
 // Each adapter's g (float32 [d_out]; undefined for plain LoRA), from the norm cache.
 using MakeG = std::function<std::vector<at::Tensor>()>;

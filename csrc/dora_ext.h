@@ -53,7 +53,9 @@ at::Tensor dora_linear_mixed(const at::Tensor& x, const at::Tensor& weight, cons
 // into one new stack and returned as views of it (lora_B[k] with a row stride of the stack's rank).
 // dora_linear_mixed over views of one stack, any of them in any order, reads the adapters where they
 // are: serving then holds each adapter once (otherwise the CUDA kernels keep a stacked copy of the
-// adapters of each layer). Replace the adapters with the views; values are unchanged.
+// adapters of each layer). Replace the adapters with the views; values are unchanged. The stack is
+// made by the op dora_ext::shared_adapter_stack, which returns it whole (a custom op's outputs may not
+// alias each other); this function cuts it into the views.
 std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> share_adapter_storage(at::TensorList lora_A,
                                                                                   at::TensorList lora_B);
 

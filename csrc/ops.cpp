@@ -47,8 +47,7 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t> norm_c
   return {s.norm_hits, s.norm_misses, s.weight_sq_hits, s.scale_hits, s.bypassed, s.entries, s.invalidations};
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> share_adapter_storage_op(at::TensorList lora_A,
-                                                                                      at::TensorList lora_B) {
+std::tuple<at::Tensor, at::Tensor> shared_adapter_stack_op(at::TensorList lora_A, at::TensorList lora_B) {
   auto [a, b] = stack_in_shared_storage(lora_A, lora_B);
   return {std::move(a), std::move(b)};
 }
@@ -83,9 +82,9 @@ TORCH_LIBRARY(dora_ext, m) {
   m.def(
       "dora_linear_mixed(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, "
       "Tensor?[] magnitude, float[] scale, Tensor adapter_index) -> Tensor");
-  // The adapters of one layer copied into one stack and returned as views of it, which mixed batches
-  // read in place (adapter_stack.h).
-  m.def("share_adapter_storage(Tensor[] lora_A, Tensor[] lora_B) -> (Tensor[] lora_A, Tensor[] lora_B)");
+  // The adapters of one layer copied into one new stack at packed columns (ranks summed, padded to 32);
+  // views of it, which share_adapter_storage cuts, are read in place by mixed batches (adapter_stack.h).
+  m.def("shared_adapter_stack(Tensor[] lora_A, Tensor[] lora_B) -> (Tensor lora_A_stack, Tensor lora_B_stack)");
   m.def("compose_delta(Tensor base, Tensor lora, Tensor magnitude, Tensor norm, float scale) -> Tensor");
   // Training forward and backward behind dora_linear's and compose_delta's autograd.
   // z is [T, d_out] with keep_z, else empty; the backward's magnitude gradient takes z, else the
@@ -134,7 +133,7 @@ TORCH_LIBRARY(dora_ext, m) {
 // One kernel for every device, below autograd (the views it returns are plain tensors), so that the
 // fake kernel in dora_ext/ops.py serves tracing.
 TORCH_LIBRARY_IMPL(dora_ext, CompositeExplicitAutograd, m) {
-  m.impl("share_adapter_storage", &share_adapter_storage_op);
+  m.impl("shared_adapter_stack", &shared_adapter_stack_op);
 }
 
 at::Tensor row_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
@@ -185,14 +184,20 @@ at::Tensor dora_linear_mixed(const at::Tensor& x, const at::Tensor& weight, cons
 
 std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> share_adapter_storage(at::TensorList lora_A,
                                                                                   at::TensorList lora_B) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("dora_ext::share_adapter_storage", "")
-          .typed<std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>(at::TensorList, at::TensorList)>();
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dora_ext::shared_adapter_stack", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(at::TensorList, at::TensorList)>();
   std::vector<at::Tensor> a_in, b_in;  // detached: the views are plain tensors, whatever requires a gradient
   for (const at::Tensor& t : lora_A) a_in.push_back(t.detach());
   for (const at::Tensor& t : lora_B) b_in.push_back(t.detach());
-  auto [a, b] = op.call(a_in, b_in);
+  const auto [a_stack, b_stack] = op.call(a_in, b_in);
+  std::vector<at::Tensor> a, b;
+  const std::vector<int64_t> columns = packed_columns(lora_A);
+  for (size_t k = 0; k < lora_A.size(); ++k) {
+    const int64_t first = columns[2 * k], r = columns[2 * k + 1] - first;
+    a.push_back(a_stack.narrow(0, first, r));
+    b.push_back(b_stack.narrow(1, first, r));
+  }
   return {std::move(a), std::move(b)};
 }
 

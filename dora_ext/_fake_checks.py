@@ -129,7 +129,7 @@ def dora_linear_mixed_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias:
            f"{op}: adapter_index must be int64 or int32, got {_dt(adapter_index.dtype)}")
 
 
-def share_adapter_storage_args(op: str, lora_A: list, lora_B: list) -> None:
+def shared_adapter_stack_args(op: str, lora_A: list, lora_B: list) -> None:
     _check(len(lora_A) >= 1, f"{op}: lora_A must list at least one adapter")
     _check(len(lora_B) == len(lora_A),
            f"{op}: lora_A and lora_B must list the same adapters, got {len(lora_A)} and {len(lora_B)} entries")

@@ -134,8 +134,14 @@ def share_adapter_storage(
     serving holds every adapter twice. Replace the adapters with the views (``p.data = view``);
     for a PEFT model, ``dora_ext.peft.share_adapters(model)`` does that for every accelerated layer.
     """
-    a, b = _ops.share_adapter_storage.default([t.detach() for t in lora_A], [t.detach() for t in lora_B])
-    return list(a), list(b)
+    a_stack, b_stack = _ops.shared_adapter_stack.default([t.detach() for t in lora_A], [t.detach() for t in lora_B])
+    a_views, b_views, first = [], [], 0
+    for a in lora_A:  # adapter k at its packed columns: the ranks before it, summed
+        r = a.shape[0]
+        a_views.append(a_stack.narrow(0, first, r))
+        b_views.append(b_stack.narrow(1, first, r))
+        first += r
+    return a_views, b_views
 
 
 def compose_delta(
@@ -365,19 +371,15 @@ def _dora_linear_dropout_backward_fake(grad_out, x_dropped, weight, lora_A, lora
 
 
 #: The multiple of columns a stack of adapters is padded to (csrc/adapter_stack.cpp's kRankQuantum;
-#: test_opcheck compares the fake kernel's strides with the real op's).
+#: test_opcheck compares the fake kernel's shapes with the real op's).
 _STACK_RANK_QUANTUM = 32
 
 
-@torch.library.register_fake("dora_ext::share_adapter_storage")
-def _share_adapter_storage_fake(lora_A, lora_B):
-    _fake_checks.share_adapter_storage_args("share_adapter_storage", lora_A, lora_B)
-    ranks = [a.shape[0] for a in lora_A]
-    rank = -(-sum(ranks) // _STACK_RANK_QUANTUM) * _STACK_RANK_QUANTUM
-    a_stack, b_stack = lora_A[0].new_empty((rank, lora_A[0].shape[1])), lora_B[0].new_empty((lora_B[0].shape[0], rank))
-    firsts = [sum(ranks[:k]) for k in range(len(ranks))]
-    return ([a_stack.narrow(0, f, r) for f, r in zip(firsts, ranks)],
-            [b_stack.narrow(1, f, r) for f, r in zip(firsts, ranks)])
+@torch.library.register_fake("dora_ext::shared_adapter_stack")
+def _shared_adapter_stack_fake(lora_A, lora_B):
+    _fake_checks.shared_adapter_stack_args("shared_adapter_stack", lora_A, lora_B)
+    rank = -(-sum(a.shape[0] for a in lora_A) // _STACK_RANK_QUANTUM) * _STACK_RANK_QUANTUM
+    return lora_A[0].new_empty((rank, lora_A[0].shape[1])), lora_B[0].new_empty((lora_B[0].shape[0], rank))
 
 
 @torch.library.register_fake("dora_ext::dora_linear_mixed")

@@ -287,9 +287,9 @@ def test_opcheck_dora_linear_mixed(batch, index, dtype, mag_dtype):
     opcheck(OPS.dora_linear_mixed.default, args)
 
 
-# share_adapter_storage (views of one new stack: the fake kernel's must alias each other the same way)
+# shared_adapter_stack (one new padded stack, which share_adapter_storage cuts into views)
 @pytest.mark.parametrize("ranks", [[1], [4, 2, 7], [32, 3]], ids=["r1", "three", "quantum-edge"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_opcheck_share_adapter_storage(ranks, dtype):
+def test_opcheck_shared_adapter_stack(ranks, dtype):
     inputs = [_linear_inputs(16, 12, r, (1,), dtype, None, False) for r in ranks]
-    opcheck(OPS.share_adapter_storage.default, ([i["lora_A"] for i in inputs], [i["lora_B"] for i in inputs]))
+    opcheck(OPS.shared_adapter_stack.default, ([i["lora_A"] for i in inputs], [i["lora_B"] for i in inputs]))

@@ -65,12 +65,28 @@ def test_bad_arguments_are_named(bad, message):
 
 
 def test_fake_kernel_gives_the_shapes():
+    """The op returns the padded stack; the wrapper cuts it into views of the adapters' shapes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
         A, B = [torch.empty(2, 16), torch.empty(3, 16)], [torch.empty(8, 2), torch.empty(8, 3)]
-        a, b = torch.ops.dora_ext.share_adapter_storage.default(A, B)
+        a_stack, b_stack = torch.ops.dora_ext.shared_adapter_stack.default(A, B)
+        a, b = dora_ext.share_adapter_storage(A, B)
+    assert a_stack.shape == (32, 16) and b_stack.shape == (8, 32)
     assert [t.shape for t in a] == [(2, 16), (3, 16)] and [t.shape for t in b] == [(8, 2), (8, 3)]
+
+
+def test_op_outputs_alias_nothing():
+    """The op's two outputs are new tensors (a custom op's outputs may not alias its inputs or each
+    other: torch raises on it under CI=1 and will in general); the views alias the stack."""
+    adapters = _adapters(16, 8, [2, 3], torch.float32, "cpu", ["dora", "dora"])
+    A, B = [x["A"] for x in adapters], [x["B"] for x in adapters]
+    a_stack, b_stack = torch.ops.dora_ext.shared_adapter_stack.default(A, B)
+    pointers = {t.untyped_storage().data_ptr() for t in A + B}
+    assert a_stack.untyped_storage().data_ptr() not in pointers | {b_stack.untyped_storage().data_ptr()}
+    assert b_stack.untyped_storage().data_ptr() not in pointers
+    assert torch.equal(a_stack[:2], A[0]) and torch.equal(a_stack[2:5], A[1])
+    assert torch.equal(b_stack[:, 2:5], B[1]) and torch.count_nonzero(b_stack[:, 5:]) == 0
 
 
 @pytest.mark.parametrize("dtype, adapter_dtype", [
