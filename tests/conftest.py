@@ -7,6 +7,8 @@
   cannot leak it into the next one.
 - Gives torch.compile a fresh cache folder per test session: a cache filled by an
   earlier build would replay code compiled against that build's internal op schemas.
+- Makes a custom op whose outputs alias its inputs or each other an error, as torch does
+  where the CI variable is set (elsewhere a deprecation warning, an error to come).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._functorch.config
 
 _TESTS_DIR = Path(__file__).resolve().parent
 if str(_TESTS_DIR) not in sys.path:
@@ -25,6 +28,7 @@ if str(_TESTS_DIR) not in sys.path:
 if str(_TESTS_DIR.parent) not in sys.path:
     sys.path.append(str(_TESTS_DIR.parent))
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dora_ext_tests_inductor_")
+torch._functorch.config.error_on_custom_op_aliasing = True
 
 
 @pytest.fixture(autouse=True)
