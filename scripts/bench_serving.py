@@ -23,7 +23,9 @@ between calls: dora_ext's stacks of adapters, norms and g) and the peak during g
 medians of --reps runs after one warm-up (scripts/timing.py's median_wall_ms). For the dora_ext setups,
 the row-norm cache's counters over the setup's calls (dora_ext.norm_cache_stats): with every cache
 doing its job each adapter's norm is computed once per layer (adapters x adapted linears), and the
-stacks of adapters answer every later call without a norm lookup.
+stacks of adapters answer every later call without a norm lookup. On CUDA, the GPU operations
+(kernels, copies) of one forward of one token per row without KV cache, the work of a decode step's
+linears (torch.profiler).
 
     python3 scripts/bench_serving.py --out serving_bench
     python3 scripts/bench_serving.py --tiny --device cpu --out /tmp/s     # smoke test
@@ -98,6 +100,29 @@ def timed(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
     return median_wall_ms(fn, reps, warmup=1, cuda=device.type == "cuda")
 
 
+def gpu_ops_per_token_forward(runs: list[tuple[Any, torch.Tensor, dict]], device: torch.device) -> Optional[int]:
+    """GPU operations (kernels, copies, memsets) of one forward of one token per row, no KV cache,
+    after one warm-up forward of the same shape; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    def forward() -> None:
+        with torch.no_grad():
+            for model, ids, kw in runs:
+                model(input_ids=ids[:, :1], use_cache=False, **kw)
+        torch.cuda.synchronize(device)
+
+    forward()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            forward()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except RuntimeError as e:  # no CUPTI: the column stays empty, the timings stand
+        print(f"bench_serving: GPU operations not counted ({e})", file=sys.stderr)
+        return None
+
+
 def measure(name: str, label: str, runs: list[tuple[Any, torch.Tensor, dict]], args: argparse.Namespace,
             device: torch.device, weights_gib: Optional[float]) -> dict[str, Any]:
     """``runs``: (model, prompt ids, extra generate/forward kwargs) run one after another."""
@@ -129,6 +154,7 @@ def measure(name: str, label: str, runs: list[tuple[Any, torch.Tensor, dict]], a
     after = dora_ext.norm_cache_stats()
     row["norms_computed"] = after["norm_misses"] - before["norm_misses"]
     row["norm_lookups"] = row["norms_computed"] + after["norm_hits"] - before["norm_hits"]
+    row["gpu_ops_per_token_forward"] = gpu_ops_per_token_forward(runs, device)
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "outputs"}),
           flush=True)
     return row
@@ -208,15 +234,15 @@ def markdown(result: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v} rows" for k, v in s["rows_equal_to_merged_models"].items()) + ".",
         "",
         "| setup | prefill ms | generate ms | decode tokens/s | weights GiB | held GiB | peak GiB | norms computed "
-        "| norm lookups |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| norm lookups | GPU ops per 1-token forward |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
         dora = r["setup"].startswith("dora_ext")
         lines.append(f"| {r['label']} | {fmt(r['prefill_ms'], 2)} | {fmt(r['generate_ms'], 1)} | "
                      f"{fmt(r['decode_tokens_per_s'], 1)} | {fmt(r['weights_gib'], 2)} | {fmt(r['held_gib'], 2)} | "
                      f"{fmt(r['peak_gib'], 2)} | {r['norms_computed'] if dora else '—'} | "
-                     f"{r['norm_lookups'] if dora else '—'} |")
+                     f"{r['norm_lookups'] if dora else '—'} | {fmt(r['gpu_ops_per_token_forward'], 0)} |")
     return "\n".join(lines) + "\n"
 
 
