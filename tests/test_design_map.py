@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = ("csrc", "dora_ext", "triton_src", "scripts")
+FOLDERS = ("csrc", "cpp", "dora_ext", "triton_src", "scripts")
 SUFFIXES = {".h", ".cpp", ".inc", ".py", ".sh"}
 
 
