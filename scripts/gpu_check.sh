@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command on a GPU machine: build dora_ext against the installed torch,
-# run the CUDA tests (FULL=1: the whole suite), the layer, epilogue, float32-adapter and model benchmarks.
+# run the CUDA tests (FULL=1: the whole suite), the layer, epilogue, float32-adapter, model, generate and
+# serving benchmarks.
 #   bash scripts/gpu_check.sh [results-dir]        (default: gpu_results)
 # Environment: DORA_EXT_CUDA_ARCHS (arch list for the build), BENCH_ARGS
 # (extra arguments for scripts/bench.py), SKIP_BENCH=1 to only build and test, SKIP_NO_CUBIN=1 to
@@ -54,5 +55,8 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
   python3 scripts/bench_fp32_adapters.py --out "$RESULTS/fp32_adapters" 2>&1 | tee "$RESULTS/bench_fp32_adapters.log"
   # the forward designs side by side: cuBLAS + pass, one Triton GEMM, the decode kernel
   python3 scripts/bench_epilogue.py --out "$RESULTS/epilogue" 2>&1 | tee "$RESULTS/bench_epilogue.log"
+  # model.generate with one adapter (both adapter dtypes), and many adapters in one batch
+  python3 scripts/bench_generate.py --out "$RESULTS/generate" 2>&1 | tee "$RESULTS/bench_generate.log"
+  python3 scripts/bench_serving.py --out "$RESULTS/serving" 2>&1 | tee "$RESULTS/bench_serving.log"
 fi
 exit "$tests_rc"
