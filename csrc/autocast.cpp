@@ -13,6 +13,10 @@
 //              dtype is `dt` whatever the magnitude's dtype. The norm inside is
 //              accumulated in fp32 from the cast weights, as without autocast.
 //
+// dora_linear_mixed  dora_linear's rule for every adapter: x, weight, bias and every lora_A[k] and
+//              lora_B[k] cast to `dt`, the magnitudes left as they are (inference only, no
+//              gradients), so each row equals dora_linear of that row under autocast.
+//
 // row_norm     weight, lora_A and lora_B are promoted to the widest of their
 //              dtypes (autocast's "promote" policy), never narrowed to `dt`:
 //              the norm is the one number DoRA must get right (DESIGN.md §2:
@@ -38,6 +42,7 @@
 #include <torch/library.h>
 
 #include <initializer_list>
+#include <vector>
 
 namespace dora_ext {
 namespace {
@@ -94,6 +99,20 @@ at::Tensor dora_linear_dropout_autocast(const at::Tensor& x, const at::Tensor& x
 }
 
 template <c10::DeviceType device>
+at::Tensor dora_linear_mixed_autocast(const at::Tensor& x, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, at::TensorList lora_A,
+                                      at::TensorList lora_B, const c10::List<std::optional<at::Tensor>>& magnitude,
+                                      at::ArrayRef<double> scale, const at::Tensor& adapter_index) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<device>());
+  const at::ScalarType dt = at::autocast::get_autocast_dtype(device);
+  std::vector<at::Tensor> a, b;
+  for (const at::Tensor& t : lora_A) a.push_back(at::autocast::cached_cast(dt, t, device));
+  for (const at::Tensor& t : lora_B) b.push_back(at::autocast::cached_cast(dt, t, device));
+  return dora_linear_mixed(at::autocast::cached_cast(dt, x, device), at::autocast::cached_cast(dt, weight, device),
+                           at::autocast::cached_cast(dt, bias, device), a, b, magnitude, scale, adapter_index);
+}
+
+template <c10::DeviceType device>
 at::Tensor row_norm_autocast(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
                              double scale) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<device>());
@@ -121,6 +140,7 @@ at::Tensor compose_delta_autocast(const at::Tensor& base, const at::Tensor& lora
 TORCH_LIBRARY_IMPL(dora_ext, AutocastCPU, m) {
   m.impl("dora_linear", &dora_linear_autocast<c10::DeviceType::CPU>);
   m.impl("dora_linear_dropout", &dora_linear_dropout_autocast<c10::DeviceType::CPU>);
+  m.impl("dora_linear_mixed", &dora_linear_mixed_autocast<c10::DeviceType::CPU>);
   m.impl("row_norm", &row_norm_autocast<c10::DeviceType::CPU>);
   m.impl("compose_delta", &compose_delta_autocast<c10::DeviceType::CPU>);
 }
@@ -128,6 +148,7 @@ TORCH_LIBRARY_IMPL(dora_ext, AutocastCPU, m) {
 TORCH_LIBRARY_IMPL(dora_ext, AutocastCUDA, m) {
   m.impl("dora_linear", &dora_linear_autocast<c10::DeviceType::CUDA>);
   m.impl("dora_linear_dropout", &dora_linear_dropout_autocast<c10::DeviceType::CUDA>);
+  m.impl("dora_linear_mixed", &dora_linear_mixed_autocast<c10::DeviceType::CUDA>);
   m.impl("row_norm", &row_norm_autocast<c10::DeviceType::CUDA>);
   m.impl("compose_delta", &compose_delta_autocast<c10::DeviceType::CUDA>);
 }

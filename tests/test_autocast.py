@@ -4,6 +4,8 @@ Rules tested (documented in csrc/autocast.cpp):
 - dora_linear: x, weight, bias, lora_A, lora_B cast to the autocast dtype; magnitude as it is;
   output in the autocast dtype; gradients come back in each input's own dtype.
 - row_norm: inputs promoted to the widest of their dtypes, never narrowed (norm stays accurate).
+- dora_linear_mixed: dora_linear's rule for every adapter (each row equals its adapter's output on
+  the cast inputs; bit-equal to casting by hand).
 - compose_delta: base and lora promoted to the wider of the two; the norm cast to match.
 - float64 tensors are never cast; without autocast, mixed dtypes are still rejected.
 """
@@ -98,6 +100,45 @@ def test_float64_is_never_cast(device):
     ref = ref_dora_linear(inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], inp["magnitude"],
                           inp["scale"])
     assert rel_err(y, ref) < 1e-12
+
+
+def _mixed_batch_inputs(device: str, low: torch.dtype):
+    """PEFT's AMP mix for a mixed batch: fp32 x, bias and adapters (two DoRA, one LoRA), a `low`
+    weight; rows with adapters 2, base, 0, 1."""
+    from test_mixed import _adapters
+
+    base = make_inputs(45, 37, 1, (4, 3), dtype=torch.float32, device=device, seed=21)
+    adapters = _adapters(45, 37, [5, 1, 3], torch.float32, device, ["dora", "lora", "dora"], seed=22)
+    return base["x"], base["weight"].to(low), base["bias"], adapters, torch.tensor([2, -1, 0, 1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("low", LOW)
+def test_dora_linear_mixed_under_autocast(device, low):
+    """Every row equals its adapter's output (float64) on what autocast feeds the op: x, weight,
+    bias, A and B rounded to `low`, the magnitudes as they are."""
+    from test_mixed import _assert_rows, _run
+
+    x, weight, bias, adapters, index = _mixed_batch_inputs(device, low)
+    with torch.no_grad(), _autocast(device, low):
+        y = _run(x, weight, bias, adapters, index)
+    assert y.dtype == low
+    rounded = [dict(a, A=a["A"].to(low), B=a["B"].to(low)) for a in adapters]
+    _assert_rows(y, x.to(low), weight, bias.to(low), rounded, index, low)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dora_linear_mixed_autocast_matches_explicit_casts(device):
+    from test_mixed import _run
+
+    low = torch.bfloat16
+    x, weight, bias, adapters, index = _mixed_batch_inputs(device, low)
+    with torch.no_grad():
+        with _autocast(device, low):
+            y = _run(x, weight, bias, adapters, index)
+        cast = [dict(a, A=a["A"].to(low), B=a["B"].to(low)) for a in adapters]
+        expected = _run(x.to(low), weight, bias.to(low), cast, index)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
