@@ -60,7 +60,14 @@ def dequantized_weight(base: nn.Module) -> torch.Tensor:
     PEFT's helper): a transient copy the caller drops before returning."""
     from peft.utils.integrations import dequantize_module_weight
 
-    return dequantize_module_weight(base)
+    weight = base.weight
+    dense = dequantize_module_weight(base)
+    # On the CPU the helper re-registers the weight as ``weight.to(device)``, a new Params4bit over the
+    # same data: the layer keeps its own parameter, whose identity the kept norms are keyed on (a new
+    # object per dequantization would make the norms of a layer's other adapters miss every call).
+    if base.weight is not weight and base.weight.data_ptr() == weight.data_ptr():
+        base.weight = weight
+    return dense
 
 
 def _key(layer: nn.Module, adapter: str, lora_A: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype) -> tuple:

@@ -41,10 +41,11 @@ base layers with hooks (DeepSpeed ZeRO-3's are recognised and served: dora_ext._
 ``ephemeral_gpu_offload``. :func:`report` gives the reason per layer and
 ``accelerate`` logs it on the ``dora_ext.peft`` logger. ``adapter_names=`` mixed batches (DoRA and
 LoRA adapters and ``"__base__"`` rows; stock PEFT refuses DoRA there) are one ``dora_linear_mixed`` call
-per layer; :func:`share_adapters` moves each layer's adapters into one stack the CUDA kernels read in
-place (dora_ext._shared_adapters: the parameters become views of it, values unchanged); the
-``LoraModel`` finds the layers to hand the names to from a kept list instead of walking every module
-per call (dora_ext._adapter_names). Calls that a routed layer hands back to PEFT (extra
+per layer (on a bitsandbytes base: its GEMM once, then each adapter's rows, _quantized_mixed_batch);
+:func:`share_adapters` moves each layer's adapters into one stack the CUDA kernels read in place
+(dora_ext._shared_adapters: the parameters become views of it, values unchanged); the ``LoraModel``
+finds the layers to hand the names to from a kept list instead of walking every module per call
+(dora_ext._adapter_names). Calls that a routed layer hands back to PEFT (extra
 forward arguments, a non-DoRA variant among the active adapters, ``cast_input_dtype_enabled=False``,
 devices that differ) are counted per layer: :func:`fallback_counts`.
 
@@ -424,18 +425,23 @@ def _row_index(values: tuple[int, ...]) -> torch.Tensor:
     return index
 
 
-def _mixed_batch(layer: "DoraExtLinear", x: torch.Tensor, adapter_names: list[str]) -> Optional[torch.Tensor]:
-    """``adapter_names=`` (PEFT's mixed-adapter batches; DoRA adapters included): one
-    dora_linear_mixed call, row i with adapter ``adapter_names[i]`` (``"__base__"`` or an adapter this
-    layer lacks: the base model). None where the call does not qualify (PEFT's forward then runs).
-    Runs once per layer and decode step: submodules and parameters are read straight from their
-    dictionaries (see _param; eight adapters need ~30 lookups)."""
+def _check_adapter_names(layer: LoraLayer, x: torch.Tensor, adapter_names: list[str]) -> None:
+    """PEFT's own checks of ``adapter_names=`` (its messages), less the refusal of DoRA adapters."""
     if len(x) != len(adapter_names):
         raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
                          f"{len(adapter_names)} and {len(x)} respectively.")
     if layer.merged:
         raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` "
                          "first.")
+
+
+def _mixed_batch(layer: "DoraExtLinear", x: torch.Tensor, adapter_names: list[str]) -> Optional[torch.Tensor]:
+    """``adapter_names=`` (PEFT's mixed-adapter batches; DoRA adapters included): one
+    dora_linear_mixed call, row i with adapter ``adapter_names[i]`` (``"__base__"`` or an adapter this
+    layer lacks: the base model). None where the call does not qualify (PEFT's forward then runs).
+    Runs once per layer and decode step: submodules and parameters are read straight from their
+    dictionaries (see _param; eight adapters need ~30 lookups)."""
+    _check_adapter_names(layer, x, adapter_names)
     modules = layer._modules
     base = modules["base_layer"]
     if _zero3.foreign_hooks(base) or x.dim() < 2:
@@ -593,9 +599,42 @@ def _quantized_dora_delta(layer: nn.Module, adapter: str, x: torch.Tensor, resul
                              layer.lora_magnitude_vector[adapter].weight, norm, scaling)
 
 
+def _quantized_mixed_batch(layer: LoraLayer, x: torch.Tensor, adapter_names: list[str]) -> Optional[torch.Tensor]:
+    """``adapter_names=`` on a bitsandbytes base, DoRA adapters included (PEFT refuses them): the base
+    GEMM (bitsandbytes') once for the whole batch, then each adapter's rows as PEFT's mixed batch
+    takes them: a LoRA adapter's product, or a DoRA adapter's delta from _quantized_dora_delta (its
+    norm kept per layer and adapter, so decode steps do not dequantize). None where an adapter of the
+    call has another variant (PEFT's forward then runs)."""
+    _check_adapter_names(layer, x, adapter_names)
+    names = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and n in layer.lora_A]
+    if any(n in layer.lora_variant and not _is_dora_adapter(layer, n) for n in names):
+        return None
+    result = layer.base_layer(x)
+    requires_conversion = not torch.is_autocast_enabled(x.device.type)
+    for name in names:
+        rows = [i for i, n in enumerate(adapter_names) if n == name]
+        xs = x[rows]
+        if requires_conversion:
+            xs = layer._cast_input_dtype(xs, layer.lora_A[name].weight.dtype)
+        if _is_dora_adapter(layer, name):  # rounded once, as the single-adapter forward rounds
+            base_rows = result[rows]
+            out = base_rows + _quantized_dora_delta(layer, name, xs, base_rows)
+            result[rows] = out.to(result.dtype) if requires_conversion else out
+        else:  # PEFT's LoRA sub-batch
+            out = layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](xs))) * layer.scaling[name]
+            result[rows] += out.to(result.dtype) if requires_conversion else out
+    return result
+
+
 def _quantized_forward(self: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """The forward of a routed PEFT bitsandbytes LoRA layer: PEFT's, with the DoRA terms of one active
-    DoRA adapter from dora_ext (several adapters, mixed batches and other calls: PEFT's own)."""
+    DoRA adapter, or of each adapter of an ``adapter_names=`` mixed batch, from dora_ext (several
+    active adapters and other calls: PEFT's own)."""
+    adapter_names = kwargs.get("adapter_names")
+    if adapter_names is not None and not args and set(kwargs) == {"adapter_names"} and not self.disable_adapters:
+        out = _quantized_mixed_batch(self, x, adapter_names)
+        if out is not None:
+            return out
     reason = _call_fallback_reason(self, x, args, kwargs)
     if reason is not None:
         return _fall_back(self, reason, x, *args, **kwargs)

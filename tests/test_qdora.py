@@ -191,3 +191,55 @@ def test_norm_cache_option_off_recomputes(monkeypatch):
         model(input_ids=IDS)
         model(input_ids=IDS)
     assert count["n"] == 2 * N_LINEAR
+
+
+def _with_more_adapters(model):
+    """A second DoRA adapter and a plain LoRA one beside "default", each with a 'trained' B."""
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=4, use_dora=True, target_modules="all-linear"))
+    model.add_adapter("plain", LoraConfig(r=3, lora_alpha=6, target_modules="all-linear"))
+    perturb_adapters(model)
+    return model
+
+
+@pytest.mark.parametrize("kind, device", _devices(["nf4-dq", "fp4-plain"]))
+def test_mixed_batch_rows_equal_each_row_alone(kind, device):
+    """adapter_names= with DoRA adapters on a quantized base (stock PEFT raises): every row equals
+    that row run alone with its adapter, through dora_ext's single-adapter QDoRA path; nothing falls
+    back to PEFT."""
+    from reference import assert_rows_alone
+
+    model = _with_more_adapters(qdora_model(kind, device)).eval()
+    dp.accelerate(model)
+    ids = torch.randint(0, 128, (4, 9), generator=torch.Generator().manual_seed(3)).to(device)
+    names = ["second", "__base__", "default", "plain"]
+    with torch.no_grad():
+        model(input_ids=ids, adapter_names=names)
+    assert dp.fallback_counts(model) == {}  # (run alone below, the LoRA adapter is PEFT's: counted)
+    assert_rows_alone(model, ids, names, tol=1e-2)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, adapter_names=["plain", "second", "second", "__base__"],
+                             max_new_tokens=3, do_sample=False)
+    assert out.shape == (4, 12)
+
+
+def test_mixed_batch_decode_reuses_the_norms(monkeypatch):
+    """After the first mixed call, later ones (decode steps) take each DoRA adapter's kept norm: no
+    dequantization of the base weight."""
+    model = _with_more_adapters(qdora_model("nf4-dq", "cpu")).eval()
+    dp.accelerate(model)
+    ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(4))
+    names = ["second", "default", "plain"]
+    with torch.no_grad():
+        first = model(input_ids=ids, adapter_names=names).logits
+        calls = _count_calls(monkeypatch, _quantized, "dequantized_weight")
+        again = model(input_ids=ids, adapter_names=names).logits
+    assert calls["n"] == 0
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_mixed_batch_keeps_peft_errors():
+    model = _with_more_adapters(qdora_model("nf4-dq", "cpu")).eval()
+    dp.accelerate(model)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), pytest.raises(ValueError, match="Length of `adapter_names` should be the same"):
+        model(input_ids=ids, adapter_names=["second"])
