@@ -16,8 +16,10 @@ at::Tensor DoraAdapterSet::forward(const std::string& name, const at::Tensor& x,
   TORCH_CHECK(adapter_index.scalar_type() == at::kLong || adapter_index.scalar_type() == at::kInt,
               "DoraAdapterSet::forward: adapter_index must be int64 or int32, got ", adapter_index.scalar_type());
   const int64_t count = static_cast<int64_t>(adapters.size());
-  if (adapter_index.numel() > 0) {
-    const int64_t low = adapter_index.min().item<int64_t>(), high = adapter_index.max().item<int64_t>();
+  // Each adapter's rows are found on the host: one copy of a device index, no further device sync.
+  const at::Tensor index = adapter_index.to(at::kCPU);
+  if (index.numel() > 0) {
+    const int64_t low = index.min().item<int64_t>(), high = index.max().item<int64_t>();
     TORCH_CHECK(low >= -1 && high < count, "DoraAdapterSet::forward: adapter_index holds ", low < -1 ? low : high,
                 ", but the set has ", count, " adapters (valid: -1 for the base model, 0 .. ", count - 1, ")");
   }
@@ -27,7 +29,6 @@ at::Tensor DoraAdapterSet::forward(const std::string& name, const at::Tensor& x,
 
   const at::Tensor base = at::linear(x, weight);  // once for the whole batch
   at::Tensor out = base.clone();
-  const at::Tensor index = adapter_index.to(at::kCPU);  // each adapter's rows found on the host: no device sync
   for (int64_t k = 0; k < count; ++k) {
     auto layer = adapters[k].layers.find(name);
     if (layer == adapters[k].layers.end()) continue;  // this adapter leaves the layer as it is
