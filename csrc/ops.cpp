@@ -130,7 +130,7 @@ TORCH_LIBRARY(dora_ext, m) {
   m.def("norm_cache_generation() -> int", &norm_cache_generation);
 }
 
-// One kernel for every device, below autograd (the views it returns are plain tensors), so that the
+// One kernel for every device, below autograd (the stacks it returns are plain tensors), so that the
 // fake kernel in dora_ext/ops.py serves tracing.
 TORCH_LIBRARY_IMPL(dora_ext, CompositeExplicitAutograd, m) {
   m.impl("shared_adapter_stack", &shared_adapter_stack_op);
