@@ -168,6 +168,18 @@ def _storages(layer) -> set[int]:
                                                                             layer.lora_B[n].weight)}
 
 
+def _shared_and_twin(device: str, dtype: torch.dtype = torch.float32) -> tuple:
+    """Two accelerated copies of one PEFT model: the first with its adapters shared (returns the
+    number of layers shared too), the twin left as it is."""
+    import dora_ext.peft as dp
+
+    model = _peft_model(device, dtype)
+    twin = copy.deepcopy(model)
+    for m in (model, twin):
+        dp.accelerate(m)
+    return model, twin, _share_all(model)
+
+
 def _assert_training_step_equal(model, twin, ids, loss_tol: float, grad_tol: float) -> None:
     """A training step on adapter "second" gives ``model`` (adapters moved) the loss and gradients of
     ``twin`` (not moved)."""
@@ -258,11 +270,7 @@ def test_shared_peft_adapters_train_save_and_load(tmp_path):
     import dora_ext.peft as dp
     from peft import PeftModel
 
-    model = _peft_model("cpu")
-    twin = copy.deepcopy(model)
-    for m in (model, twin):
-        dp.accelerate(m)
-    _share_all(model)
+    model, twin, _ = _shared_and_twin("cpu")
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(5))
     _assert_training_step_equal(model, twin, ids, loss_tol=1e-6, grad_tol=1e-5)
     model.eval()
@@ -325,14 +333,10 @@ def test_peft_adapter_names_on_cuda_share_each_layer():
     """share_adapters moves each layer's adapters into one stack; adapter_names rows on CUDA still
     equal each row alone, and a training step on one adapter equals an unshared copy's."""
     pytest.importorskip("peft")
-    import dora_ext.peft as dp
     from reference import assert_rows_alone
 
-    model = _peft_model("cuda", torch.bfloat16)
-    twin = copy.deepcopy(model)
-    dp.accelerate(model)
-    dp.accelerate(twin)
-    assert _share_all(model) == len(_lora_layers(model))
+    model, twin, shared = _shared_and_twin("cuda", torch.bfloat16)
+    assert shared == len(_lora_layers(model))
     ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(6)).cuda()
     assert_rows_alone(model, ids, ["second", "plain", "__base__"], tol=3e-2)
     for layer in _lora_layers(model):
@@ -342,13 +346,8 @@ def test_peft_adapter_names_on_cuda_share_each_layer():
 
 def test_shared_peft_adapters_merge_like_unshared_ones():
     pytest.importorskip("peft")
-    import dora_ext.peft as dp
 
-    model = _peft_model("cpu")
-    twin = copy.deepcopy(model)
-    for m in (model, twin):
-        dp.accelerate(m)
-    _share_all(model)
+    model, twin, _ = _shared_and_twin("cpu")
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(8))
     merged = [m.merge_and_unload(adapter_names=["second", "plain"]) for m in (model, twin)]
     with torch.no_grad():
