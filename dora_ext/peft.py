@@ -425,6 +425,15 @@ def _row_index(values: tuple[int, ...]) -> torch.Tensor:
     return index
 
 
+def _served_adapter_names(layer: LoraLayer, args: tuple, kwargs: dict) -> Optional[list[str]]:
+    """The ``adapter_names`` of a call dora_ext may serve as a mixed batch (the names and nothing else
+    passed, adapters enabled), else None."""
+    adapter_names = kwargs.get("adapter_names")
+    if adapter_names is None or args or set(kwargs) != {"adapter_names"} or layer.disable_adapters:
+        return None
+    return adapter_names
+
+
 def _check_adapter_names(layer: LoraLayer, x: torch.Tensor, adapter_names: list[str]) -> None:
     """PEFT's own checks of ``adapter_names=`` (its messages), less the refusal of DoRA adapters."""
     if len(x) != len(adapter_names):
@@ -522,8 +531,8 @@ class DoraExtLinear(LoraLinear):
             return self._routed_forward(x, *args, **kwargs)
 
     def _routed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = kwargs.get("adapter_names")
-        if adapter_names is not None and not args and set(kwargs) == {"adapter_names"} and not self.disable_adapters:
+        adapter_names = _served_adapter_names(self, args, kwargs)
+        if adapter_names is not None:
             out = _mixed_batch(self, x, adapter_names)
             if out is not None:
                 return out
@@ -630,8 +639,8 @@ def _quantized_forward(self: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: A
     """The forward of a routed PEFT bitsandbytes LoRA layer: PEFT's, with the DoRA terms of one active
     DoRA adapter, or of each adapter of an ``adapter_names=`` mixed batch, from dora_ext (several
     active adapters and other calls: PEFT's own)."""
-    adapter_names = kwargs.get("adapter_names")
-    if adapter_names is not None and not args and set(kwargs) == {"adapter_names"} and not self.disable_adapters:
+    adapter_names = _served_adapter_names(self, args, kwargs)
+    if adapter_names is not None:
         out = _quantized_mixed_batch(self, x, adapter_names)
         if out is not None:
             return out
