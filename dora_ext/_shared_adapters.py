@@ -11,13 +11,22 @@ added, removed or had its data replaced (``model.to``, ``load_state_dict`` with 
 Factors that are part of storage another owner lays out (such as FSDP's flat parameters), wrapped
 tensors, or factors of mixed dtypes or devices are left where they are (the kernels' stack is then a
 copy).
+
+An optimizer step moves a shared layer's factors back out first (:func:`_unshare_before_step`):
+each ``lora_B`` view has the stack's rank as row stride, and fused optimizers (torch's
+``AdamW(fused=True)``, transformers' Trainer default; bitsandbytes') update a parameter as if it
+were contiguous, which would write over the next adapters' columns and leave its own mostly as
+they were.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .ops import share_adapter_storage
 
@@ -25,6 +34,9 @@ __all__ = ["share"]
 
 # Layer attribute: (factors' data pointers when last seen, stacks' storage pointers, shared or not).
 _SHARED = "_dora_ext_shared_adapters"
+
+# Every factor moved into a shared stack -> its layer (weakly; the keys are weak too).
+_SHARED_FACTORS = WeakIdKeyDictionary()
 
 
 def _pointers(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, ...]:
@@ -64,4 +76,31 @@ def share(layer: nn.Module, A_modules: dict[str, nn.Module], B_modules: dict[str
         a.data, b.data = a_view, b_view
     stacks = (a_views[0].untyped_storage().data_ptr(), b_views[0].untyped_storage().data_ptr())
     layer.__dict__[_SHARED] = (_pointers(pairs), stacks, True)
+    for t in (t for pair in pairs for t in pair):
+        _SHARED_FACTORS[t] = weakref.ref(layer)
     return True
+
+
+def _unshare(layer: nn.Module) -> None:
+    """Give every factor of ``layer`` that is a view of its shared stack its own contiguous copy; the
+    stack is freed with its last view, and ``share`` may move them into a new one later."""
+    stacks = layer.__dict__.pop(_SHARED, (None, ()))[1]
+    for t in [t for t, owner in _SHARED_FACTORS.items() if owner() is layer]:
+        del _SHARED_FACTORS[t]
+        if t.untyped_storage().data_ptr() in stacks:
+            t.data = t.data.clone(memory_format=torch.contiguous_format)
+
+
+def _unshare_before_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Global optimizer step pre-hook: the layers with a shared factor among the parameters about
+    to be stepped get their factors back as separate contiguous tensors (see the module's note)."""
+    if not _SHARED_FACTORS:
+        return
+    owners = {id(owner): owner for group in optimizer.param_groups for p in group["params"]
+              if (owner := _SHARED_FACTORS.get(p)) is not None}
+    for owner in owners.values():
+        if (layer := owner()) is not None:
+            _unshare(layer)
+
+
+register_optimizer_step_pre_hook(_unshare_before_step)

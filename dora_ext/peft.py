@@ -243,7 +243,9 @@ def share_adapters(peft_model: nn.Module) -> int:
 
     Each ``lora_A`` / ``lora_B`` parameter keeps its object, shape, dtype and values; its ``.data``
     becomes a view of the stack (``lora_B`` with the stack's rank as row stride: not contiguous).
-    Training, ``state_dict``, ``save_pretrained`` and merging work on the views. Call it after
+    Forward and backward passes, ``state_dict``, ``save_pretrained`` and merging work on the views;
+    an optimizer step first gives the stepped layers' factors back as separate contiguous tensors
+    (fused optimizers would update a strided view as if it were contiguous). Call it after
     loading the adapters and again after adding, removing or replacing one (layers whose adapters
     did not change are left as they are; a layer with an adapter outside its stack is served from a
     copy, as without this call). Factors of mixed dtypes or devices, tensor subclasses and factors in

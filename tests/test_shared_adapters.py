@@ -288,6 +288,43 @@ def test_shared_peft_adapters_train_save_and_load(tmp_path):
         assert rel_err(loaded(input_ids=ids).logits, expected.double()) < 1e-6
 
 
+@pytest.mark.parametrize("optimizer", [
+    dict(fused=True),  # torch's fused AdamW updates a strided parameter as if it were contiguous
+    dict(foreach=True),
+    dict(foreach=False),
+], ids=["fused", "foreach", "for-loop"])
+def test_optimizer_steps_move_shared_adapters_out_first(optimizer):
+    """An optimizer step on shared adapters gives each layer's factors back as separate contiguous
+    tensors first: the step then updates exactly what it updates on the unshared twin (a fused step
+    on a strided view of the stack wrote over the next adapters' columns), and the adapters it does
+    not train keep their values."""
+    pytest.importorskip("peft")
+    import gc
+
+    from dora_ext import _shared_adapters
+
+    model, twin, shared = _shared_and_twin("cpu")
+    assert shared == len(_lora_layers(model))
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(7))
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, **optimizer)
+            for m in (model, twin)]
+    for _ in range(2):
+        _assert_training_step_equal(model, twin, ids, loss_tol=1e-6, grad_tol=1e-5)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    for layer in _lora_layers(model):
+        assert len(_storages(layer)) == 2 * len(layer.lora_A)  # each factor its own storage again
+    twin_params = dict(twin.named_parameters())
+    for n, p in model.named_parameters():
+        assert p.is_contiguous(), n
+        assert torch.equal(p, twin_params[n]), n
+    assert _share_all(model) == len(_lora_layers(model))  # and can be shared again
+    del model, opts, p, layer  # the loops' names hold a parameter and a layer too
+    gc.collect()
+    assert not _shared_adapters._SHARED_FACTORS  # the registry holds nothing alive
+
+
 @pytest.mark.cuda
 @_NEEDS_GPU
 @pytest.mark.parametrize("dtype, adapter_dtype", DECODE_CASES[::2])
