@@ -293,7 +293,7 @@ def test_shared_peft_adapters_train_save_and_load(tmp_path):
     dict(foreach=True),
     dict(foreach=False),
 ], ids=["fused", "foreach", "for-loop"])
-def test_optimizer_steps_move_shared_adapters_out_first(optimizer):
+def test_optimizer_steps_move_shared_adapters_out_first(optimizer, any_device):
     """An optimizer step on shared adapters gives each layer's factors back as separate contiguous
     tensors first: the step then updates exactly what it updates on the unshared twin (a fused step
     on a strided view of the stack wrote over the next adapters' columns), and the adapters it does
@@ -303,22 +303,27 @@ def test_optimizer_steps_move_shared_adapters_out_first(optimizer):
 
     from dora_ext import _shared_adapters
 
-    model, twin, shared = _shared_and_twin("cpu")
+    model, twin, shared = _shared_and_twin(any_device.type)
     assert shared == len(_lora_layers(model))
-    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(7))
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(7)).to(any_device)
+    for m in (model, twin):
+        m.set_adapter("second")  # the adapter _assert_training_step_equal trains
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, **optimizer)
             for m in (model, twin)]
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".lora_B.second." in n for n in trained)
     for _ in range(2):
-        _assert_training_step_equal(model, twin, ids, loss_tol=1e-6, grad_tol=1e-5)
+        _assert_training_step_equal(model, twin, ids, loss_tol=1e-5, grad_tol=1e-4)
         for opt in opts:
             opt.step()
             opt.zero_grad()
-    for layer in _lora_layers(model):
-        assert len(_storages(layer)) == 2 * len(layer.lora_A)  # each factor its own storage again
     twin_params = dict(twin.named_parameters())
     for n, p in model.named_parameters():
+        assert rel_err(p, twin_params[n].double()) < 1e-5, n
         assert p.is_contiguous(), n
-        assert torch.equal(p, twin_params[n]), n
+    for layer in _lora_layers(model):
+        assert len(_storages(layer)) == 2 * len(layer.lora_A)  # each factor its own storage again
+    assert all(not torch.equal(p, trained[n]) for n, p in model.named_parameters() if n in trained)
     assert _share_all(model) == len(_lora_layers(model))  # and can be shared again
     del model, opts, p, layer  # the loops' names hold a parameter and a layer too
     gc.collect()
