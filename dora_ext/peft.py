@@ -245,7 +245,9 @@ def share_adapters(peft_model: nn.Module) -> int:
     becomes a view of the stack (``lora_B`` with the stack's rank as row stride: not contiguous).
     Forward and backward passes, ``state_dict``, ``save_pretrained`` and merging work on the views;
     an optimizer step first gives the stepped layers' factors back as separate contiguous tensors
-    (fused optimizers would update a strided view as if it were contiguous). Call it after
+    (fused optimizers would update a strided view as if it were contiguous). The ``state_dict`` tensors
+    are views of one storage, which ``safetensors.torch.save_file`` refuses: save with
+    ``save_pretrained`` (PEFT copies them out) or ``torch.save``, or make them contiguous first. Call it after
     loading the adapters and again after adding, removing or replacing one (layers whose adapters
     did not change are left as they are; a layer with an adapter outside its stack is served from a
     copy, as without this call). Factors of mixed dtypes or devices, tensor subclasses and factors in

@@ -288,6 +288,19 @@ def test_shared_peft_adapters_train_save_and_load(tmp_path):
         assert rel_err(loaded(input_ids=ids).logits, expected.double()) < 1e-6
 
 
+def test_shared_state_dict_round_trips_through_torch_save(tmp_path):
+    """torch.save keeps the stack's storage once; the loaded values equal the unshared twin's."""
+    pytest.importorskip("peft")
+
+    model, twin, _ = _shared_and_twin("cpu")
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    loaded = torch.load(tmp_path / "sd.pt")
+    expected = twin.state_dict()
+    assert loaded.keys() == expected.keys()
+    for name, value in loaded.items():
+        assert torch.equal(value, expected[name]), name
+
+
 @pytest.mark.parametrize("optimizer", [
     dict(fused=True),  # torch's fused AdamW updates a strided parameter as if it were contiguous
     dict(foreach=True),
