@@ -1,8 +1,9 @@
-"""One copy of a PEFT layer's adapters while it serves mixed batches on CUDA (dora_ext.peft.share_adapters).
+"""One copy of a PEFT layer's adapters while it serves mixed batches on CUDA.
 
 The stacked mixed-batch kernels read every adapter of a call from one stack (``h = x A_cat^T``,
 ``B_cat``). Adapters held as separate tensors are copied into a stack kept per layer, so a served
-model holds each adapter twice. :func:`share` moves a layer's LoRA factors into one stack made by
+model would hold each adapter twice. :func:`keep_shared` (each inference ``adapter_names=`` call on
+CUDA) and :func:`share` (``dora_ext.peft.share_adapters``) move a layer's LoRA factors into one stack made by
 :func:`dora_ext.share_adapter_storage` (the parameters' ``.data`` become views of it; values,
 parameter objects, dtypes and shapes are unchanged) and the kernels read them in place.
 
@@ -30,17 +31,21 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .ops import share_adapter_storage
 
-__all__ = ["share"]
+__all__ = ["SHARE_ON", "keep_shared", "share", "unshare"]
 
 # Layer attribute: (factors' data pointers when last seen, stacks' storage pointers, shared or not).
 _SHARED = "_dora_ext_shared_adapters"
+
+#: Device types whose mixed-batch kernels read a shared stack in place: inference ``adapter_names=``
+#: calls there move the layer's adapters into one (the CPU path has no stacked copy to save).
+SHARE_ON: tuple[str, ...] = ("cuda",)
 
 # Every factor moved into a shared stack -> its layer (weakly; the keys are weak too).
 _SHARED_FACTORS = WeakIdKeyDictionary()
 
 
-def _pointers(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, ...]:
-    return tuple(p for a, b in pairs for p in (a.data_ptr(), b.data_ptr()))
+def _pointers(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> frozenset[int]:
+    return frozenset(p for a, b in pairs for p in (a.data_ptr(), b.data_ptr()))
 
 
 def _movable(t: torch.Tensor, first: torch.Tensor, stacks: tuple[int, ...]) -> bool:
@@ -81,7 +86,23 @@ def share(layer: nn.Module, A_modules: dict[str, nn.Module], B_modules: dict[str
     return True
 
 
-def _unshare(layer: nn.Module) -> None:
+def keep_shared(layer: nn.Module, A_modules: dict[str, nn.Module], B_modules: dict[str, nn.Module],
+                param: Any, called: list[torch.Tensor]) -> None:
+    """Before an inference mixed-batch call on a :data:`SHARE_ON` device: :func:`share` the layer's
+    adapters, unless every factor of the call (``called``) is where the last look left it (its data
+    pointer: a fraction of a microsecond a factor, per layer and decode step). Not while torch.compile
+    traces or a CUDA graph captures (moving allocates and copies)."""
+    if called[0].device.type not in SHARE_ON or torch.compiler.is_compiling():
+        return
+    last = layer.__dict__.get(_SHARED)
+    if last is not None and all(t.data_ptr() in last[0] for t in called):
+        return
+    if called[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    share(layer, A_modules, B_modules, param)
+
+
+def unshare(layer: nn.Module) -> None:
     """Give every factor of ``layer`` that is a view of its shared stack its own contiguous copy; the
     stack is freed with its last view, and ``share`` may move them into a new one later."""
     stacks = layer.__dict__.pop(_SHARED, (None, ()))[1]
@@ -100,7 +121,7 @@ def _unshare_before_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: 
               if (owner := _SHARED_FACTORS.get(p)) is not None}
     for owner in owners.values():
         if (layer := owner()) is not None:
-            _unshare(layer)
+            unshare(layer)
 
 
 register_optimizer_step_pre_hook(_unshare_before_step)

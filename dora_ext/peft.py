@@ -42,8 +42,9 @@ base layers with hooks (DeepSpeed ZeRO-3's are recognised and served: dora_ext._
 ``accelerate`` logs it on the ``dora_ext.peft`` logger. ``adapter_names=`` mixed batches (DoRA and
 LoRA adapters and ``"__base__"`` rows; stock PEFT refuses DoRA there) are one ``dora_linear_mixed`` call
 per layer (on a bitsandbytes base: its GEMM once, then each adapter's rows, _quantized_mixed_batch);
-:func:`share_adapters` moves each layer's adapters into one stack the CUDA kernels read in place
-(dora_ext._shared_adapters: the parameters become views of it, values unchanged); the ``LoraModel``
+on CUDA such a call first moves the layer's adapters into one stack the kernels read in place
+(dora_ext._shared_adapters: the parameters become views of it, values unchanged; :func:`share_adapters`
+does it ahead of time for every layer); the ``LoraModel``
 finds the layers to hand the names to from a kept list instead of walking every module per call
 (dora_ext._adapter_names). Calls that a routed layer hands back to PEFT (extra
 forward arguments, a non-DoRA variant among the active adapters, ``cast_input_dtype_enabled=False``,
@@ -199,12 +200,14 @@ def accelerate(peft_model: nn.Module) -> int:
 
 def restore(peft_model: nn.Module) -> int:
     """Undo :func:`accelerate`: every routed layer, and the ``LoraModel``, gets PEFT's own class (and
-    forward) back. Returns the number of layers restored."""
+    forward) back, and adapters moved into a shared stack (:func:`share_adapters`) their own
+    contiguous tensors. Returns the number of layers restored."""
     restored = 0
     for module in peft_model.modules():
         _adapter_names.unroute(module)
         if is_accelerated(module):
             module.__class__ = type(module).__bases__[0]
+            _shared_adapters.unshare(module)
             _quantized.forget_norms(module)
             _zero3.unregister(module)
             restored += 1
@@ -238,21 +241,23 @@ def report(peft_model: nn.Module) -> dict[str, str]:
 
 def share_adapters(peft_model: nn.Module) -> int:
     """Moves the LoRA factors of every accelerated layer into one stack per layer, which the CUDA
-    mixed-batch kernels (``adapter_names=``) read in place: a served model then holds each adapter
-    once, where the kernels otherwise keep a stacked copy of every layer's adapters beside them.
+    mixed-batch kernels (``adapter_names=``) read in place, so that a served model holds each adapter
+    once (otherwise the kernels keep a stacked copy of every layer's adapters beside them). Inference
+    ``adapter_names=`` calls on CUDA do this for the layers they run, at a layer's first call and
+    again after one of the call's adapters was added or replaced; this function does it ahead of
+    time, for every layer.
 
     Each ``lora_A`` / ``lora_B`` parameter keeps its object, shape, dtype and values; its ``.data``
     becomes a view of the stack (``lora_B`` with the stack's rank as row stride: not contiguous).
     Forward and backward passes, ``state_dict``, ``save_pretrained`` and merging work on the views;
     an optimizer step first gives the stepped layers' factors back as separate contiguous tensors
-    (fused optimizers would update a strided view as if it were contiguous). The ``state_dict`` tensors
-    are views of one storage, which ``safetensors.torch.save_file`` refuses: save with
-    ``save_pretrained`` (PEFT copies them out) or ``torch.save``, or make them contiguous first. Call it after
-    loading the adapters and again after adding, removing or replacing one (layers whose adapters
-    did not change are left as they are; a layer with an adapter outside its stack is served from a
-    copy, as without this call). Factors of mixed dtypes or devices, tensor subclasses and factors in
-    storage another owner lays out (FSDP's flat parameters) stay where they are. Returns the number of
-    layers whose adapters are views of one stack."""
+    (fused optimizers would update a strided view as if it were contiguous), and so does
+    :func:`restore`. The ``state_dict`` tensors are views of one storage, which
+    ``safetensors.torch.save_file`` refuses: save with ``save_pretrained`` (PEFT copies them out) or
+    ``torch.save``, or make them contiguous first. Layers whose adapters did not change are left as
+    they are. Factors of mixed dtypes or devices, tensor subclasses and factors in storage another
+    owner lays out (FSDP's flat parameters) stay where they are (served from a copy). Returns the
+    number of layers whose adapters are views of one stack."""
     shared = 0
     for module in peft_model.modules():
         if is_accelerated(module):  # a LoRA layer: lora_A and lora_B are ModuleDicts
@@ -466,10 +471,11 @@ def _mixed_batch(layer: "DoraExtLinear", x: torch.Tensor, adapter_names: list[st
     A_modules, B_modules = modules["lora_A"]._modules, modules["lora_B"]._modules
     magnitude_modules, variants, scaling = modules["lora_magnitude_vector"]._modules, layer.lora_variant, layer.scaling
     names = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and n in A_modules]
-    lora_A, lora_B, magnitude, scale = [], [], [], []
+    lora_A, lora_B, magnitude, scale, factors = [], [], [], [], []
     for name in names:
         b_module = B_modules[name]
         a, b = _param(A_modules[name], "weight"), _param(b_module, "weight")
+        factors += (a, b)
         adapter_dtype = dtype if autocast else a.dtype
         fp32_adapters = dtype in (torch.float16, torch.bfloat16) and adapter_dtype == torch.float32
         if _param(b_module, "bias") is not None or (adapter_dtype != dtype and not fp32_adapters):
@@ -491,6 +497,8 @@ def _mixed_batch(layer: "DoraExtLinear", x: torch.Tensor, adapter_names: list[st
             t.requires_grad for t in (*lora_A, *lora_B, *(m for m in magnitude if m is not None))))):
         if x.dtype != dtype:
             x = x.to(dtype)
+        if factors:  # the stacked kernels then read the adapters where they are: each held once
+            _shared_adapters.keep_shared(layer, A_modules, B_modules, _param, factors)
         if autocast:
             with torch.autocast(device_type, enabled=False):
                 return dora_linear_mixed(x, weight.to(dtype), bias, lora_A, lora_B, magnitude, scale, index)

@@ -8,9 +8,7 @@ perturbed so every adapter differs). Setups, each timed on the same prompts (one
 
   dora_ext_mixed   PEFT DoRA adapters, dora_ext.peft.accelerate, one batch with
                    adapter_names=[a0, a1, ...] (stock PEFT refuses adapter_names with DoRA); the
-                   kernels keep a stacked copy of each layer's adapters
-  dora_ext_mixed_shared  the same model after dora_ext.peft.share_adapters: each layer's adapters
-                   moved into one stack that the kernels read in place
+                   first call moves each layer's adapters into one stack the kernels read in place
   merged_sequential  each DoRA adapter merged into its own copy of the model (the usual workaround),
                    the rows run one after another, one model per adapter in memory
   peft_lora_mixed  PEFT LoRA adapters of the same ranks, one batch with adapter_names
@@ -183,10 +181,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     weights = allocated_gib(device)
     rows.append(measure("dora_ext_mixed", f"PEFT DoRA + dora_ext, {n} adapters in one batch (adapter_names)",
                         [(dora, ids, {"adapter_names": names})], args, device, weights))
-    dp.share_adapters(dora)
-    # The same parameters (weights): the kernels' copies of the setup above go at this setup's first call.
-    rows.append(measure("dora_ext_mixed_shared", "the same after dora_ext.peft.share_adapters (adapters held "
-                        "once)", [(dora, ids, {"adapter_names": names})], args, device, weights))
     assert dp.fallback_counts(dora) == {}, dp.fallback_counts(dora)
 
     # The usual workaround: one merged model per adapter, each row on its own model.
@@ -202,8 +196,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows.append(measure("merged_sequential", f"{n} DoRA adapters merged into {n} model copies, rows one by one",
                         merged, args, device, allocated_gib(device)))
     # the mixed batch equals each row on its own merged model
-    merged_rows = [r[0] for r in rows[3]["outputs"]]
-    agree = {row["setup"]: f"{sum(a == b for a, b in zip(row['outputs'][0], merged_rows))}/{n}" for row in rows[1:3]}
+    merged_rows = [r[0] for r in rows[2]["outputs"]]
+    agree = {rows[1]["setup"]: f"{sum(a == b for a, b in zip(rows[1]['outputs'][0], merged_rows))}/{n}"}
     del merged
     free(device)
 

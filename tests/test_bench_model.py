@@ -101,19 +101,16 @@ def test_bench_serving_tiny_cpu(tmp_path):
     script = load_script("scripts/bench_serving.py")
     result = script.main(["--tiny", "--device", "cpu", "--out", str(tmp_path)])
     setups = [r["setup"] for r in result["results"]]
-    assert setups == ["base", "dora_ext_mixed", "dora_ext_mixed_shared", "merged_sequential", "peft_lora_mixed"]
+    assert setups == ["base", "dora_ext_mixed", "merged_sequential", "peft_lora_mixed"]
     n = result["setup"]["adapters"]
     # bf16 merged weights round differently, so a greedy row may part from the merged model's: counted
     agreeing = result["setup"]["rows_equal_to_merged_models"]
-    assert set(agreeing) == {"dora_ext_mixed", "dora_ext_mixed_shared"}
+    assert set(agreeing) == {"dora_ext_mixed"}
     assert all(v.endswith(f"/{n}") for v in agreeing.values())
     linears = result["setup"]["layers"] * len(script.TARGETS)
     by_setup = {r["setup"]: r for r in result["results"]}
     assert by_setup["dora_ext_mixed"]["norms_computed"] == n * linears
-    # share_adapters gave every adapter new data (views of the stacks): their norms once more, then
-    # cached as before
-    assert by_setup["dora_ext_mixed_shared"]["norms_computed"] == n * linears
-    assert by_setup["dora_ext_mixed_shared"]["norm_lookups"] > n * linears
+    assert by_setup["dora_ext_mixed"]["norm_lookups"] > n * linears  # no stacks on the CPU: looked up per call
     assert all(r["gpu_ops_per_token_forward"] is None for r in result["results"])  # counted on CUDA only
     assert "| norms computed | norm lookups | GPU ops per 1-token forward |" in (
         tmp_path / "bench_serving.md").read_text()

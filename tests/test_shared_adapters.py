@@ -230,9 +230,9 @@ def test_peft_layers_are_shared_again_after_an_adapter_is_added():
     assert "late" in q_proj.lora_A and len(_storages(q_proj)) == 2
 
 
-def test_mixed_batches_leave_adapters_where_they_are_unless_asked():
-    """Without share_adapters nothing moves (serving is as before); layers not accelerated are not
-    touched by it."""
+def test_cpu_mixed_batches_leave_adapters_where_they_are():
+    """On the CPU (no stacked copy to save) mixed batches move nothing; share_adapters leaves layers
+    that are not accelerated alone."""
     pytest.importorskip("peft")
     import dora_ext.peft as dp
 
@@ -244,6 +244,66 @@ def test_mixed_batches_leave_adapters_where_they_are_unless_asked():
     with torch.no_grad():
         model(input_ids=ids, adapter_names=["second", "plain", "__base__"])
     assert {n: p.data_ptr() for n, p in model.named_parameters()} == pointers
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _NEEDS_GPU])])
+def serving_device(request, monkeypatch) -> str:
+    """Where mixed batches share adapters by default: CUDA; the CPU with SHARE_ON widened to it, so
+    the same test checks the Python side without a GPU."""
+    from dora_ext import _shared_adapters
+
+    if request.param == "cpu":
+        monkeypatch.setattr(_shared_adapters, "SHARE_ON", ("cpu", "cuda"))
+    return request.param
+
+
+def test_mixed_batches_share_each_layer_they_run(serving_device, monkeypatch):
+    """An inference adapter_names= call moves each layer's adapters into one stack (every adapter of
+    the layer, called or not) and its rows still equal each row alone; later calls move nothing and
+    look at pointers only; an adapter added and called is moved in; restore gives every factor its
+    own contiguous tensor back, values unchanged."""
+    pytest.importorskip("peft")
+    import dora_ext.peft as dp
+    from peft import LoraConfig
+    from reference import assert_rows_alone
+
+    from dora_ext import _shared_adapters
+
+    dtype = torch.float32 if serving_device == "cpu" else torch.bfloat16
+    model = _peft_model(serving_device, dtype)
+    values = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dp.accelerate(model)
+    ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(6)).to(serving_device)
+    names = ["second", "plain", "__base__"]
+    assert_rows_alone(model, ids, names, tol=1e-5 if dtype == torch.float32 else 3e-2)
+    for layer in _lora_layers(model):
+        assert len(_storages(layer)) == 2
+    shares = []
+    real_share = _shared_adapters.share
+    monkeypatch.setattr(_shared_adapters, "share", lambda layer, *a: shares.append(layer) or real_share(layer, *a))
+    pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
+    with torch.inference_mode():
+        model(input_ids=ids, adapter_names=names)
+    assert shares == [] and {n: p.data_ptr() for n, p in model.named_parameters()} == pointers
+
+    model.add_adapter("late", LoraConfig(r=3, lora_alpha=3, use_dora=True, target_modules=["q_proj"]))
+    dp.accelerate(model)
+    with torch.no_grad():
+        model(input_ids=ids, adapter_names=names)  # "late" not called: nothing moves
+        assert shares == []
+        model(input_ids=ids, adapter_names=["late", "second", "late"])
+    q_projs = [layer for layer in _lora_layers(model) if "late" in layer.lora_A]
+    assert len(q_projs) == 2 and shares == q_projs
+    for layer in _lora_layers(model):
+        assert len(_storages(layer)) == 2
+
+    assert dp.restore(model) == len(_lora_layers(model))
+    for n, p in model.named_parameters():
+        assert p.is_contiguous(), n
+        if n in values:
+            assert torch.equal(p, values[n]), n
+    for layer in _lora_layers(model):
+        assert len(_storages(layer)) == 2 * len(layer.lora_A)
 
 
 def test_factors_in_storage_another_owner_lays_out_stay_put():
