@@ -16,8 +16,8 @@ copy).
 An optimizer step moves a shared layer's factors back out first (:func:`_unshare_before_step`):
 each ``lora_B`` view has the stack's rank as row stride, and fused optimizers (torch's
 ``AdamW(fused=True)``, transformers' Trainer default; bitsandbytes') update a parameter as if it
-were contiguous, which would write over the next adapters' columns and leave its own mostly as
-they were.
+were contiguous: on the CPU torch's writes over the next adapters' columns and leaves the
+parameter's own mostly as they were; on CUDA it raises (layouts differ).
 """
 from __future__ import annotations
 
