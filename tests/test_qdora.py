@@ -215,7 +215,10 @@ def test_mixed_batch_rows_equal_each_row_alone(kind, device):
     with torch.no_grad():
         model(input_ids=ids, adapter_names=names)
     assert dp.fallback_counts(model) == {}  # (run alone below, the LoRA adapter is PEFT's: counted)
-    assert_rows_alone(model, ids, names, tol=1e-2)
+    # Exact on the CPU. On CUDA bitsandbytes' own GEMM depends on the batch (4 rows against 1: 4e-3
+    # at one layer's output, 7e-3 at the logits of the "__base__" row, which runs no adapter code;
+    # H100, 2026-12-07), so rows get the bf16 tolerance of the other CUDA rows-alone tests.
+    assert_rows_alone(model, ids, names, tol=1e-5 if device == "cpu" else 3e-2)
     with torch.no_grad():
         out = model.generate(input_ids=ids, adapter_names=["plain", "second", "second", "__base__"],
                              max_new_tokens=3, do_sample=False)
