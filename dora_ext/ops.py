@@ -133,9 +133,10 @@ def share_adapter_storage(
     where they are: without it the CUDA kernels keep a stacked copy of each layer's adapters, so
     serving holds every adapter twice. Replace the adapters with the views (``p.data = view``);
     for a PEFT model, ``dora_ext.peft.share_adapters(model)`` does that for every accelerated layer
-    and moves them out again before an optimizer steps them. Views made here and stepped by a fused
-    optimizer (``AdamW(fused=True)``, bitsandbytes') would be updated as if contiguous, over the
-    next adapters' columns: train them with a for-each or for-loop optimizer, or copy them out first.
+    and moves them out again before an optimizer steps them. Views made here are not safe for fused
+    optimizers (torch's ``AdamW(fused=True)`` updates them as if contiguous on the CPU, over the next
+    adapters' columns, and raises on CUDA): train them with a for-each or for-loop optimizer, or copy
+    them out first.
     """
     a_stack, b_stack = _ops.shared_adapter_stack.default([t.detach() for t in lora_A], [t.detach() for t in lora_B])
     a_views, b_views, first = [], [], 0

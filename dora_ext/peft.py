@@ -200,8 +200,8 @@ def accelerate(peft_model: nn.Module) -> int:
 
 def restore(peft_model: nn.Module) -> int:
     """Undo :func:`accelerate`: every routed layer, and the ``LoraModel``, gets PEFT's own class (and
-    forward) back, and adapters moved into a shared stack (:func:`share_adapters`) their own
-    contiguous tensors. Returns the number of layers restored."""
+    forward) back, and adapters moved into a shared stack (by serving or :func:`share_adapters`)
+    their own contiguous tensors. Returns the number of layers restored."""
     restored = 0
     for module in peft_model.modules():
         _adapter_names.unroute(module)
