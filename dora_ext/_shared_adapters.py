@@ -33,7 +33,8 @@ from .ops import share_adapter_storage
 
 __all__ = ["SHARE_ON", "keep_shared", "share", "unshare"]
 
-# Layer attribute: (factors' data pointers when last seen, stacks' storage pointers, shared or not).
+# Layer attribute: (factors' data pointers when last seen, stacks' storage pointers, shared or not,
+# weak references to the factors last moved into a stack).
 _SHARED = "_dora_ext_shared_adapters"
 
 #: Device types whose mixed-batch kernels read a shared stack in place: inference ``adapter_names=``
@@ -71,17 +72,18 @@ def share(layer: nn.Module, A_modules: dict[str, nn.Module], B_modules: dict[str
     last = layer.__dict__.get(_SHARED)
     if last is not None and last[0] == pointers:
         return last[2]
-    stacks = last[1] if last is not None else ()
+    stacks, moved = (last[1], last[3]) if last is not None else ((), ())
     first = pairs[0][0]
     if not all(_movable(t, first, stacks) for pair in pairs for t in pair):
-        layer.__dict__[_SHARED] = (pointers, stacks, False)  # left as they are until they change
+        layer.__dict__[_SHARED] = (pointers, stacks, False, moved)  # left as they are until they change
         return False
     a_views, b_views = share_adapter_storage([a for a, _ in pairs], [b for _, b in pairs])
     for (a, b), a_view, b_view in zip(pairs, a_views, b_views):
         a.data, b.data = a_view, b_view
     stacks = (a_views[0].untyped_storage().data_ptr(), b_views[0].untyped_storage().data_ptr())
-    layer.__dict__[_SHARED] = (_pointers(pairs), stacks, True)
-    for t in (t for pair in pairs for t in pair):
+    factors = [t for pair in pairs for t in pair]
+    layer.__dict__[_SHARED] = (_pointers(pairs), stacks, True, tuple(weakref.ref(t) for t in factors))
+    for t in factors:
         _SHARED_FACTORS[t] = weakref.ref(layer)
     return True
 
@@ -105,9 +107,12 @@ def keep_shared(layer: nn.Module, A_modules: dict[str, nn.Module], B_modules: di
 def unshare(layer: nn.Module) -> None:
     """Give every factor of ``layer`` that is a view of its shared stack its own contiguous copy; the
     stack is freed with its last view, and ``share`` may move them into a new one later."""
-    stacks = layer.__dict__.pop(_SHARED, (None, ()))[1]
-    for t in [t for t, owner in _SHARED_FACTORS.items() if owner() is layer]:
-        del _SHARED_FACTORS[t]
+    last = layer.__dict__.pop(_SHARED, None)
+    if last is None:
+        return
+    _, stacks, _, moved = last
+    for t in (t for ref in moved if (t := ref()) is not None):
+        _SHARED_FACTORS.pop(t, None)
         if t.untyped_storage().data_ptr() in stacks:
             t.data = t.data.clone(memory_format=torch.contiguous_format)
 
